@@ -1,0 +1,118 @@
+"""`DefaultCollate`: one Arrow table -> a dict of tensors (and Python lists for text).
+
+This module owns the column-by-column dispatch and the `dtypes` rules; the Arrow
+type rules and the single copy live in `_arrow`.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import torch
+
+from torch_raydata.collate._arrow import (
+    Allocator,
+    Plan,
+    collate_tensor,
+    normalize_dtypes,
+    plan_column,
+)
+
+__all__ = ["DefaultCollate"]
+
+
+class DefaultCollate:
+    """Collate a `pyarrow.Table` into `{column: tensor or list}`, one copy per column.
+
+    Columns become tensors of shape `(num_rows, *element_shape)`:
+
+    * ints, uints, floats (incl. float16) and bool keep their type;
+    * `fixed_size_list` (nested too), Ray's fixed-shape tensor extension types
+      (`ArrowTensorType`, `ArrowTensorTypeV2`) and Arrow's native
+      `fixed_shape_tensor` become multi-dimensional tensors;
+    * timestamps, dates, times and durations become int64 (their physical value);
+    * numeric dictionary columns are decoded.
+
+    String and binary columns (also dictionary-encoded ones) become Python lists.
+    Nulls in a tensor column, variable-length lists (use `PadCollate`), and types
+    with no tensor form (struct, map, union, decimal, null) raise `ValueError`.
+
+    The output owns its memory: each Arrow chunk is viewed zero-copy and copied once
+    into the output tensor, so a training step may modify the batch in place without
+    touching the (possibly shared) Arrow buffers.
+
+    Args:
+        dtypes: None (keep each column's type), a single `torch.dtype` applied to every
+            numeric (int/float, incl. tensor) column — bool and temporal columns keep
+            theirs — or a dict `{column: torch.dtype}` for any tensor column. The cast
+            happens during the one copy. Unknown column names raise `ValueError` at the
+            first call (only then is the schema known).
+        allocator: keyword-only hook `allocator(shape: tuple, dtype: torch.dtype) ->
+            torch.Tensor` used for every output tensor, e.g. to collate straight into
+            pinned staging memory. It must return a contiguous CPU tensor of exactly
+            that shape and dtype. Default: `torch.empty`.
+    """
+
+    def __init__(
+        self,
+        dtypes: torch.dtype | dict[str, torch.dtype] | None = None,
+        *,
+        allocator: Allocator | None = None,
+    ) -> None:
+        if allocator is not None and not callable(allocator):
+            raise TypeError(
+                f"allocator={allocator!r} must be callable(shape, dtype) -> torch.Tensor"
+            )
+        self.dtypes = normalize_dtypes(dtypes)
+        self.allocator = allocator
+
+    def __repr__(self) -> str:
+        return f"DefaultCollate(dtypes={self.dtypes!r}, allocator={self.allocator!r})"
+
+    def __call__(self, table: pa.Table) -> dict[str, torch.Tensor | list]:
+        table = self.check_table(table)
+        return {
+            name: self.collate_column(name, column)
+            for name, column in zip(table.column_names, table.columns, strict=True)
+        }
+
+    def check_table(self, table: pa.Table | pa.RecordBatch) -> pa.Table:
+        """Validate `table` against this collate's settings; return it as a Table."""
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        if not isinstance(table, pa.Table):
+            raise TypeError(
+                f"expected a pyarrow.Table, got {type(table).__name__}: use "
+                "batch_format='pyarrow' when iterating the Ray Dataset"
+            )
+        names = table.column_names
+        if len(set(names)) != len(names):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"table has duplicate column names {dupes}: rename them first")
+        if isinstance(self.dtypes, dict):
+            unknown = [c for c in self.dtypes if c not in names]
+            if unknown:
+                raise ValueError(
+                    f"dtypes names column(s) {unknown} not in the table; available columns: {names}"
+                )
+        return table
+
+    def collate_column(self, name: str, column: pa.ChunkedArray) -> torch.Tensor | list:
+        """Collate one column (a tensor, or a list for string/binary columns)."""
+        plan = plan_column(name, column.type)
+        if plan.kind == "pylist":
+            if isinstance(self.dtypes, dict) and name in self.dtypes:
+                raise ValueError(
+                    f"dtypes[{name!r}] is set but column {name!r} (type {column.type}) "
+                    "becomes a Python list, not a tensor: remove it from dtypes"
+                )
+            return column.to_pylist()
+        return collate_tensor(name, column, plan, self.target_dtype(name, plan), self.allocator)
+
+    def target_dtype(self, name: str, plan: Plan) -> torch.dtype:
+        """The output dtype of tensor column `name`, after applying `dtypes`."""
+        assert plan.out_dtype is not None
+        if isinstance(self.dtypes, dict):
+            return self.dtypes.get(name, plan.out_dtype)
+        if self.dtypes is not None and plan.numeric:
+            return self.dtypes
+        return plan.out_dtype

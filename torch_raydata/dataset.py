@@ -1,0 +1,248 @@
+"""``RayIterableDataset``: a torch ``IterableDataset`` over a Ray Dataset or DataIterator.
+
+Owns the user-facing options (validated here, at construction), epochs, ``len()``, the
+loader state and the stats of the current/last epoch. Each iteration builds one
+:class:`~torch_raydata.pipeline.run.EpochRun` (stages 2-6) over stage 1's block stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .collate import DefaultCollate
+from .pipeline.run import EpochRun, PipelineConfig
+from .pipeline.source import RayFetcher, RaySource
+from .pipeline.stats import LoaderStats, StatsRecorder
+from .transports import Transport, resolve_transport
+
+__all__ = ["RayIterableDataset"]
+
+logger = logging.getLogger(__name__)
+
+_STATE_VERSION = 1
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+
+
+class RayIterableDataset(IterableDataset):
+    """Batches from a Ray Dataset, ready for the training step.
+
+    Yields whole batches (``dict[str, torch.Tensor]`` by default), so wrap it as
+    ``DataLoader(ds, batch_size=None)`` or iterate it directly. Each ``iter()`` runs one
+    epoch; epochs count up from 0 (``set_epoch`` to choose). One epoch runs at a time per
+    dataset: starting a new iteration closes the previous one.
+
+    Args:
+        dataset: a ``ray.data.Dataset``, or a ``ray.data.DataIterator`` (e.g. the shard
+            from ``ray.train.get_dataset_shard("train")``).
+        batch_size: rows per batch.
+        collate_fn: ``pyarrow.Table -> batch``; None means ``trd.collate.DefaultCollate()``.
+        num_workers: threads of the format/collate pool (stage 4). Not DataLoader workers.
+        prefetch_batches: how many batches stages 2-4 run ahead of the training step.
+        preserve_order: yield batches in dataset order (stage 5; also asks Ray's executor
+            to keep block order for a ``Dataset`` input, without mutating the caller's).
+        drop_last: drop the last partial batch (its rows are counted in ``stats()``).
+        shuffle_buffer_size: rows in the local shuffle buffer; None means no shuffle.
+        shuffle_seed: seed for the local shuffle (with the epoch: a new order each epoch,
+            the same for the same seed, epoch and block order).
+        device: None/"cpu", "cuda", "cuda:1" or a ``torch.device``.
+        transport: "auto" | "local" | "cuda" | "nixl" | a ``trd.transports.Transport``.
+        id_column: a unique int (or str) column; its values travel with each batch.
+
+    Example:
+        >>> ds = trd.RayIterableDataset(ray.data.range(1000), batch_size=100)
+        >>> for batch in torch.utils.data.DataLoader(ds, batch_size=None):
+        ...     batch["id"].shape
+        torch.Size([100])
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        batch_size: int = 256,
+        collate_fn: Callable[[Any], Any] | None = None,
+        num_workers: int = 4,
+        prefetch_batches: int = 4,
+        preserve_order: bool = False,
+        drop_last: bool = False,
+        shuffle_buffer_size: int | None = None,
+        shuffle_seed: int | None = None,
+        device: str | torch.device | None = None,
+        transport: str | Transport = "auto",
+        id_column: str | None = None,
+    ) -> None:
+        super().__init__()
+        _check_int("batch_size", batch_size, 1)
+        _check_int("num_workers", num_workers, 1)
+        _check_int("prefetch_batches", prefetch_batches, 1)
+        _check_int("shuffle_buffer_size", shuffle_buffer_size, 1, allow_none=True)
+        _check_int("shuffle_seed", shuffle_seed, 0, allow_none=True)
+        if collate_fn is not None and not callable(collate_fn):
+            raise ValueError(
+                f"collate_fn={collate_fn!r} must be callable (pyarrow.Table -> batch) or None"
+            )
+        if id_column is not None and not isinstance(id_column, str):
+            raise ValueError(f"id_column={id_column!r} must be a column name (str) or None")
+        self._source = RaySource(dataset, preserve_order=bool(preserve_order))
+        names = self._source.column_names()
+        if id_column is not None and names is not None and id_column not in names:
+            raise ValueError(f"id_column={id_column!r} is not a column of the dataset; columns are {names}")
+        self.config = PipelineConfig(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            prefetch_batches=prefetch_batches,
+            preserve_order=bool(preserve_order),
+            drop_last=bool(drop_last),
+            shuffle_buffer_size=shuffle_buffer_size,
+            shuffle_seed=shuffle_seed,
+            id_column=id_column,
+        )
+        self.collate_fn = collate_fn if collate_fn is not None else DefaultCollate()
+        self.transport = resolve_transport(transport, device)
+        self.device = self.transport.device
+        self._next_epoch = 0
+        self._skip_batches = 0
+        self._lock = threading.Lock()
+        self._run_ref: weakref.ref[EpochRun] | None = None
+        self._last_stats: StatsRecorder | None = None
+
+    # -- torch protocol ---------------------------------------------------------------------
+    def __iter__(self) -> EpochRun:
+        if get_worker_info() is not None:
+            raise RuntimeError(
+                "RayIterableDataset is running inside a DataLoader worker process: Ray calls in "
+                "forked workers hang (Ray #13407). Use DataLoader(ds, batch_size=None, "
+                "num_workers=0) and set RayIterableDataset(num_workers=...) for parallel collate."
+            )
+        with self._lock:
+            previous = self._current_run()
+            if previous is not None:
+                previous.close()
+            epoch = self._next_epoch
+            self._next_epoch += 1
+            skip, self._skip_batches = self._skip_batches, 0
+            stats = StatsRecorder(epoch)
+            blocks = self._source.open()
+            run = EpochRun(
+                blocks,
+                RayFetcher(),
+                self.collate_fn,
+                self.transport,
+                self.config,
+                epoch=epoch,
+                stats=stats,
+                skip_batches=skip,
+                on_close=blocks.close,
+                record_ids=self.config.id_column is not None,
+            )
+            self._run_ref = weakref.ref(run)
+            self._last_stats = stats
+            return run
+
+    def __len__(self) -> int:
+        rows = self.num_rows()
+        if rows is None:
+            raise TypeError(
+                "len() is unknown: the dataset's row count is not known without executing it "
+                "(e.g. after a filter, or for a DataIterator shard); materialize() it to know"
+            )
+        bs = self.config.batch_size
+        return rows // bs if self.config.drop_last else math.ceil(rows / bs)
+
+    def num_rows(self) -> int | None:
+        """Rows per epoch if known without executing the dataset, else None."""
+        return self._source.num_rows()
+
+    # -- epochs, state, stats -------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration runs (seeds the shuffle)."""
+        _check_int("epoch", epoch, 0)
+        self._next_epoch = epoch
+
+    def _current_run(self) -> EpochRun | None:
+        return self._run_ref() if self._run_ref is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training step is: epoch and batches/rows yielded so far in it.
+
+        Without ``id_column`` resume is a best-effort skip-ahead (not exact under shuffle
+        or a changed block order); exact resume by row ID is built on ``id_column``.
+        """
+        run = self._current_run()
+        if run is not None and not run.finished:
+            epoch, batches, rows = run.epoch, run.batches_yielded, run.rows_yielded
+        else:  # between epochs: resume at the start of the next one
+            epoch, batches, rows = self._next_epoch, 0, 0
+        return {
+            "version": _STATE_VERSION,
+            "epoch": epoch,
+            "batches_consumed": batches,
+            "rows_consumed": rows,
+            "batch_size": self.config.batch_size,
+            "exact": False,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: the next iteration runs ``state["epoch"]``,
+        skipping the batches already consumed in it."""
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"not a RayIterableDataset state (version {_STATE_VERSION} expected): {state!r:.200}"
+            )
+        missing = {"epoch", "batches_consumed", "batch_size"} - state.keys()
+        if missing:
+            raise ValueError(f"loader state is missing {sorted(missing)}: {state!r:.200}")
+        if state["batch_size"] != self.config.batch_size:
+            raise ValueError(
+                f"loader state was saved with batch_size={state['batch_size']}, this loader has "
+                f"batch_size={self.config.batch_size}; skip-ahead resume needs the same batch size"
+            )
+        self.set_epoch(int(state["epoch"]))
+        self._skip_batches = int(state["batches_consumed"])
+
+    def stats(self) -> LoaderStats:
+        """Stats of the running epoch, or of the last one if none is running."""
+        if self._last_stats is None:
+            return StatsRecorder(self._next_epoch).snapshot(time.perf_counter())
+        return self._last_stats.snapshot(time.perf_counter())
+
+    def close(self) -> None:
+        """Stop the running epoch (if any) and release the transport."""
+        run = self._current_run()
+        if run is not None:
+            run.close()
+        self.transport.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_lock"] = None
+        state["_run_ref"] = None
+        state["_last_stats"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"RayIterableDataset(batch_size={c.batch_size}, num_workers={c.num_workers}, "
+            f"prefetch_batches={c.prefetch_batches}, preserve_order={c.preserve_order}, "
+            f"shuffle_buffer_size={c.shuffle_buffer_size}, transport={self.transport!r})"
+        )

@@ -1,0 +1,209 @@
+"""Stage 3: batching — resolved blocks -> ``Batch(idx, table, ids)``.
+
+Owns: cutting the block stream into ``batch_size`` rows (zero-copy Arrow slices; a batch
+may span block edges), ``drop_last``, the seeded local shuffle, and the row IDs carried
+with each batch. Does not own: fetching (stage 2) or conversion to tensors (stage 4).
+
+Runs on whichever stage-4 worker holds the input lock, so it is sequential and its output
+order (and shuffle) is deterministic for a given block order.
+
+Local shuffle: a buffer of at least ``shuffle_buffer_size`` rows (plus one batch) is kept;
+each batch is a uniform draw without replacement from the buffer. The buffer is a
+zero-copy concatenation of blocks plus an array of live row positions, so a row is
+copied once (into its batch) rather than on every reshuffle; dead rows are compacted
+away when they outnumber live ones. The generator is seeded with ``(seed, epoch)``:
+a different order each epoch, the same order for the same seed, epoch and block order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .stats import StatsRecorder
+from .types import Batch, SourceBlock
+
+__all__ = ["blocks_to_batches", "to_arrow"]
+
+
+def to_arrow(block: Any) -> pa.Table:
+    """A resolved Ray block as an Arrow table (pandas blocks are converted, one copy)."""
+    if isinstance(block, pa.Table):
+        return block
+    try:
+        import pandas as pd
+    except ImportError:  # pragma: no cover - pandas ships with ray[data]
+        pd = None
+    if pd is not None and isinstance(block, pd.DataFrame):
+        return pa.Table.from_pandas(block, preserve_index=False)
+    raise TypeError(
+        f"stage 3 (batching) got a block of type {type(block).__name__}; expected a "
+        "pyarrow.Table or pandas.DataFrame (a Ray Data block)"
+    )
+
+
+def _ids_of(table: pa.Table, id_column: str) -> np.ndarray:
+    col = table.column(id_column)
+    if col.null_count:
+        raise ValueError(
+            f"id_column {id_column!r} has {col.null_count} null values; every row needs a "
+            "unique id (fill or drop nulls in a map_batches step)"
+        )
+    return col.to_numpy()
+
+
+class _Batcher:
+    def __init__(
+        self,
+        batch_size: int,
+        drop_last: bool,
+        id_column: str | None,
+        stats: StatsRecorder,
+        start_idx: int,
+    ) -> None:
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.id_column = id_column
+        self.stats = stats
+        self.idx = start_idx
+        self._checked_schema: pa.Schema | None = None
+
+    def check(self, table: pa.Table) -> None:
+        if self._checked_schema is not None and table.schema.equals(self._checked_schema):
+            return
+        if self.id_column is not None and self.id_column not in table.column_names:
+            raise ValueError(
+                f"id_column={self.id_column!r} is not a column of the dataset; "
+                f"columns are {table.column_names}"
+            )
+        self._checked_schema = table.schema
+
+    def make(self, table: pa.Table) -> Batch:
+        ids = _ids_of(table, self.id_column) if self.id_column is not None else None
+        nbytes = table.nbytes
+        batch = Batch(idx=self.idx, data=table, num_rows=table.num_rows, nbytes=nbytes, ids=ids)
+        self.idx += 1
+        self.stats.buffer(1, nbytes)
+        return batch
+
+
+def blocks_to_batches(
+    blocks: Iterable[tuple[SourceBlock, Any]],
+    *,
+    batch_size: int,
+    drop_last: bool = False,
+    shuffle_buffer_size: int | None = None,
+    shuffle_seed: int | None = None,
+    epoch: int = 0,
+    id_column: str | None = None,
+    stats: StatsRecorder | None = None,
+    start_idx: int = 0,
+) -> Iterator[Batch]:
+    """Cut ``(SourceBlock, block)`` pairs into batches of ``batch_size`` rows.
+
+    Every row of the input appears in exactly one batch, except the final partial batch
+    when ``drop_last`` (its rows are counted in ``stats.rows_dropped``).
+    """
+    if batch_size < 1:
+        raise ValueError(f"{batch_size=} must be >= 1")
+    stats = stats if stats is not None else StatsRecorder()
+    b = _Batcher(batch_size, drop_last, id_column, stats, start_idx)
+    tables = _tables(blocks, b, stats)
+    if shuffle_buffer_size:
+        rng = np.random.default_rng(None if shuffle_seed is None else [shuffle_seed, epoch])
+        yield from _shuffled(tables, b, shuffle_buffer_size, rng, stats)
+    else:
+        yield from _sequential(tables, b, stats)
+
+
+def _tables(
+    blocks: Iterable[tuple[SourceBlock, Any]], b: _Batcher, stats: StatsRecorder
+) -> Iterator[pa.Table]:
+    for sb, block in blocks:
+        table = to_arrow(block)
+        if sb.rows is not None:
+            start, stop = sb.rows
+            table = table.slice(start, stop - start)
+        if table.num_rows:
+            b.check(table)
+            yield table
+
+
+def _sequential(tables: Iterator[pa.Table], b: _Batcher, stats: StatsRecorder) -> Iterator[Batch]:
+    carry: list[pa.Table] = []
+    carry_rows = 0
+    for table in tables:
+        offset = 0
+        n = table.num_rows
+        while offset < n:
+            t0 = time.perf_counter()
+            take = min(b.batch_size - carry_rows, n - offset)
+            carry.append(table.slice(offset, take))  # zero-copy
+            carry_rows += take
+            offset += take
+            batch = None
+            if carry_rows == b.batch_size:
+                piece = carry[0] if len(carry) == 1 else pa.concat_tables(carry)  # zero-copy
+                batch = b.make(piece)
+                carry, carry_rows = [], 0
+            stats.add_time("batching", time.perf_counter() - t0)
+            if batch is not None:
+                # Lazily, one at a time: a batch exists (and is counted as buffered) only
+                # once the collate pool asks for it.
+                yield batch
+    if carry_rows:
+        if b.drop_last:
+            stats.add_dropped(carry_rows, "drop_last=True (last partial batch)")
+        else:
+            yield b.make(pa.concat_tables(carry))
+
+
+def _shuffled(
+    tables: Iterator[pa.Table],
+    b: _Batcher,
+    buffer_rows: int,
+    rng: np.random.Generator,
+    stats: StatsRecorder,
+) -> Iterator[Batch]:
+    pieces: list[pa.Table] = []  # zero-copy parts of the buffer table
+    live = np.empty(0, dtype=np.int64)  # positions (in concat(pieces)) not yet emitted
+    total = 0  # rows in concat(pieces)
+
+    def draw(buffer: pa.Table, count: int) -> Batch:
+        nonlocal live
+        pick = rng.choice(len(live), size=count, replace=False)
+        rows = live[pick]
+        live = np.delete(live, pick)
+        return b.make(buffer.take(pa.array(rows)))  # the batch's gather (one copy)
+
+    for table in tables:
+        t0 = time.perf_counter()
+        pieces.append(table)
+        live = np.concatenate([live, np.arange(total, total + table.num_rows)])
+        total += table.num_rows
+        stats.add_time("batching", time.perf_counter() - t0)
+        if len(live) >= buffer_rows + b.batch_size:
+            buffer = pa.concat_tables(pieces)
+            while len(live) >= buffer_rows + b.batch_size:
+                t0 = time.perf_counter()
+                batch = draw(buffer, b.batch_size)
+                stats.add_time("batching", time.perf_counter() - t0)
+                yield batch
+            if total - len(live) > len(live):  # compact: more dead rows than live ones
+                buffer = buffer.take(pa.array(np.sort(live)))
+                pieces, total = [buffer], buffer.num_rows
+                live = np.arange(total)
+    # Drain: the source is exhausted, emit what is left in random order.
+    if len(live):
+        buffer = pa.concat_tables(pieces)
+        while len(live) >= b.batch_size:
+            yield draw(buffer, b.batch_size)
+        if len(live):
+            if b.drop_last:
+                stats.add_dropped(len(live), "drop_last=True (last partial batch)")
+            else:
+                yield draw(buffer, len(live))

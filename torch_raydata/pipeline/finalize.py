@@ -1,0 +1,176 @@
+"""Stage 6: finalize — the transport moves collated batches to the training device.
+
+Owns: one thread that posts transfers (``Transport.fetch_multiple``) and waits for them
+(``wait_fetch_complete``) in order, keeping up to ``in_flight`` batches posted or done
+and not yet taken, so transfers overlap the training step. One thread only, so memory-
+heavy work (device staging) is never run concurrently. Does not own how bytes move
+(``transports/``).
+
+A transport with ``needs_thread = False`` (LocalTransport) runs inline on the consumer:
+no thread, no queue hop.
+
+Bound: the semaphore ``slots`` (initial ``in_flight``) is acquired before a batch is
+posted and released when the consumer takes it, so posted + finished-and-waiting
+<= in_flight.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from typing import Any
+
+from ..transports.base import FetchRequest, Transport
+from .constants import FINALIZE_IN_FLIGHT, JOIN_TIMEOUT, QUEUE_TIMEOUT
+from .errors import ExceptionWrapper
+from .stats import StatsRecorder
+from .types import Batch
+
+__all__ = ["Finalizer"]
+
+_END = object()
+
+
+class Finalizer:
+    """Iterator of finalized :class:`Batch` es, in the order they came in."""
+
+    def __init__(
+        self,
+        batches: Iterable[Batch],
+        transport: Transport,
+        *,
+        in_flight: int = FINALIZE_IN_FLIGHT,
+        stats: StatsRecorder | None = None,
+    ) -> None:
+        if in_flight < 1:
+            raise ValueError(f"{in_flight=} must be >= 1")
+        self._input = iter(batches)
+        self._transport = transport
+        self._stats = stats if stats is not None else StatsRecorder()
+        self._stop = threading.Event()
+        self._done = False
+        self._thread: threading.Thread | None = None
+        if transport.needs_thread:
+            self._slots = threading.Semaphore(in_flight)
+            self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._run, name="trd-finalize", daemon=True)
+            self._thread.start()
+
+    # -- inline path (no thread) -----------------------------------------------------------
+    def _inline_next(self) -> Batch:
+        batch = next(self._input)
+        t0 = time.perf_counter()
+        try:
+            req = self._transport.fetch_multiple([batch.data])
+            (data,) = self._transport.wait_fetch_complete(req)
+        except BaseException as e:
+            ExceptionWrapper.capture(e, f"stage 6 (finalize), batch {batch.idx}").reraise()
+        self._stats.add_time("finalize", time.perf_counter() - t0)
+        return replace(batch, data=data)
+
+    # -- threaded path --------------------------------------------------------------------
+    def _upstream_ready(self) -> bool:
+        # A pull would return at once. Unknown (e.g. the reorder generator) -> False, so
+        # finished transfers are handed on before a pull that might block.
+        ready = getattr(self._input, "has_ready", None)
+        return bool(ready()) if ready is not None else False
+
+    def _run(self) -> None:
+        posted: deque[tuple[Batch, FetchRequest]] = deque()
+        exhausted = False
+        try:
+            while not self._stop.is_set():
+                if not exhausted and (not posted or self._upstream_ready()):
+                    if not self._slots.acquire(timeout=0 if posted else QUEUE_TIMEOUT):
+                        if not posted:
+                            continue  # every slot is waiting for the consumer; re-check stop
+                    else:
+                        try:
+                            batch = next(self._input)
+                        except StopIteration:
+                            exhausted = True
+                            self._slots.release()
+                            continue
+                        t0 = time.perf_counter()
+                        try:
+                            req = self._transport.fetch_multiple([batch.data])
+                        except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+                            self._slots.release()
+                            self._out.put(
+                                ExceptionWrapper.capture(e, f"stage 6 (finalize), batch {batch.idx}")
+                            )
+                            return
+                        self._stats.add_time("finalize", time.perf_counter() - t0)
+                        posted.append((batch, req))
+                        continue
+                if posted:
+                    # Complete the oldest transfer and hand it on.
+                    batch, req = posted.popleft()
+                    t0 = time.perf_counter()
+                    try:
+                        (data,) = self._transport.wait_fetch_complete(req)
+                    except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+                        self._out.put(
+                            ExceptionWrapper.capture(e, f"stage 6 (finalize), batch {batch.idx}")
+                        )
+                        return
+                    self._stats.add_time("finalize", time.perf_counter() - t0)
+                    self._out.put(replace(batch, data=data))
+                elif exhausted:
+                    return
+        except BaseException as e:  # noqa: BLE001 - from the upstream iterator; forwarded
+            if not self._stop.is_set():
+                self._out.put(ExceptionWrapper.capture(e, "the input of stage 6 (finalize)"))
+        finally:
+            self._out.put(_END)
+
+    # -- consumer side ----------------------------------------------------------------------
+    def __iter__(self) -> Finalizer:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._done:
+            raise StopIteration
+        if self._thread is None:
+            try:
+                return self._inline_next()
+            except StopIteration:
+                self._done = True
+                raise
+        while True:
+            try:
+                item = self._out.get(timeout=QUEUE_TIMEOUT)
+            except queue.Empty:
+                if self._stop.is_set():
+                    self._done = True
+                    raise StopIteration from None
+                continue
+            if item is _END:
+                self._done = True
+                raise StopIteration
+            self._slots.release()
+            if isinstance(item, ExceptionWrapper):
+                self._done = True
+                item.reraise()
+            return item
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float = JOIN_TIMEOUT) -> None:
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def close(self) -> None:
+        self.stop()
+        self.join()
+        if self._thread is not None:
+            while True:
+                try:
+                    self._out.get_nowait()
+                except queue.Empty:
+                    break

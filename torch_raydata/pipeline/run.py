@@ -1,0 +1,205 @@
+"""One epoch of the pipeline: stages 2-6 wired together, and the consumer's bookkeeping.
+
+Owns: building the stages for an epoch, the training step's side (wait time per batch,
+rows and IDs yielded), and shutting every thread down when the epoch ends, breaks, is
+garbage-collected or fails. Ray-free: stage 1's block stream and the fetcher are passed
+in, so this runs in unit tests on fake blocks.
+
+    [prefetch thread]   stage 2  blocks in flight (bytes-bounded), in stream order
+    [collate workers]   stage 3  batching, under the pool's input lock (sequential)
+                        stage 4  collate_fn(batch) on N threads, bounded in flight
+    [consumer thread]   stage 5  reorder (only preserve_order=True)
+    [finalize thread]   stage 6  transport to the device (inline for LocalTransport)
+    [consumer thread]   training step: next() -> batch
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ..transports.base import Transport
+from .batching import blocks_to_batches
+from .finalize import Finalizer
+from .prefetch import Fetcher, Prefetcher
+from .reorder import restore_order
+from .stats import StatsRecorder
+from .threaded import iter_threaded
+from .types import Batch, SourceBlock
+
+__all__ = ["PipelineConfig", "EpochRun"]
+
+
+class _Collate:
+    """Stage 4's per-item function: collate one batch's table."""
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, batch: Batch) -> Batch:
+        data = self.fn(batch.data)
+        if data is None:
+            raise TypeError(
+                f"collate_fn {self.fn!r} returned None for batch {batch.idx}; "
+                "it must return the collated batch"
+            )
+        return replace(batch, data=data)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    batch_size: int = 256
+    num_workers: int = 4
+    prefetch_batches: int = 4
+    preserve_order: bool = False
+    drop_last: bool = False
+    shuffle_buffer_size: int | None = None
+    shuffle_seed: int | None = None
+    id_column: str | None = None
+
+    @property
+    def output_buffer_size(self) -> int:
+        # Workers each hold one batch in flight; prefetch_batches more may wait collated.
+        return self.num_workers + self.prefetch_batches
+
+
+class EpochRun:
+    """Iterator over one epoch's batch payloads (what the training step receives)."""
+
+    def __init__(
+        self,
+        blocks: Iterable[SourceBlock],
+        fetcher: Fetcher,
+        collate_fn: Callable[[Any], Any],
+        transport: Transport,
+        config: PipelineConfig,
+        *,
+        epoch: int = 0,
+        stats: StatsRecorder | None = None,
+        skip_batches: int = 0,
+        on_close: Callable[[], None] | None = None,
+        record_ids: bool = False,
+    ) -> None:
+        self.config = config
+        self.epoch = epoch
+        self.stats = stats if stats is not None else StatsRecorder(epoch)
+        self.stats.start(time.perf_counter())
+        self._skip = skip_batches
+        self._on_close = on_close
+        self._closed = False
+        self.batches_yielded = 0
+        self.rows_yielded = 0
+        self._ids: list[np.ndarray] | None = [] if record_ids else None
+        self._prefetcher = self._pool = self._final = None
+        try:
+            # Step 2: prefetch blocks on a background thread.
+            self._prefetcher = Prefetcher(
+                iter(blocks),
+                fetcher,
+                window_rows=config.prefetch_batches * config.batch_size,
+                stats=self.stats,
+            )
+            # Step 3: batching (runs under the pool's input lock).
+            batches = blocks_to_batches(
+                self._prefetcher,
+                batch_size=config.batch_size,
+                drop_last=config.drop_last,
+                shuffle_buffer_size=config.shuffle_buffer_size,
+                shuffle_seed=config.shuffle_seed,
+                epoch=epoch,
+                id_column=config.id_column,
+                stats=self.stats,
+            )
+            # Step 4: collate on N threads, bounded.
+            # Threads must not reference `self` (or dropping the iterator could never stop
+            # them): pass a small callable and a bound method of the stats object.
+            self._pool = iter_threaded(
+                batches,
+                _Collate(collate_fn),
+                num_workers=config.num_workers,
+                output_buffer_size=config.output_buffer_size,
+                stage="stage 4 (collate)",
+                describe=lambda b: f"batch {b.idx}",
+                manual_release=config.preserve_order,
+                on_busy=functools.partial(self.stats.add_time, "collate"),
+            )
+            # Step 5 (optional): restore batch order; its buffer counts against the pool bound.
+            upstream: Iterable[Batch] = self._pool
+            if config.preserve_order:
+                upstream = restore_order(self._pool, on_emit=self._pool.release, stats=self.stats)
+            # Step 6: finalize through the transport.
+            self._final = Finalizer(upstream, transport, stats=self.stats)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- consumer ---------------------------------------------------------------------------
+    def __iter__(self) -> EpochRun:
+        return self
+
+    def __next__(self) -> Any:
+        if self._closed:
+            raise StopIteration
+        assert self._final is not None
+        try:
+            while True:
+                t0 = time.perf_counter()
+                batch = next(self._final)
+                now = time.perf_counter()
+                self.stats.buffer(-1, -batch.nbytes)
+                if self._skip > 0:  # best-effort resume without id_column: skip ahead
+                    self._skip -= 1
+                    continue
+                break
+        except StopIteration:
+            self.close()
+            raise
+        except BaseException:
+            self.close()
+            raise
+        self.stats.delivered(batch.num_rows, now - t0, now)
+        self.batches_yielded += 1
+        self.rows_yielded += batch.num_rows
+        if self._ids is not None and batch.ids is not None:
+            self._ids.append(batch.ids)
+        return batch.data
+
+    @property
+    def finished(self) -> bool:
+        return self._closed
+
+    def consumed_ids(self) -> np.ndarray:
+        """IDs of every row yielded to the training step so far this epoch."""
+        if not self._ids:
+            return np.empty(0, dtype=np.int64)
+        return np.concatenate(self._ids)
+
+    def close(self) -> None:
+        """Stop every stage, then join them (downstream first), then release stage 1."""
+        if self._closed:
+            return
+        self._closed = True
+        stages = [s for s in (self._final, self._pool, self._prefetcher) if s is not None]
+        for s in stages:
+            s.stop()
+        for s in stages:
+            if s is self._prefetcher and self._on_close is not None:
+                # Release stage 1 before joining the prefetch thread: shutting Ray's
+                # executor down unblocks a thread waiting on it for the next block.
+                self._on_close()
+            s.close()
+        if self._prefetcher is None and self._on_close is not None:
+            self._on_close()
+        self.stats.finish(time.perf_counter())
+        self.stats.clear_buffered()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from __del__
+            pass

@@ -1,0 +1,169 @@
+"""Counters every stage reports into, and the :class:`LoaderStats` snapshot users see.
+
+Owns: per-stage busy seconds, rows/batches delivered and dropped, the consumer's wait
+time per batch, and the buffered batches/bytes across stages 2-6 with their peaks.
+Every place that holds a block or batch calls :meth:`StatsRecorder.buffer` when it takes
+one and releases it when it hands it on, so nothing is buffered off the books.
+"""
+
+from __future__ import annotations
+
+import threading
+from array import array
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["LoaderStats", "StatsRecorder", "STAGES"]
+
+STAGES = ("source", "prefetch", "batching", "collate", "reorder", "finalize")
+
+
+@dataclass(frozen=True)
+class LoaderStats:
+    """A snapshot of one epoch (the current or the last finished one).
+
+    Times in seconds except the ``wait_*_ms`` percentiles (milliseconds the training
+    step waited in ``next()`` per batch). ``stage_seconds`` is busy time summed over the
+    threads of a stage, so it can exceed wall time for the collate pool.
+    """
+
+    epoch: int
+    batches: int
+    rows: int
+    rows_dropped: int
+    wall_seconds: float
+    time_to_first_batch: float | None
+    stage_seconds: dict[str, float]
+    wait_p50_ms: float
+    wait_p95_ms: float
+    wait_p99_ms: float
+    wait_max_ms: float
+    wait_total_seconds: float
+    buffered_batches: int
+    buffered_bytes: int
+    peak_buffered_batches: int
+    peak_buffered_bytes: int
+    blocks: int
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        stages = ", ".join(f"{k}={v:.3f}s" for k, v in self.stage_seconds.items())
+        ttfb = "n/a" if self.time_to_first_batch is None else f"{self.time_to_first_batch:.3f}s"
+        return (
+            f"epoch {self.epoch}: {self.batches} batches, {self.rows} rows "
+            f"({self.rows_per_second:,.0f} rows/s), {self.rows_dropped} rows dropped, "
+            f"first batch after {ttfb}\n"
+            f"  consumer wait ms p50={self.wait_p50_ms:.3f} p95={self.wait_p95_ms:.3f} "
+            f"p99={self.wait_p99_ms:.3f} max={self.wait_max_ms:.3f} "
+            f"(total {self.wait_total_seconds:.3f}s)\n"
+            f"  stage busy: {stages}\n"
+            f"  buffered now {self.buffered_batches} batches / {self.buffered_bytes:,} B; "
+            f"peak {self.peak_buffered_batches} batches / {self.peak_buffered_bytes:,} B; "
+            f"{self.blocks} blocks"
+        )
+
+
+class StatsRecorder:
+    """Thread-safe accumulator for one epoch. Cheap: a lock and a few adds per batch."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self._lock = threading.Lock()
+        self.epoch = epoch
+        self._start: float | None = None
+        self._end: float | None = None
+        self._first_batch: float | None = None
+        self._stage = dict.fromkeys(STAGES, 0.0)
+        self._waits = array("d")
+        self.batches = 0
+        self.rows = 0
+        self.rows_dropped = 0
+        self.blocks = 0
+        self._buf_batches = 0
+        self._buf_bytes = 0
+        self._peak_batches = 0
+        self._peak_bytes = 0
+        self._notes: list[str] = []
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self, now: float) -> None:
+        self._start = now
+
+    def finish(self, now: float) -> None:
+        if self._end is None:
+            self._end = now
+
+    # -- reporting from stages --------------------------------------------------------
+    def add_time(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self._stage[stage] += seconds
+
+    def add_block(self) -> None:
+        with self._lock:
+            self.blocks += 1
+
+    def add_dropped(self, rows: int, why: str) -> None:
+        with self._lock:
+            self.rows_dropped += rows
+            self._notes.append(f"dropped {rows} rows: {why}")
+
+    def buffer(self, batches: int, nbytes: int) -> None:
+        """``batches``/``nbytes`` entered (positive) or left (negative) the pipeline's buffers."""
+        with self._lock:
+            self._buf_batches += batches
+            self._buf_bytes += nbytes
+            if self._buf_batches > self._peak_batches:
+                self._peak_batches = self._buf_batches
+            if self._buf_bytes > self._peak_bytes:
+                self._peak_bytes = self._buf_bytes
+
+    def clear_buffered(self) -> None:
+        """After every stage has shut down nothing is buffered any more (peaks stay)."""
+        with self._lock:
+            self._buf_batches = 0
+            self._buf_bytes = 0
+
+    def delivered(self, rows: int, wait_s: float, now: float) -> None:
+        """Called on the consumer thread for each batch handed to the training step."""
+        with self._lock:
+            if self._first_batch is None and self._start is not None:
+                self._first_batch = now - self._start
+            self.batches += 1
+            self.rows += rows
+            self._waits.append(wait_s)
+
+    # -- snapshot -----------------------------------------------------------------------
+    def snapshot(self, now: float) -> LoaderStats:
+        with self._lock:
+            waits = np.frombuffer(self._waits, dtype=np.float64) * 1e3 if self._waits else None
+            if waits is not None and len(waits):
+                p50, p95, p99 = np.percentile(waits, [50, 95, 99]).tolist()
+                wmax, wsum = float(waits.max()), float(waits.sum()) / 1e3
+            else:
+                p50 = p95 = p99 = wmax = wsum = 0.0
+            end = self._end if self._end is not None else now
+            wall = (end - self._start) if self._start is not None else 0.0
+            return LoaderStats(
+                epoch=self.epoch,
+                batches=self.batches,
+                rows=self.rows,
+                rows_dropped=self.rows_dropped,
+                wall_seconds=wall,
+                time_to_first_batch=self._first_batch,
+                stage_seconds=dict(self._stage),
+                wait_p50_ms=p50,
+                wait_p95_ms=p95,
+                wait_p99_ms=p99,
+                wait_max_ms=wmax,
+                wait_total_seconds=wsum,
+                buffered_batches=self._buf_batches,
+                buffered_bytes=self._buf_bytes,
+                peak_buffered_batches=self._peak_batches,
+                peak_buffered_bytes=self._peak_bytes,
+                blocks=self.blocks,
+                notes=tuple(self._notes),
+            )

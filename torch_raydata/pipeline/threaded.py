@@ -1,0 +1,260 @@
+"""Stage 4: ``iter_threaded`` — a bounded pool of threads applying ``fn`` to each item.
+
+Owns the format/collate threads, their shared input, the one output queue and the bound
+on how many items are taken but not yet consumed. Does not own ordering (stage 5 does:
+results come out in completion order) nor what ``fn`` does.
+
+Why hand-written: ``concurrent.futures`` cannot bound in-flight work against a lazy
+input without one future per item, and gives no way to share one *stateful* input
+iterator safely; ``torchdata.nodes.ParallelMapper`` does this but pulls in torchdata's
+node protocol for one function. This is ~150 lines with the invariant written down.
+
+    input iterator --(lock)--> worker 0..N-1: fn(item) --> output queue --> consumer
+
+Invariant (the semaphore ``slots``, initial value ``output_buffer_size``):
+    items taken from the input and not yet released
+        = in fn on a worker + waiting in the output queue (+ held downstream, when the
+          caller releases manually, e.g. the reorder buffer)
+        <= output_buffer_size
+A worker acquires a slot *before* pulling an item and the consumer releases it when it
+takes the result (or, with ``manual_release=True``, when the caller says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Generic, TypeVar
+
+from .constants import JOIN_TIMEOUT, QUEUE_TIMEOUT
+from .errors import ExceptionWrapper
+
+__all__ = ["iter_threaded", "ThreadedIterator"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_DONE = object()  # a worker's last message
+
+
+class ThreadedIterator(Generic[R]):
+    """The iterator returned by :func:`iter_threaded`. Close it (or let it be collected)
+    to stop and join every worker; it is also a context manager."""
+
+    def __init__(
+        self,
+        iterator: Iterable[T],
+        fn: Callable[[T], R],
+        *,
+        num_workers: int,
+        output_buffer_size: int,
+        stage: str = "iter_threaded",
+        describe: Callable[[T], str] | None = None,
+        manual_release: bool = False,
+        on_busy: Callable[[float], None] | None = None,
+    ) -> None:
+        if not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"{num_workers=} must be an int >= 1")
+        if not isinstance(output_buffer_size, int) or output_buffer_size < 1:
+            raise ValueError(f"{output_buffer_size=} must be an int >= 1")
+        self._manual_release = manual_release
+        self._closed = False
+        # Workers see only this shared state, never the handle: dropping the handle (break,
+        # GC) runs __del__, which stops and joins them.
+        self._s = _PoolState(iter(iterator), fn, stage, describe, on_busy, output_buffer_size)
+        self._alive = num_workers  # workers that have not sent _DONE (consumer-side count)
+        self._threads = [
+            threading.Thread(
+                target=_worker, args=(self._s,), name=f"trd-{stage}-{i}", daemon=True
+            )
+            for i in range(num_workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    # -- consumer side ------------------------------------------------------------------
+    def __iter__(self) -> ThreadedIterator[R]:
+        return self
+
+    def __next__(self) -> R:
+        while self._alive > 0:
+            try:
+                item = self._s.out.get(timeout=QUEUE_TIMEOUT)
+            except queue.Empty:
+                continue
+            if item is _DONE:
+                self._alive -= 1
+                continue
+            if not self._manual_release:
+                self._s.slots.release()
+            if isinstance(item, ExceptionWrapper):
+                self.close()
+                item.reraise()
+            return item
+        self.close()
+        raise StopIteration
+
+    def has_ready(self) -> bool:
+        """True when a result is waiting, so ``next()`` would not block."""
+        return not self._s.out.empty()
+
+    def release(self) -> None:
+        """Give back one slot (only with ``manual_release=True``)."""
+        self._s.slots.release()
+
+    def stop(self) -> None:
+        """Ask the workers to stop after their current item; does not wait."""
+        self._s.stop.set()
+
+    def join(self, timeout: float = JOIN_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            if t is threading.current_thread():
+                continue
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                logger.error(
+                    "torch_raydata: thread %s did not stop within %.0fs (stuck in %s?)",
+                    t.name,
+                    timeout,
+                    self._s.stage,
+                )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.stop()
+        self.join()
+        self._alive = 0  # a closed iterator is exhausted
+        # Drop results nobody will consume so they free their memory now.
+        while True:
+            try:
+                self._s.out.get_nowait()
+            except queue.Empty:
+                break
+
+    def __enter__(self) -> ThreadedIterator[R]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Threads hold no reference to this object's owner, so dropping the iterator
+        # (break, GC) reaches here and stops them.
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from __del__
+            pass
+
+
+class _PoolState:
+    """What the workers share. Holds no reference to the ThreadedIterator handle."""
+
+    def __init__(self, input_, fn, stage, describe, on_busy, bound):  # type: ignore[no-untyped-def]
+        self.input = input_
+        self.fn = fn
+        self.stage = stage
+        self.describe = describe
+        self.on_busy = on_busy
+        self.lock = threading.Lock()  # guards input and exhausted
+        self.exhausted = False
+        self.stop = threading.Event()
+        self.slots = threading.Semaphore(bound)
+        self.out: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+
+def _worker(s: _PoolState) -> None:
+    try:
+        while not s.stop.is_set():
+            if not s.slots.acquire(timeout=QUEUE_TIMEOUT):
+                continue
+            with s.lock:
+                # Checked under the lock: once stop is set no worker pulls another item.
+                if s.stop.is_set() or s.exhausted:
+                    s.slots.release()
+                    return
+                try:
+                    item = next(s.input)
+                except StopIteration:
+                    s.exhausted = True
+                    s.slots.release()
+                    return
+                except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+                    s.exhausted = True
+                    s.out.put(ExceptionWrapper.capture(e, f"the input of {s.stage}"))
+                    return
+            t0 = time.perf_counter()
+            try:
+                result: Any = s.fn(item)
+            except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+                where = s.stage if s.describe is None else f"{s.stage}, {s.describe(item)}"
+                result = ExceptionWrapper.capture(e, where)
+            del item
+            if s.on_busy is not None:
+                s.on_busy(time.perf_counter() - t0)
+            s.out.put(result)
+            del result
+    finally:
+        s.out.put(_DONE)
+
+
+def iter_threaded(
+    iterator: Iterable[T],
+    fn: Callable[[T], R],
+    *,
+    num_workers: int,
+    output_buffer_size: int,
+    stage: str = "iter_threaded",
+    describe: Callable[[T], str] | None = None,
+    manual_release: bool = False,
+    on_busy: Callable[[float], None] | None = None,
+) -> ThreadedIterator[R]:
+    """Apply ``fn`` to every item of ``iterator`` on ``num_workers`` threads.
+
+    ``fn`` maps ONE item to one result, so N workers never run N copies of a stateful
+    iterator function; the workers share ``iterator`` under a lock. Results come in
+    completion order. At most ``output_buffer_size`` items are taken from ``iterator``
+    and not yet consumed (in ``fn`` + queued), whatever the consumer's speed.
+
+    An exception from ``fn`` or from ``iterator`` is re-raised on the consumer with its
+    original type, message and traceback, plus a note naming ``stage`` and, if
+    ``describe`` is given, the item (e.g. ``"batch 17"``). Breaking out, ``close()``,
+    garbage collection or an exception stop and join every worker.
+
+    Args:
+        iterator: the shared input; pulled under a lock, one item at a time.
+        fn: ``item -> result``; runs concurrently on the workers.
+        num_workers: threads (>= 1).
+        output_buffer_size: bound on items taken and not yet consumed (>= 1).
+        stage: name used in thread names and error notes.
+        describe: ``item -> str`` for error notes.
+        manual_release: if True, a slot is freed only by :meth:`ThreadedIterator.release`
+            (lets a downstream buffer, such as reorder, count against the same bound).
+        on_busy: called with the seconds each ``fn`` call took (stats).
+
+    Returns:
+        A :class:`ThreadedIterator`.
+
+    Example:
+        >>> with iter_threaded(range(10), lambda x: x * x, num_workers=2,
+        ...                    output_buffer_size=4) as it:
+        ...     sorted(it)
+        [0, 1, 4, 9, 16, 25, 36, 49, 64, 81]
+    """
+    return ThreadedIterator(
+        iterator,
+        fn,
+        num_workers=num_workers,
+        output_buffer_size=output_buffer_size,
+        stage=stage,
+        describe=describe,
+        manual_release=manual_release,
+        on_busy=on_busy,
+    )

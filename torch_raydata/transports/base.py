@@ -1,0 +1,68 @@
+"""The Transport interface: how finalize (stage 6) moves collated batches to the device.
+
+After upstream Ray #61773: ``fetch_multiple`` posts the transfers of several batches at
+once and returns at once; ``wait_fetch_complete`` waits for them. The default
+``fetch_multiple`` does the work synchronously through :meth:`Transport.fetch`, so a
+simple transport overrides only ``fetch``.
+
+A transport sees batch *payloads* (whatever the collate_fn returned, typically a dict of
+tensors), never the pipeline's bookkeeping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["Transport", "FetchRequest"]
+
+
+@dataclass
+class FetchRequest:
+    """A handle on posted transfers. ``results`` is filled by synchronous transports;
+    asynchronous ones keep their own state in ``handle``."""
+
+    batches: list[Any]
+    results: list[Any] | None = None
+    handle: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Transport:
+    """Base class. Subclasses override :meth:`fetch` (synchronous) or both
+    :meth:`fetch_multiple` and :meth:`wait_fetch_complete` (asynchronous)."""
+
+    #: True when finalize should run on its own thread (transfers overlap the step).
+    #: A no-op transport sets False and finalize runs inline on the consumer thread,
+    #: saving a queue hop per batch.
+    needs_thread: bool = True
+
+    def __init__(self, device: str | torch.device | None = None) -> None:
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+
+    def fetch(self, batch: Any) -> Any:
+        """Move one batch; synchronous. The default returns it unchanged."""
+        return batch
+
+    def fetch_multiple(self, batches: list[Any]) -> FetchRequest:
+        """Post the transfers of ``batches`` and return without waiting (the default
+        does the work now)."""
+        return FetchRequest(batches=batches, results=[self.fetch(b) for b in batches])
+
+    def wait_fetch_complete(self, request: FetchRequest, timeout: float | None = None) -> list[Any]:
+        """Wait until ``request``'s batches are on the device; return them in order.
+        Raises ``TimeoutError`` if ``timeout`` seconds pass first."""
+        if request.results is None:
+            raise RuntimeError(
+                f"{type(self).__name__} posted a request it cannot complete: override "
+                "wait_fetch_complete together with fetch_multiple"
+            )
+        return request.results
+
+    def close(self) -> None:
+        """Free buffers and connections; called once when an epoch's iterator closes."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(device={self.device})"
