@@ -267,7 +267,7 @@ def test_output_owns_its_memory(sliced):
         for name, col in zip(table.column_names, table.columns, strict=True)
     }
     out = DefaultCollate()(table)
-    for name, tensor in out.items():
+    for tensor in out.values():
         assert_owned(tensor, table)
         tensor.add_(1) if tensor.dtype != torch.bool else tensor.logical_not_()
     for name, column in zip(table.column_names, table.columns, strict=True):
@@ -450,9 +450,12 @@ def test_empty_table():
 # ---------------------------------------------------------------- PadCollate
 
 
-def reference_pad(rows, width, pad):
-    values = [[*r[:width], *[pad] * (width - len(r[:width]))] for r in rows]
-    mask = [[k < len(r) for k in range(width)] for r in rows]
+def reference_pad(rows, width, pad, keep=None):
+    """Pure-Python padding: each row cut to `keep` items, then padded to `width`."""
+    keep = width if keep is None else keep
+    cut = [r[:keep] for r in rows]
+    values = [[*r, *[pad] * (width - len(r))] for r in cut]
+    mask = [[k < len(r) for k in range(width)] for r in cut]
     return values, mask
 
 
@@ -502,9 +505,27 @@ def test_pad_truncation_and_multiple(seed):
         width = longest if max_length is None else min(longest, max_length)
         if multiple:
             width = -(-width // multiple) * multiple
-        values, mask = reference_pad(rows, width, 7)
+        values, mask = reference_pad(rows, width, 7, keep=max_length)
         assert out["tok"].shape == (10, width)
         assert out["tok"].tolist() == values and out["tok_mask"].tolist() == mask
+
+
+def test_pad_rounding_past_max_length_fills_padding():
+    """Every row longer than max_length, L rounded up past it: the tail must be padding."""
+
+    def dirty(shape, dtype):  # stale staging memory
+        return (
+            torch.full(shape, 99, dtype=dtype)
+            if dtype != torch.bool
+            else torch.ones(shape, dtype=dtype)
+        )
+
+    table = pa.table({"x": pa.array([list(range(6)), list(range(10, 16))])})
+    out = PadCollate(["x"], pad_value=-1, max_length=2, pad_to_multiple_of=4, allocator=dirty)(
+        table
+    )
+    assert out["x"].tolist() == [[0, 1, -1, -1], [10, 11, -1, -1]]
+    assert out["x_mask"].tolist() == [[True, True, False, False]] * 2
 
 
 def test_pad_value_dict_and_dtypes():

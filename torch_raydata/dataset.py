@@ -101,7 +101,9 @@ class RayIterableDataset(IterableDataset):
         self._source = RaySource(dataset, preserve_order=bool(preserve_order))
         names = self._source.column_names()
         if id_column is not None and names is not None and id_column not in names:
-            raise ValueError(f"id_column={id_column!r} is not a column of the dataset; columns are {names}")
+            raise ValueError(
+                f"id_column={id_column!r} is not a column of the dataset; columns are {names}"
+            )
         self.config = PipelineConfig(
             batch_size=batch_size,
             num_workers=num_workers,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +29,6 @@ __all__ = [
     "copy_into",
     "is_variable_list",
     "leaf_to_numpy",
-    "normalize_dtypes",
     "null_error",
     "plan_column",
     "ragged_error",
@@ -45,65 +44,52 @@ RAY_FIXED_TENSORS = frozenset({"ray.data.arrow_tensor", "ray.data.arrow_tensor_v
 RAY_VARIABLE_TENSOR = "ray.data.arrow_variable_shaped_tensor"
 ARROW_FIXED_TENSOR = "arrow.fixed_shape_tensor"
 
-ALLOWED_DTYPES = frozenset(
-    {
-        torch.bool,
-        *(torch.uint8, torch.uint16, torch.uint32, torch.uint64),
-        *(torch.int8, torch.int16, torch.int32, torch.int64),
-        *(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-    }
-)
-
 
 @dataclass(frozen=True)
 class Plan:
-    """How one Arrow type is collated.
+    """How one Arrow type is collated; computed once per (column, type) and cached.
 
-    kind "tensor": rows become a (num_rows, *shape) tensor whose leaf values are read
-    as `np_dtype` (the physical type), transposed by `axes` when a native Arrow
-    tensor carries a permutation. kind "pylist": rows become a Python list.
+    kind "tensor": rows become a (num_rows, *shape) tensor. `layers` says how to
+    reach the flat leaf from a chunk ("ray": Ray tensor list storage of `size` values
+    per row; "ext": unwrap extension storage; "fsl": fixed_size_list of `size`), so
+    chunks are walked without re-inspecting their types. The leaf is read as
+    `np_dtype` (its physical type) laid out as (num_rows, *phys), then transposed by
+    `axes` when a native Arrow tensor carries a permutation (else phys == shape).
+    kind "pylist": rows become a Python list.
     """
 
     kind: str
     shape: tuple[int, ...] = ()
+    phys: tuple[int, ...] = ()
     np_dtype: np.dtype | None = None
     out_dtype: torch.dtype | None = None
     numeric: bool = False  # int/float leaf: a single `dtypes` value applies to it
     axes: tuple[int, ...] | None = None
+    layers: tuple[tuple[str, int], ...] = ()
+    dictionary: bool = False  # leaf is a dictionary array of numbers: decode it
+
+
+_TORCH_DTYPES: dict[np.dtype, torch.dtype] = {}
 
 
 def torch_dtype_of(np_dtype: np.dtype) -> torch.dtype:
-    return torch.from_numpy(np.empty(0, dtype=np_dtype)).dtype
+    if np_dtype not in _TORCH_DTYPES:
+        _TORCH_DTYPES[np_dtype] = torch.from_numpy(np.empty(0, dtype=np_dtype)).dtype
+    return _TORCH_DTYPES[np_dtype]
 
 
-def _is_temporal(t: pa.DataType) -> bool:
-    return (
-        pa.types.is_timestamp(t)
-        or pa.types.is_date(t)
-        or pa.types.is_time(t)
-        or pa.types.is_duration(t)
-    )
+_TEMPORAL = ("is_timestamp", "is_date", "is_time", "is_duration")
+_BYTES_LIKE = ("is_string", "is_large_string", "is_string_view", "is_binary")
+_BYTES_LIKE += ("is_large_binary", "is_binary_view", "is_fixed_size_binary")
+_VARIABLE_LISTS = ("is_list", "is_large_list", "is_list_view", "is_large_list_view")
 
 
-def _is_bytes_like(t: pa.DataType) -> bool:
-    return (
-        pa.types.is_string(t)
-        or pa.types.is_large_string(t)
-        or pa.types.is_binary(t)
-        or pa.types.is_large_binary(t)
-        or pa.types.is_fixed_size_binary(t)
-        or pa.types.is_string_view(t)
-        or pa.types.is_binary_view(t)
-    )
+def _is(predicates: tuple[str, ...], t: pa.DataType) -> bool:
+    return any(getattr(pa.types, p)(t) for p in predicates)
 
 
 def is_variable_list(t: pa.DataType) -> bool:
-    return (
-        pa.types.is_list(t)
-        or pa.types.is_large_list(t)
-        or pa.types.is_list_view(t)
-        or pa.types.is_large_list_view(t)
-    )
+    return _is(_VARIABLE_LISTS, t)
 
 
 def _ext_name(t: pa.DataType) -> str | None:
@@ -148,87 +134,99 @@ def null_error(name: str, count: int) -> ValueError:
 
 def plan_column(name: str, typ: pa.DataType) -> Plan:
     """The collation plan for `typ`; raises ValueError for ragged or unsupported types."""
-    if _is_bytes_like(typ) or (pa.types.is_dictionary(typ) and _is_bytes_like(typ.value_type)):
+    if _is(_BYTES_LIKE, typ) or (pa.types.is_dictionary(typ) and _is(_BYTES_LIKE, typ.value_type)):
         return Plan("pylist")
-    phys_shape: list[int] = []
+    phys: list[int] = []
     axes: list[int] = []
+    layers: list[tuple[str, int]] = []
     t = typ
     while True:  # peel fixed-shape layers off until the leaf type
         ext = _ext_name(t)
-        if ext in RAY_FIXED_TENSORS:
+        if ext in RAY_FIXED_TENSORS or ext == ARROW_FIXED_TENSOR:
             dims = [int(d) for d in t.shape]
-            axes += range(len(phys_shape), len(phys_shape) + len(dims))
-            t = t.storage_type.value_type
-        elif ext == ARROW_FIXED_TENSOR:
-            dims = [int(d) for d in t.shape]
-            axes += [len(phys_shape) + int(p) for p in (t.permutation or range(len(dims)))]
+            perm = getattr(t, "permutation", None) or range(len(dims))
+            axes += [len(phys) + int(p) for p in perm]
+            if ext == ARROW_FIXED_TENSOR:  # storage: fixed_size_list of all the values
+                layers += [("ext", 0), ("fsl", math.prod(dims))]
+            else:
+                layers.append(("ray", math.prod(dims)))
             t = t.storage_type.value_type
         elif pa.types.is_fixed_size_list(t):
             dims = [t.list_size]
-            axes.append(len(phys_shape))
+            axes.append(len(phys))
+            layers.append(("fsl", t.list_size))
             t = t.value_type
         else:
             break
-        phys_shape += dims
+        phys += dims
     if is_variable_list(t) or _ext_name(t) == RAY_VARIABLE_TENSOR:
         raise ragged_error(name, typ)
-    if pa.types.is_dictionary(t) and t is typ and _is_numeric(t.value_type):
-        np_dtype = np.dtype(t.value_type.to_pandas_dtype())
-        return Plan("tensor", (), np_dtype, torch_dtype_of(np_dtype), True)
-    if pa.types.is_boolean(t):
-        np_dtype, numeric = np.dtype(np.bool_), False
-    elif _is_numeric(t):
-        np_dtype, numeric = np.dtype(t.to_pandas_dtype()), True
-    elif _is_temporal(t):
-        np_dtype, numeric = np.dtype(np.int64 if t.bit_width == 64 else np.int32), False
+    dictionary = pa.types.is_dictionary(t) and t is typ and _is_numeric(t.value_type)
+    leaf = t.value_type if dictionary else t
+    if pa.types.is_boolean(leaf):
+        np_dtype = np.dtype(np.bool_)
+    elif _is_numeric(leaf):
+        np_dtype = np.dtype(leaf.to_pandas_dtype())
+    elif _is(_TEMPORAL, leaf):
+        np_dtype = np.dtype(np.int64 if leaf.bit_width == 64 else np.int32)
     else:
         raise _unsupported_error(name, typ)
-    out = torch.int64 if _is_temporal(t) else torch_dtype_of(np_dtype)
+    out = torch.int64 if _is(_TEMPORAL, leaf) else torch_dtype_of(np_dtype)
+    shape = tuple(phys[a] for a in axes)
     identity = axes == list(range(len(axes)))
-    shape = tuple(phys_shape[a] for a in axes)
-    return Plan("tensor", shape, np_dtype, out, numeric, None if identity else tuple(axes))
+    return Plan(
+        "tensor",
+        shape,
+        tuple(phys),
+        np_dtype,
+        out,
+        _is_numeric(leaf),
+        None if identity else tuple(axes),
+        tuple(layers),
+        dictionary,
+    )
 
 
 def _is_numeric(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t)
 
 
-def chunk_leaf(name: str, arr: pa.Array) -> tuple[pa.Array, int]:
+def chunk_leaf(name: str, arr: pa.Array, plan: Plan) -> tuple[pa.Array | None, int]:
     """The flat leaf values under `arr`'s rows (a zero-copy slice) and their null count.
 
     `.values` ignores the parent's slice offset, so every layer re-slices its child to
-    the rows actually in `arr`. Stops early (leaf None) when a null list row makes the
+    the rows actually in `arr`. Returns leaf None when a null Ray tensor row makes the
     offsets meaningless.
     """
     nulls = 0
-    while True:
-        ext = _ext_name(arr.type)
-        if ext is not None:
-            expected = math.prod(int(d) for d in arr.type.shape)
-            # The storage carries the extension array's slice and validity; a native
-            # Arrow tensor's storage is a fixed_size_list, handled on the next pass.
+    for layer, size in plan.layers:
+        if layer == "ext":  # storage keeps the extension array's slice and validity
             arr = arr.storage
-            if ext in RAY_FIXED_TENSORS:
-                nulls += arr.null_count
-                if nulls or len(arr) == 0:
-                    return (None if nulls else arr.values.slice(0, 0)), nulls
-                offsets = arr.offsets.to_numpy()
-                if (np.diff(offsets) != expected).any():
-                    raise ValueError(
-                        f"column {name!r}: Ray tensor rows of type {arr.type} do not all "
-                        f"hold {expected} values; the column is malformed"
-                    )
-                start = int(offsets[0])
-                arr = arr.values.slice(start, int(offsets[-1]) - start)
-        elif pa.types.is_fixed_size_list(arr.type):
+        elif layer == "fsl":
             nulls += arr.null_count
-            k = arr.type.list_size
-            arr = arr.values.slice(arr.offset * k, len(arr) * k)
-        else:
+            arr = arr.values.slice(arr.offset * size, len(arr) * size)
+        else:  # "ray": list storage, `size` values per row by the type's contract
+            arr = arr.storage
             nulls += arr.null_count
-            if pa.types.is_dictionary(arr.type):
-                nulls += arr.dictionary.null_count
-            return arr, nulls
+            if nulls or not len(arr):
+                return (None if nulls else arr.values.slice(0, 0)), nulls
+            offsets = arr.offsets.to_numpy()
+            if (np.diff(offsets) != size).any():
+                raise ValueError(
+                    f"column {name!r}: Ray tensor rows of type {arr.type} do not all hold "
+                    f"{size} values; the column is malformed"
+                )
+            arr = arr.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+    nulls += arr.null_count + (arr.dictionary.null_count if plan.dictionary else 0)
+    return arr, nulls
+
+
+def _primitive_view(arr: pa.Array, np_dtype: np.dtype) -> np.ndarray:
+    """Zero-copy view of a null-free fixed-width array, honouring its slice offset."""
+    if len(arr) == 0:
+        return np.empty(0, dtype=np_dtype)
+    offset = arr.offset * np_dtype.itemsize
+    return np.frombuffer(arr.buffers()[1], np_dtype, count=len(arr), offset=offset)
 
 
 def leaf_to_numpy(leaf: pa.Array, num_rows: int, plan: Plan) -> tuple[np.ndarray, bool]:
@@ -237,60 +235,18 @@ def leaf_to_numpy(leaf: pa.Array, num_rows: int, plan: Plan) -> tuple[np.ndarray
     Fixed-width leaves are viewed in place (no copy); bit-packed bools and
     dictionary lookups have no view, so they come back as new arrays.
     """
-    phys = (num_rows, *(plan.shape if plan.axes is None else _phys(plan)))
-    if pa.types.is_boolean(leaf.type):
-        view, owned = leaf.to_numpy(zero_copy_only=False), True
-    elif pa.types.is_dictionary(leaf.type):
-        values, _ = leaf_to_numpy(leaf.dictionary, len(leaf.dictionary), plan)
-        indices, _ = leaf_to_numpy(leaf.indices, len(leaf), _index_plan(leaf.indices.type))
+    if plan.dictionary:
+        values = _primitive_view(leaf.dictionary, plan.np_dtype)
+        indices = leaf.indices.to_numpy(zero_copy_only=True)  # no nulls: checked before
         view, owned = np.take(values, indices, axis=0, mode="clip"), True
-    elif len(leaf) == 0:
-        view, owned = np.empty(0, dtype=plan.np_dtype), True
+    elif plan.np_dtype == np.bool_:
+        view, owned = leaf.to_numpy(zero_copy_only=False), True
     else:
-        itemsize = plan.np_dtype.itemsize
-        buf = leaf.buffers()[1]
-        view = np.frombuffer(buf, plan.np_dtype, count=len(leaf), offset=leaf.offset * itemsize)
-        owned = False
-    view = view.reshape(phys)
+        view, owned = _primitive_view(leaf, plan.np_dtype), False
+    view = view.reshape(num_rows, *plan.phys)
     if plan.axes is not None:
         view = view.transpose(0, *(1 + a for a in plan.axes))
     return view, owned
-
-
-def _phys(plan: Plan) -> tuple[int, ...]:
-    assert plan.axes is not None
-    phys = [0] * len(plan.axes)
-    for logical, a in enumerate(plan.axes):
-        phys[a] = plan.shape[logical]
-    return tuple(phys)
-
-
-def _index_plan(t: pa.DataType) -> Plan:
-    np_dtype = np.dtype(t.to_pandas_dtype())
-    return Plan("tensor", (), np_dtype, torch_dtype_of(np_dtype), True)
-
-
-def normalize_dtypes(dtypes: object) -> torch.dtype | dict[str, torch.dtype] | None:
-    """Validate the `dtypes` argument at construction time."""
-
-    def check(value: object, where: str) -> torch.dtype:
-        if not isinstance(value, torch.dtype) or value not in ALLOWED_DTYPES:
-            raise TypeError(
-                f"{where}={value!r} is not a supported torch.dtype: use one of "
-                f"{sorted(str(d) for d in ALLOWED_DTYPES)}"
-            )
-        return value
-
-    if dtypes is None or isinstance(dtypes, torch.dtype):
-        return None if dtypes is None else check(dtypes, "dtypes")
-    if not isinstance(dtypes, Mapping):
-        raise TypeError(
-            f"dtypes={dtypes!r} must be None, a torch.dtype, or a dict column -> torch.dtype"
-        )
-    for key in dtypes:
-        if not isinstance(key, str):
-            raise TypeError(f"dtypes key {key!r} must be a column name (str)")
-    return {key: check(value, f"dtypes[{key!r}]") for key, value in dtypes.items()}
 
 
 def allocate(allocator: Allocator | None, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -299,21 +255,12 @@ def allocate(allocator: Allocator | None, shape: tuple, dtype: torch.dtype) -> t
     if allocator is None:
         return torch.empty(shape, dtype=dtype)
     out = allocator(shape, dtype)
-    if (
-        not isinstance(out, torch.Tensor)
-        or tuple(out.shape) != shape
-        or out.dtype != dtype
-        or out.device.type != "cpu"
-        or not out.is_contiguous()
-    ):
-        got = (
-            f"{tuple(out.shape)} {out.dtype} on {out.device}"
-            if isinstance(out, torch.Tensor)
-            else type(out).__name__
-        )
+    ok = isinstance(out, torch.Tensor) and out.device.type == "cpu" and out.is_contiguous()
+    if not ok or tuple(out.shape) != shape or out.dtype != dtype:
+        got = f"{out.dtype} {tuple(out.shape)} on {out.device}" if ok else repr(out)[:80]
         raise ValueError(
             f"allocator{(shape, dtype)} returned {got}: it must return a contiguous CPU "
-            f"tensor (pinned is fine) of exactly that shape and dtype"
+            "tensor (pinned is fine) of exactly that shape and dtype"
         )
     return out
 
@@ -336,7 +283,7 @@ def collate_tensor(
     parts, nulls = [], 0
     for chunk in column.chunks:
         if len(chunk):
-            leaf, chunk_nulls = chunk_leaf(name, chunk)
+            leaf, chunk_nulls = chunk_leaf(name, chunk, plan)
             parts.append((leaf, len(chunk)))
             nulls += chunk_nulls
     if nulls:

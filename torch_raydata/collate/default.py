@@ -6,18 +6,46 @@ type rules and the single copy live in `_arrow`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import pyarrow as pa
 import torch
 
-from torch_raydata.collate._arrow import (
-    Allocator,
-    Plan,
-    collate_tensor,
-    normalize_dtypes,
-    plan_column,
-)
+from torch_raydata.collate._arrow import Allocator, Plan, collate_tensor, plan_column
 
 __all__ = ["DefaultCollate"]
+
+_ALLOWED_DTYPES = frozenset(
+    {
+        torch.bool,
+        *(torch.uint8, torch.uint16, torch.uint32, torch.uint64),
+        *(torch.int8, torch.int16, torch.int32, torch.int64),
+        *(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    }
+)
+
+
+def _normalize_dtypes(dtypes: object) -> torch.dtype | dict[str, torch.dtype] | None:
+    """Validate the `dtypes` argument at construction time."""
+
+    def check(value: object, where: str) -> torch.dtype:
+        if not isinstance(value, torch.dtype) or value not in _ALLOWED_DTYPES:
+            raise TypeError(
+                f"{where}={value!r} is not a supported torch.dtype: use one of "
+                f"{sorted(str(d) for d in _ALLOWED_DTYPES)}"
+            )
+        return value
+
+    if dtypes is None or isinstance(dtypes, torch.dtype):
+        return None if dtypes is None else check(dtypes, "dtypes")
+    if not isinstance(dtypes, Mapping):
+        raise TypeError(
+            f"dtypes={dtypes!r} must be None, a torch.dtype, or a dict column -> torch.dtype"
+        )
+    for key in dtypes:
+        if not isinstance(key, str):
+            raise TypeError(f"dtypes key {key!r} must be a column name (str)")
+    return {key: check(value, f"dtypes[{key!r}]") for key, value in dtypes.items()}
 
 
 class DefaultCollate:
@@ -62,8 +90,11 @@ class DefaultCollate:
             raise TypeError(
                 f"allocator={allocator!r} must be callable(shape, dtype) -> torch.Tensor"
             )
-        self.dtypes = normalize_dtypes(dtypes)
+        self.dtypes = _normalize_dtypes(dtypes)
         self.allocator = allocator
+        # Planning a column inspects its Arrow type in Python; batches of one dataset
+        # share a schema, so plan once per (column, type) and reuse.
+        self._plans: dict[tuple[str, str, pa.DataType], Plan] = {}
 
     def __repr__(self) -> str:
         return f"DefaultCollate(dtypes={self.dtypes!r}, allocator={self.allocator!r})"
@@ -98,7 +129,7 @@ class DefaultCollate:
 
     def collate_column(self, name: str, column: pa.ChunkedArray) -> torch.Tensor | list:
         """Collate one column (a tensor, or a list for string/binary columns)."""
-        plan = plan_column(name, column.type)
+        plan = self.plan(name, column.type, plan_column)
         if plan.kind == "pylist":
             if isinstance(self.dtypes, dict) and name in self.dtypes:
                 raise ValueError(
@@ -107,6 +138,18 @@ class DefaultCollate:
                 )
             return column.to_pylist()
         return collate_tensor(name, column, plan, self.target_dtype(name, plan), self.allocator)
+
+    def plan(
+        self, name: str, typ: pa.DataType, planner: Callable[[str, pa.DataType], Plan]
+    ) -> Plan:
+        """`planner(name, typ)`, cached (errors are not cached: they are raised again)."""
+        key = (planner.__name__, name, typ)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) > 1024:  # a schema that keeps changing: stay bounded
+                self._plans.clear()
+            plan = self._plans[key] = planner(name, typ)
+        return plan
 
     def target_dtype(self, name: str, plan: Plan) -> torch.dtype:
         """The output dtype of tensor column `name`, after applying `dtypes`."""

@@ -38,7 +38,8 @@ class PadCollate:
     Each listed column `c` yields `c` (padded values, `pad_value` after each row's
     end) and `c_mask` (bool `(B, L)`, True where a real item sits). `L` is the
     longest row in the batch, capped at `max_length` (longer rows are truncated,
-    keeping their first items), then rounded up to a multiple of `pad_to_multiple_of`.
+    keeping their first `max_length` items), then rounded up to a multiple of
+    `pad_to_multiple_of` (so `L` may exceed `max_length`; the extra slots are padding).
 
     Listed columns may be `list`, `large_list`, `fixed_size_list` (every row the same
     length, so with no cap or rounding it comes out as-is with an all-True mask), or
@@ -106,12 +107,12 @@ class PadCollate:
         return out
 
     def _pad(self, name: str, column: pa.ChunkedArray) -> tuple[torch.Tensor, torch.Tensor]:
-        item = _item_plan(name, column.type)
+        item = self._default.plan(name, column.type, _item_plan)
         parts, nulls = [], 0
         for chunk in column.chunks:
             if len(chunk):
                 offsets, values, row_nulls = _list_parts(chunk)
-                leaf, item_nulls = (None, 0) if row_nulls else chunk_leaf(name, values)
+                leaf, item_nulls = (None, 0) if row_nulls else chunk_leaf(name, values, item)
                 nulls += row_nulls + item_nulls
                 lengths = np.diff(offsets)
                 parts.append((offsets, lengths, leaf, len(values)))
@@ -122,9 +123,11 @@ class PadCollate:
                 "replace null rows with [] and fill_null the items)"
             )
         longest = max((int(p[1].max()) for p in parts), default=0)
-        width = longest if self.max_length is None else min(longest, self.max_length)
+        # Rows keep at most `keep` items; rounding up may make `width` exceed that.
+        keep = longest if self.max_length is None else min(longest, self.max_length)
+        width = keep
         if self.pad_to_multiple_of is not None:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            width = -(-keep // self.pad_to_multiple_of) * self.pad_to_multiple_of
 
         dtype = self._default.target_dtype(name, item)
         pad = self.pad_value.get(name, 0) if isinstance(self.pad_value, dict) else self.pad_value
@@ -132,18 +135,18 @@ class PadCollate:
         allocator = self._default.allocator
         values_out = allocate(allocator, (len(column), width, *item.shape), dtype)
         mask = allocate(allocator, (len(column), width), torch.bool)
-        if any((p[1] < width).any() for p in parts):
-            values_out.fill_(pad)
+        if width > keep or any((p[1] < keep).any() for p in parts):
+            values_out.fill_(pad)  # only skipped when every slot gets a real item
 
         mask_np, positions, start = mask.numpy(), np.arange(width), 0
         for offsets, lengths, leaf, num_values in parts:
             stop = start + len(lengths)
             view, _ = leaf_to_numpy(leaf, num_values, item)
             row_mask = mask_np[start:stop]
-            np.less(positions, lengths[:, None], out=row_mask)
-            if lengths.max() > width:  # truncate: keep each row's first `width` items
+            np.less(positions, np.minimum(lengths, keep)[:, None], out=row_mask)
+            if lengths.max() > keep:  # truncate: keep each row's first `keep` items
                 within_row = np.arange(num_values) - np.repeat(offsets[:-1] - offsets[0], lengths)
-                view = view[within_row < width]
+                view = view[within_row < keep]
             _scatter(values_out, start, stop, row_mask, view)
             start = stop
         assert start == len(column)

@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -101,7 +101,9 @@ class Finalizer:
                         except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
                             self._slots.release()
                             self._out.put(
-                                ExceptionWrapper.capture(e, f"stage 6 (finalize), batch {batch.idx}")
+                                ExceptionWrapper.capture(
+                                    e, f"stage 6 (finalize), batch {batch.idx}"
+                                )
                             )
                             return
                         self._stats.add_time("finalize", time.perf_counter() - t0)

@@ -47,6 +47,5 @@ def restore_order(
             yield b
     if held:
         raise RuntimeError(
-            f"stage 5 (reorder): input ended while waiting for batch {want}; "
-            f"holding {sorted(held)}"
+            f"stage 5 (reorder): input ended while waiting for batch {want}; holding {sorted(held)}"
         )

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import ray
-from ray.data import Dataset, DataIterator
+from ray.data import DataIterator, Dataset
 
 from .types import SourceBlock
 
@@ -62,7 +62,9 @@ class EpochBlocks:
                     size = md.size_bytes if not full else max(1, md.size_bytes * num_rows // full)
                 else:
                     size = md.size_bytes
-                yield SourceBlock(ref=entry.ref, size_bytes=int(size or 0), num_rows=num_rows, rows=rows)
+                yield SourceBlock(
+                    ref=entry.ref, size_bytes=int(size or 0), num_rows=num_rows, rows=rows
+                )
 
     def close(self) -> None:
         if self._closed:

@@ -26,7 +26,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 from .constants import JOIN_TIMEOUT, QUEUE_TIMEOUT
@@ -69,9 +69,7 @@ class ThreadedIterator(Generic[R]):
         self._s = _PoolState(iter(iterator), fn, stage, describe, on_busy, output_buffer_size)
         self._alive = num_workers  # workers that have not sent _DONE (consumer-side count)
         self._threads = [
-            threading.Thread(
-                target=_worker, args=(self._s,), name=f"trd-{stage}-{i}", daemon=True
-            )
+            threading.Thread(target=_worker, args=(self._s,), name=f"trd-{stage}-{i}", daemon=True)
             for i in range(num_workers)
         ]
         for t in self._threads:

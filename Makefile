@@ -1,0 +1,43 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   -> creates/refreshes .venv, installs, runs the Lightning digits demo on a local Ray
+#   make test   -> creates/refreshes .venv, installs, runs lint + the test suite
+# torch is installed first, alone: torch==2.13.0 (a CPU build from local disk on the dev
+# machines, the CUDA build from the registry elsewhere); if torch is already importable
+# in the venv, that step is skipped. Installing lightning/nixl first would pull a
+# multi-GB CUDA torch.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+EXTRAS ?= dev,lightning,examples,nixl
+STAMP  := $(VENV)/.installed-$(shell echo $(EXTRAS) | tr ',' '-')
+
+.PHONY: setup demo test lint bench bench-smoke clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: setup
+	$(PY) examples/train_lightning.py
+
+lint: setup
+	$(PY) -m ruff check torch_raydata tests examples benchmarks
+
+test: setup lint
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m benchmarks.bench
+
+bench-smoke: setup
+	$(PY) -m benchmarks.bench --smoke
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

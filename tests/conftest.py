@@ -1,0 +1,78 @@
+"""Shared fixtures: one small local Ray per session, a thread-leak detector, GPU marker."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+# Threads that outlive a test by design: Ray's own per-process helpers (started once, at
+# ray.init or on first use of the Ray Data executor) and torch's/Python's pools.
+_ALLOWED_PREFIXES = (
+    "ray_",
+    "Thread-",  # anonymous threads of libraries (Ray's log monitor etc.); ours are all named trd-*
+    "PythonGCThread",
+    "pydevd",
+    "ThreadPoolExecutor",
+    "asyncio",
+    "StreamingExecutor",
+    "event_loop",
+    "MetricsPusher",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """``ray.init(num_cpus=2)`` once for the whole session (about 3 s here)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads(request):
+    """Fail a test that leaves one of its threads running (torch_raydata's are named trd-*).
+
+    Threads are joined, not slept on: a pipeline thread must already be stopping when the
+    iterator that made it is closed, so a short join is all it may need.
+    """
+    before = set(threading.enumerate())
+    yield
+    leaked = []
+    for t in threading.enumerate():
+        if t in before or not t.is_alive():
+            continue
+        if not t.name.startswith("trd-") and t.name.startswith(_ALLOWED_PREFIXES):
+            continue
+        t.join(timeout=2.0)
+        if t.is_alive():
+            leaked.append(t)
+    if leaked:
+        pytest.fail(f"Test left zombie thread(s): {[t.name for t in leaked]}")

@@ -1,0 +1,141 @@
+"""Stage 3: batching, without Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from torch_raydata.pipeline.batching import blocks_to_batches
+from torch_raydata.pipeline.stats import StatsRecorder
+from torch_raydata.pipeline.types import SourceBlock
+
+from .fakes import make_blocks
+
+
+def _pairs(tables, rows=None):
+    return [
+        (SourceBlock(ref=i, size_bytes=t.nbytes, num_rows=t.num_rows, rows=(rows or {}).get(i)), t)
+        for i, t in enumerate(tables)
+    ]
+
+
+def _ids(batches):
+    return np.concatenate([b.data.column("id").to_numpy() for b in batches])
+
+
+def test_batches_span_block_edges_and_keep_every_row():
+    tables = make_blocks([3, 5, 0, 7, 1, 4])
+    batches = list(blocks_to_batches(_pairs(tables), batch_size=4))
+    assert [b.num_rows for b in batches] == [4, 4, 4, 4, 4]
+    assert [b.idx for b in batches] == list(range(5))
+    assert _ids(batches).tolist() == list(range(20))
+
+
+def test_slices_are_zero_copy():
+    t = make_blocks([100])[0]
+    (b,) = list(blocks_to_batches(_pairs([t.slice(10, 50)]), batch_size=50))
+    src = t.column("id").chunk(0).buffers()[1].address
+    got = b.data.column("id").chunk(0).buffers()[1].address
+    assert got == src  # same Arrow buffer, sliced by offset: no copy in stage 3
+
+
+def test_last_partial_batch_kept_or_dropped_and_counted():
+    tables = make_blocks([5, 5])
+    kept = list(blocks_to_batches(_pairs(tables), batch_size=4))
+    assert [b.num_rows for b in kept] == [4, 4, 2]
+    stats = StatsRecorder()
+    dropped = list(blocks_to_batches(_pairs(tables), batch_size=4, drop_last=True, stats=stats))
+    assert [b.num_rows for b in dropped] == [4, 4]
+    assert stats.rows_dropped == 2
+
+
+def test_block_row_slice_is_respected():
+    tables = make_blocks([10, 10])
+    batches = list(blocks_to_batches(_pairs(tables, rows={0: (2, 5)}), batch_size=100))
+    assert _ids(batches).tolist() == [2, 3, 4] + list(range(10, 20))
+
+
+def test_ids_travel_with_the_batch():
+    batches = list(blocks_to_batches(_pairs(make_blocks([7, 6])), batch_size=5, id_column="id"))
+    for b in batches:
+        assert b.ids.tolist() == b.data.column("id").to_pylist()
+
+
+def test_unknown_id_column_names_the_columns():
+    with pytest.raises(ValueError, match=r"id_column='nope'.*\['id', 'x'\]"):
+        list(blocks_to_batches(_pairs(make_blocks([3])), batch_size=2, id_column="nope"))
+
+
+def test_null_ids_rejected():
+    t = pa.table({"id": pa.array([1, None, 3])})
+    with pytest.raises(ValueError, match="null"):
+        list(blocks_to_batches(_pairs([t]), batch_size=2, id_column="id"))
+
+
+def _shuffled_ids(seed, epoch, sizes=(50, 30, 70, 10, 40), buffer=60, bs=16):
+    batches = list(
+        blocks_to_batches(
+            _pairs(make_blocks(list(sizes))),
+            batch_size=bs,
+            shuffle_buffer_size=buffer,
+            shuffle_seed=seed,
+            epoch=epoch,
+        )
+    )
+    return _ids(batches), [b.num_rows for b in batches]
+
+
+def test_shuffle_keeps_every_row_once_and_is_reproducible_per_seed_and_epoch():
+    a, sizes = _shuffled_ids(seed=3, epoch=0)
+    assert sorted(a.tolist()) == list(range(200))
+    assert sizes[:-1] == [16] * (len(sizes) - 1)
+    assert a.tolist() != list(range(200))
+    b, _ = _shuffled_ids(seed=3, epoch=0)
+    assert a.tolist() == b.tolist()  # same seed + epoch -> same order
+    c, _ = _shuffled_ids(seed=3, epoch=1)
+    assert a.tolist() != c.tolist()  # a new order each epoch
+    d, _ = _shuffled_ids(seed=4, epoch=0)
+    assert a.tolist() != d.tolist()
+
+
+def test_shuffle_buffer_larger_than_dataset_and_drop_last():
+    stats = StatsRecorder()
+    batches = list(
+        blocks_to_batches(
+            _pairs(make_blocks([7, 8])),
+            batch_size=4,
+            drop_last=True,
+            shuffle_buffer_size=1000,
+            shuffle_seed=0,
+            stats=stats,
+        )
+    )
+    ids = _ids(batches)
+    assert len(ids) == 12 and len(set(ids.tolist())) == 12
+    assert stats.rows_dropped == 3
+
+
+def test_shuffle_mixes_rows_across_blocks():
+    ids, _ = _shuffled_ids(seed=0, epoch=0, sizes=(100, 100), buffer=150, bs=50)
+    first = ids[:50]
+    assert (first >= 100).any() and (first < 100).any()
+
+
+def test_pandas_block_is_converted():
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"id": np.arange(6)})
+    batches = list(
+        blocks_to_batches([(SourceBlock(ref=0, size_bytes=48, num_rows=6), df)], batch_size=4)
+    )
+    assert _ids(batches).tolist() == list(range(6))
+
+
+def test_unknown_block_type_is_a_clear_error():
+    with pytest.raises(TypeError, match="pyarrow.Table or pandas.DataFrame"):
+        list(blocks_to_batches([(SourceBlock(ref=0, size_bytes=1), [1, 2])], batch_size=2))
+
+
+def test_batch_size_must_be_positive():
+    with pytest.raises(ValueError, match="batch_size=0"):
+        list(blocks_to_batches([], batch_size=0))

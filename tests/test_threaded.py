@@ -1,0 +1,160 @@
+"""Stage 4: iter_threaded, without Ray."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+
+import torch_raydata as trd
+from torch_raydata.pipeline.threaded import ThreadedIterator
+
+
+def _trd_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("trd-")]
+
+
+def test_every_item_once_in_completion_order():
+    with trd.iter_threaded(range(200), lambda x: x * 2, num_workers=3, output_buffer_size=5) as it:
+        out = list(it)
+    assert sorted(out) == [2 * i for i in range(200)]
+    assert _trd_threads() == []
+
+
+def test_shared_stateful_iterator_is_pulled_once_per_item():
+    pulled = []
+
+    def gen():
+        for i in range(100):
+            pulled.append(i)  # a stateful iterator: N workers must not each run a copy
+            yield i
+
+    out = list(trd.iter_threaded(gen(), lambda x: x, num_workers=4, output_buffer_size=3))
+    assert sorted(out) == list(range(100))
+    assert pulled == list(range(100))
+
+
+@pytest.mark.parametrize("kw", [{"num_workers": 0}, {"output_buffer_size": 0}, {"num_workers": -1}])
+def test_bad_sizes_raise_value_error(kw):
+    args = {"num_workers": 2, "output_buffer_size": 2} | kw
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        trd.iter_threaded(range(3), lambda x: x, **args)
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_worker_exception_reaches_consumer_with_type_message_stage_and_batch():
+    def fn(x):
+        if x == 7:
+            raise Boom("bad item 7")
+        return x
+
+    it = trd.iter_threaded(
+        range(50),
+        fn,
+        num_workers=2,
+        output_buffer_size=2,
+        stage="collate",
+        describe=lambda x: f"batch {x}",
+    )
+    with pytest.raises(Boom, match="bad item 7") as ei:
+        list(it)
+    notes = "\n".join(getattr(ei.value, "__notes__", []))
+    assert "collate" in notes and "batch 7" in notes
+    assert _trd_threads() == []  # the consumer's exception path joined every worker
+
+
+def test_input_iterator_exception_is_forwarded():
+    def gen():
+        yield 1
+        raise KeyError("source broke")
+
+    with pytest.raises(KeyError, match="source broke"):
+        list(trd.iter_threaded(gen(), lambda x: x, num_workers=2, output_buffer_size=2))
+    assert _trd_threads() == []
+
+
+def test_break_and_close_join_threads():
+    it = trd.iter_threaded(iter(range(10**9)), lambda x: x, num_workers=3, output_buffer_size=4)
+    for i, _ in enumerate(it):
+        if i == 5:
+            break
+    it.close()
+    assert _trd_threads() == []
+
+
+def test_garbage_collection_stops_threads():
+    def consume_a_little():
+        it = trd.iter_threaded(iter(range(10**9)), lambda x: x, num_workers=2, output_buffer_size=2)
+        next(it)
+        # `it` goes out of scope here without close()
+
+    consume_a_little()
+    gc.collect()
+    # __del__ closed (stopped and joined) the pool; nothing else keeps workers alive.
+    assert _trd_threads() == []
+
+
+@pytest.mark.parametrize("manual_release", [False, True])
+def test_bound_holds_under_a_slow_consumer(manual_release):
+    """Detector, not stopwatch: the input counts items taken; the consumer only takes the
+    next result once the pool is saturated, so any overshoot would be observed."""
+    bound = 3
+    lock = threading.Lock()
+    state = {"taken": 0, "consumed": 0, "max_outstanding": 0}
+    saturated = threading.Event()
+    n = 60
+
+    def gen():
+        for i in range(n):
+            with lock:
+                state["taken"] += 1
+                outstanding = state["taken"] - state["consumed"]
+                state["max_outstanding"] = max(state["max_outstanding"], outstanding)
+                if outstanding >= bound or state["taken"] == n:
+                    saturated.set()
+            yield i
+
+    it = ThreadedIterator(
+        gen(), lambda x: x, num_workers=4, output_buffer_size=bound, manual_release=manual_release
+    )
+    got = []
+    with it:
+        while True:
+            assert saturated.wait(timeout=30), "pool never filled its bound"
+            with lock:
+                saturated.clear()
+            try:
+                item = next(it)
+            except StopIteration:
+                break
+            got.append(item)
+            with lock:
+                state["consumed"] += 1
+                if state["taken"] == n or state["taken"] - state["consumed"] >= bound:
+                    saturated.set()
+            if manual_release:
+                it.release()
+    assert sorted(got) == list(range(n))
+    assert state["max_outstanding"] <= bound
+    assert state["max_outstanding"] == bound  # and the pool did use its whole bound
+
+
+def test_fn_runs_concurrently_on_workers():
+    """Detector: two calls of fn overlap (a barrier only passes with 2 concurrent calls)."""
+    barrier = threading.Barrier(2, timeout=30)
+
+    def fn(x):
+        if x < 2:
+            barrier.wait()
+        return x
+
+    assert sorted(trd.iter_threaded(range(4), fn, num_workers=2, output_buffer_size=2)) == [
+        0,
+        1,
+        2,
+        3,
+    ]
