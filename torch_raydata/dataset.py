@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .collate import DefaultCollate
+from .pipeline.buffers import BufferPool
 from .pipeline.run import EpochRun, PipelineConfig
 from .pipeline.source import RayFetcher, RaySource
 from .pipeline.stats import LoaderStats, StatsRecorder
@@ -114,7 +115,11 @@ class RayIterableDataset(IterableDataset):
             shuffle_seed=shuffle_seed,
             id_column=id_column,
         )
-        self.collate_fn = collate_fn if collate_fn is not None else DefaultCollate()
+        # The default collate writes into recycled memory (see pipeline/buffers.py).
+        self.buffer_pool = BufferPool()
+        self.collate_fn = (
+            collate_fn if collate_fn is not None else DefaultCollate(allocator=self.buffer_pool)
+        )
         self.transport = resolve_transport(transport, device)
         self.device = self.transport.device
         self._next_epoch = 0
@@ -229,6 +234,7 @@ class RayIterableDataset(IterableDataset):
         if run is not None:
             run.close()
         self.transport.close()
+        self.buffer_pool.clear()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
