@@ -82,9 +82,11 @@ class _Batcher:
             )
         self._checked_schema = table.schema
 
-    def make(self, table: pa.Table) -> Batch:
+    def make(self, table: pa.Table, row_bytes: float) -> Batch:
         ids = _ids_of(table, self.id_column) if self.id_column is not None else None
-        nbytes = table.nbytes
+        # Estimated from the block's size: Table.nbytes on a slice walks every buffer of
+        # every column (8.7% of the busy time on a tensor-column workload, profiled).
+        nbytes = int(row_bytes * table.num_rows)
         batch = Batch(idx=self.idx, data=table, num_rows=table.num_rows, nbytes=nbytes, ids=ids)
         self.idx += 1
         self.stats.buffer(1, nbytes)
@@ -122,21 +124,26 @@ def blocks_to_batches(
 
 def _tables(
     blocks: Iterable[tuple[SourceBlock, Any]], b: _Batcher, stats: StatsRecorder
-) -> Iterator[pa.Table]:
+) -> Iterator[tuple[pa.Table, float]]:
+    """Non-empty tables of the stream with their average bytes per row."""
     for sb, block in blocks:
         table = to_arrow(block)
+        row_bytes = table.nbytes / table.num_rows if table.num_rows else 0.0
         if sb.rows is not None:
             start, stop = sb.rows
             table = table.slice(start, stop - start)
         if table.num_rows:
             b.check(table)
-            yield table
+            yield table, row_bytes
 
 
-def _sequential(tables: Iterator[pa.Table], b: _Batcher, stats: StatsRecorder) -> Iterator[Batch]:
+def _sequential(
+    tables: Iterator[tuple[pa.Table, float]], b: _Batcher, stats: StatsRecorder
+) -> Iterator[Batch]:
     carry: list[pa.Table] = []
     carry_rows = 0
-    for table in tables:
+    row_bytes = 0.0
+    for table, row_bytes in tables:
         offset = 0
         n = table.num_rows
         while offset < n:
@@ -148,7 +155,7 @@ def _sequential(tables: Iterator[pa.Table], b: _Batcher, stats: StatsRecorder) -
             batch = None
             if carry_rows == b.batch_size:
                 piece = carry[0] if len(carry) == 1 else pa.concat_tables(carry)  # zero-copy
-                batch = b.make(piece)
+                batch = b.make(piece, row_bytes)
                 carry, carry_rows = [], 0
             stats.add_time("batching", time.perf_counter() - t0)
             if batch is not None:
@@ -159,11 +166,11 @@ def _sequential(tables: Iterator[pa.Table], b: _Batcher, stats: StatsRecorder) -
         if b.drop_last:
             stats.add_dropped(carry_rows, "drop_last=True (last partial batch)")
         else:
-            yield b.make(pa.concat_tables(carry))
+            yield b.make(pa.concat_tables(carry), row_bytes)
 
 
 def _shuffled(
-    tables: Iterator[pa.Table],
+    tables: Iterator[tuple[pa.Table, float]],
     b: _Batcher,
     buffer_rows: int,
     rng: np.random.Generator,
@@ -172,16 +179,20 @@ def _shuffled(
     pieces: list[pa.Table] = []  # zero-copy parts of the buffer table
     live = np.empty(0, dtype=np.int64)  # positions (in concat(pieces)) not yet emitted
     total = 0  # rows in concat(pieces)
+    row_bytes = 0.0  # running average over the blocks seen
 
     def draw(buffer: pa.Table, count: int) -> Batch:
         nonlocal live
         pick = rng.choice(len(live), size=count, replace=False)
         rows = live[pick]
         live = np.delete(live, pick)
-        return b.make(buffer.take(pa.array(rows)))  # the batch's gather (one copy)
+        return b.make(buffer.take(pa.array(rows)), row_bytes)  # the batch's gather (one copy)
 
-    for table in tables:
+    for table, block_row_bytes in tables:
         t0 = time.perf_counter()
+        row_bytes = (row_bytes * total + block_row_bytes * table.num_rows) / (
+            total + table.num_rows
+        )
         pieces.append(table)
         live = np.concatenate([live, np.arange(total, total + table.num_rows)])
         total += table.num_rows

@@ -26,6 +26,8 @@ import torch
 
 __all__ = ["BufferPool"]
 
+_ITEMSIZE: dict[torch.dtype, int] = {}
+
 
 class _Lease:
     """The base object of a pooled array: returns ``raw`` to the pool when collected."""
@@ -71,7 +73,9 @@ class BufferPool:
         self.misses = 0
 
     def __call__(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = _ITEMSIZE.get(dtype)
+        if itemsize is None:
+            itemsize = _ITEMSIZE[dtype] = torch.empty((), dtype=dtype).element_size()
         nbytes = math.prod(shape) * itemsize
         if nbytes < self.min_bytes:
             return torch.empty(shape, dtype=dtype)

@@ -84,12 +84,17 @@ class EpochRun:
         skip_batches: int = 0,
         on_close: Callable[[], None] | None = None,
         record_ids: bool = False,
+        max_batches: int | None = None,
     ) -> None:
         self.config = config
         self.epoch = epoch
         self.stats = stats if stats is not None else StatsRecorder(epoch)
         self.stats.start(time.perf_counter())
         self._skip = skip_batches
+        # Equal steps across ranks (distributed.py): exactly this many batches per epoch,
+        # counting skipped ones; extra batches are dropped and counted, too few raise.
+        self._max_batches = max_batches
+        self._pulled = 0
         self._on_close = on_close
         self._closed = False
         self.batches_yielded = 0
@@ -148,16 +153,28 @@ class EpochRun:
         assert self._final is not None
         try:
             while True:
+                if self._max_batches is not None and self._pulled >= self._max_batches:
+                    self._drop_rest()
+                    raise StopIteration
                 t0 = time.perf_counter()
                 batch = next(self._final)
                 now = time.perf_counter()
                 self.stats.buffer(-1, -batch.nbytes)
+                self._pulled += 1
                 if self._skip > 0:  # best-effort resume without id_column: skip ahead
                     self._skip -= 1
                     continue
                 break
         except StopIteration:
+            short = self._max_batches is not None and self._pulled < self._max_batches
             self.close()
+            if short:
+                raise RuntimeError(
+                    f"this rank's data ended after {self._pulled} batches in epoch "
+                    f"{self.epoch}, but max_batches={self._max_batches} (every rank must run "
+                    "the same number of steps, or DDP hangs): the row count given or known "
+                    "for the dataset (num_rows) is larger than what this rank received"
+                ) from None
             raise
         except BaseException:
             self.close()
@@ -172,6 +189,20 @@ class EpochRun:
     @property
     def finished(self) -> bool:
         return self._closed
+
+    def _drop_rest(self) -> None:
+        """``max_batches`` reached: drain the rest of the epoch so its rows are counted
+        (and Ray's split sees this shard finish), then close."""
+        assert self._final is not None
+        rows = 0
+        for batch in self._final:
+            self.stats.buffer(-1, -batch.nbytes)
+            rows += batch.num_rows
+        if rows:
+            self.stats.add_dropped(
+                rows, f"max_batches={self._max_batches} (equal steps across ranks)"
+            )
+        self.close()
 
     def consumed_ids(self) -> np.ndarray:
         """IDs of every row yielded to the training step so far this epoch."""

@@ -28,7 +28,7 @@ from ray.data import DataIterator, Dataset
 
 from .types import SourceBlock
 
-__all__ = ["RaySource", "RayFetcher", "EpochBlocks", "is_ray_input"]
+__all__ = ["RaySource", "RayFetcher", "EpochBlocks", "is_ray_input", "split_for_ranks"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,15 @@ class RaySource:
                 ds.context.execution_options.preserve_order = True
             return EpochBlocks(ds.iterator())
         return EpochBlocks(self.data)
+
+
+def split_for_ranks(ds: Dataset, n: int, *, preserve_order: bool = False) -> list[DataIterator]:
+    """``ds.streaming_split(n, equal=True)``; with ``preserve_order`` on an ordered copy (the
+    caller's dataset is not mutated). Used by ``distributed.shard`` on rank 0."""
+    if preserve_order and not ds.context.execution_options.preserve_order:
+        ds = Dataset.copy(ds, _deep_copy=True)
+        ds.context.execution_options.preserve_order = True
+    return ds.streaming_split(n, equal=True)
 
 
 class RayFetcher:
