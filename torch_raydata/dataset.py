@@ -19,9 +19,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .collate import DefaultCollate
+from .distributed import RankSource
 from .pipeline.buffers import BufferPool
 from .pipeline.run import EpochRun, PipelineConfig
-from .pipeline.source import RayFetcher, RaySource
+from .pipeline.source import RayFetcher
 from .pipeline.stats import LoaderStats, StatsRecorder
 from .transports import Transport, resolve_transport
 
@@ -63,6 +64,14 @@ class RayIterableDataset(IterableDataset):
         device: None/"cpu", "cuda", "cuda:1" or a ``torch.device``.
         transport: "auto" | "local" | "cuda" | "nixl" | a ``trd.transports.Transport``.
         id_column: a unique int (or str) column; its values travel with each batch.
+        num_rows: rows per epoch when you know it and Ray does not without executing
+            (e.g. after a 1:1 ``map_batches``, or ``read_parquet``): gives ``len()``, and
+            the equal-steps cap across DDP ranks. None: ask the dataset.
+
+    Distributed: under torch.distributed (torchrun, Lightning DDP) a ``Dataset`` is split
+    across the ranks at the first epoch (``torch_raydata.distributed``; every rank must
+    iterate each epoch), and ``len()`` is per rank. Pass ``ds.iterator()`` to read the
+    whole dataset on one rank.
 
     Example:
         >>> ds = trd.RayIterableDataset(ray.data.range(1000), batch_size=100)
@@ -86,8 +95,10 @@ class RayIterableDataset(IterableDataset):
         device: str | torch.device | None = None,
         transport: str | Transport = "auto",
         id_column: str | None = None,
+        num_rows: int | None = None,
     ) -> None:
         super().__init__()
+        _check_int("num_rows", num_rows, 0, allow_none=True)
         _check_int("batch_size", batch_size, 1)
         _check_int("num_workers", num_workers, 1)
         _check_int("prefetch_batches", prefetch_batches, 1)
@@ -99,7 +110,9 @@ class RayIterableDataset(IterableDataset):
             )
         if id_column is not None and not isinstance(id_column, str):
             raise ValueError(f"id_column={id_column!r} must be a column name (str) or None")
-        self._source = RaySource(dataset, preserve_order=bool(preserve_order))
+        # Under torch.distributed a Dataset is split across the ranks at the first epoch
+        # (distributed.py); a DataIterator (e.g. a Ray Train shard) is used as is.
+        self._source = RankSource(dataset, preserve_order=bool(preserve_order), num_rows=num_rows)
         names = self._source.column_names()
         if id_column is not None and names is not None and id_column not in names:
             raise ValueError(
@@ -115,13 +128,15 @@ class RayIterableDataset(IterableDataset):
             shuffle_seed=shuffle_seed,
             id_column=id_column,
         )
-        # The default collate writes into recycled memory (see pipeline/buffers.py).
-        self.buffer_pool = BufferPool()
-        self.collate_fn = (
-            collate_fn if collate_fn is not None else DefaultCollate(allocator=self.buffer_pool)
-        )
         self.transport = resolve_transport(transport, device)
         self.device = self.transport.device
+        # The default collate writes into the transport's staging memory when it has some
+        # (pinned, for CUDA), else into recycled host memory (see pipeline/buffers.py).
+        self.buffer_pool = BufferPool()
+        allocator = self.transport.host_allocator or self.buffer_pool
+        self.collate_fn = (
+            collate_fn if collate_fn is not None else DefaultCollate(allocator=allocator)
+        )
         self._next_epoch = 0
         self._skip_batches = 0
         self._lock = threading.Lock()
@@ -144,7 +159,7 @@ class RayIterableDataset(IterableDataset):
             self._next_epoch += 1
             skip, self._skip_batches = self._skip_batches, 0
             stats = StatsRecorder(epoch)
-            blocks = self._source.open()
+            blocks = self._source.open(stats)
             run = EpochRun(
                 blocks,
                 RayFetcher(),
@@ -156,6 +171,7 @@ class RayIterableDataset(IterableDataset):
                 skip_batches=skip,
                 on_close=blocks.close,
                 record_ids=self.config.id_column is not None,
+                max_batches=self._source.max_batches(self.config.batch_size, self.config.drop_last),
             )
             self._run_ref = weakref.ref(run)
             self._last_stats = stats
@@ -166,7 +182,8 @@ class RayIterableDataset(IterableDataset):
         if rows is None:
             raise TypeError(
                 "len() is unknown: the dataset's row count is not known without executing it "
-                "(e.g. after a filter, or for a DataIterator shard); materialize() it to know"
+                "(e.g. after a filter, or for a DataIterator shard); materialize() it to know, "
+                "or pass num_rows= when you know it"
             )
         bs = self.config.batch_size
         return rows // bs if self.config.drop_last else math.ceil(rows / bs)

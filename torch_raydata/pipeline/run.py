@@ -90,6 +90,7 @@ class EpochRun:
         self.epoch = epoch
         self.stats = stats if stats is not None else StatsRecorder(epoch)
         self.stats.start(time.perf_counter())
+        self._transport = transport
         self._skip = skip_batches
         # Equal steps across ranks (distributed.py): exactly this many batches per epoch,
         # counting skipped ones; extra batches are dropped and counted, too few raise.
@@ -179,12 +180,13 @@ class EpochRun:
         except BaseException:
             self.close()
             raise
+        data = self._transport.on_consume(batch.data)  # on the training step's thread
         self.stats.delivered(batch.num_rows, now - t0, now)
         self.batches_yielded += 1
         self.rows_yielded += batch.num_rows
         if self._ids is not None and batch.ids is not None:
             self._ids.append(batch.ids)
-        return batch.data
+        return data
 
     @property
     def finished(self) -> bool:

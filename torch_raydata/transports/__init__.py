@@ -13,14 +13,22 @@ from typing import Any
 import torch
 
 from .base import FetchRequest, Transport
+from .cuda import CudaTransport
 from .local import LocalTransport
 
-__all__ = ["Transport", "FetchRequest", "LocalTransport", "TRANSPORTS", "resolve_transport"]
+__all__ = [
+    "Transport",
+    "FetchRequest",
+    "LocalTransport",
+    "CudaTransport",
+    "TRANSPORTS",
+    "resolve_transport",
+]
 
-TRANSPORTS: dict[str, Callable[..., Transport]] = {"local": LocalTransport}
+TRANSPORTS: dict[str, Callable[..., Transport]] = {"local": LocalTransport, "cuda": CudaTransport}
 
 # Transports whose implementation lands later; named here so the error says so plainly.
-_NOT_YET = {"cuda", "nixl"}
+_NOT_YET = {"nixl"}
 
 
 def resolve_device(device: Any) -> torch.device:
@@ -47,6 +55,11 @@ def resolve_device(device: Any) -> torch.device:
 def resolve_transport(spec: Any, device: Any) -> Transport:
     dev = resolve_device(device)
     if isinstance(spec, Transport):
+        if device is not None and spec.device != dev:
+            raise ValueError(
+                f"transport {spec!r} moves batches to {spec.device}, but {device=}; pass the "
+                "same device to both, or leave device=None"
+            )
         return spec
     if not isinstance(spec, str):
         raise ValueError(

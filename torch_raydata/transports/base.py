@@ -61,8 +61,17 @@ class Transport:
             )
         return request.results
 
+    #: Optional ``(shape, dtype) -> torch.Tensor`` the default collate writes into (e.g.
+    #: pinned staging memory), so the one host copy lands where the transfer reads it.
+    host_allocator: Any = None
+
+    def on_consume(self, data: Any) -> Any:
+        """Called on the *training step's* thread just before it receives ``data``.
+        Device transports make the consumer's current stream wait for the transfer here."""
+        return data
+
     def close(self) -> None:
-        """Free buffers and connections; called once when an epoch's iterator closes."""
+        """Free buffers and connections (called by ``RayIterableDataset.close()``)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self.device})"
