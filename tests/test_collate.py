@@ -245,6 +245,24 @@ def test_mixed_multi_chunk_sliced_table():
     assert out["s"] == ([f"s1_{k}" for k in range(9)] + [f"s2_{k}" for k in range(9)])[3:13]
 
 
+def test_plan_cache_follows_type_changes():
+    collate = DefaultCollate()
+    assert collate(pa.table({"x": np.arange(3, dtype=np.int32)}))["x"].dtype == torch.int32
+    assert collate(pa.table({"x": np.arange(3.0)}))["x"].dtype == torch.float64
+    img = collate(pa.table({"x": ray_tensor(np.ones((2, 4), np.uint8))}))["x"]
+    assert img.shape == (2, 4) and img.dtype == torch.uint8
+    with pytest.raises(ValueError, match="PadCollate"):
+        collate(pa.table({"x": pa.array([[1], [2, 3]])}))
+    with pytest.raises(ValueError, match="PadCollate"):  # errors are raised every time
+        collate(pa.table({"x": pa.array([[1], [2, 3]])}))
+
+
+def test_list_view_raises_with_cast_hint():
+    column = pa.array([[1, 2], [3]], pa.list_view(pa.int32()))
+    with pytest.raises(ValueError, match=r"column 'x'.*cast it to pyarrow.list_"):
+        DefaultCollate()(pa.table({"x": column}))
+
+
 # ---------------------------------------------------------------- DefaultCollate: memory
 
 
@@ -337,6 +355,35 @@ def test_dict_dtypes_and_bfloat16():
     assert out["b"].dtype == torch.float16 and out["b"].tolist() == [1.0, 1.0, 1.0]
     sliced = multi_chunk_sliced(pa.table({"f": np.arange(9, dtype=np.float32)}))
     assert DefaultCollate(torch.bfloat16)(sliced)["f"].tolist() == [3, 4, 5, 6, 7, 8, 0, 1, 2, 3]
+
+
+def immutable_copy(table: pa.Table) -> pa.Table:
+    """`table` read back from IPC bytes: read-only buffers, like the object store's."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    frozen = pa.py_buffer(sink.getvalue().to_pybytes())
+    out = pa.ipc.open_stream(frozen).read_all()
+    assert not out.column(0).chunk(0).buffers()[1].is_mutable
+    return out
+
+
+def test_read_only_buffers_bfloat16_without_warnings(recwarn):
+    table = immutable_copy(
+        pa.table(
+            {
+                "f": np.array([0.5, 1.5, 2.5], np.float32),
+                "l": pa.array([[1.0], [2.0, 3.0], []], pa.list_(pa.float32())),
+            }
+        )
+    )
+    out = DefaultCollate(torch.bfloat16)(table.select(["f"]))
+    assert out["f"].dtype == torch.bfloat16 and out["f"].tolist() == [0.5, 1.5, 2.5]
+    out = PadCollate(["l"], dtypes=torch.bfloat16)(table)
+    assert out["l"].tolist() == [[1.0, 0.0], [2.0, 3.0], [0.0, 0.0]]
+    empty = PadCollate(["l"], dtypes=torch.bfloat16)(table.slice(2, 1))
+    assert empty["l"].shape == (1, 0)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
 
 
 def test_dtypes_unknown_column_raises_at_call():
@@ -561,6 +608,33 @@ def test_pad_fixed_size_items_fixed_size_list_and_ray_variable():
     out = PadCollate(["fsl"], max_length=1, pad_to_multiple_of=4)(table.select(["fsl"]).slice(1))
     assert out["fsl"].tolist() == [[3, 0, 0, 0]]
     assert out["fsl_mask"].tolist() == [[True, False, False, False]]
+
+
+def test_pad_ray_variable_tensor_multi_chunk_sliced():
+    rnd = random.Random(3)
+    rows = [np.arange(rnd.randrange(1, 6), dtype=np.float32) + 10 * k for k in range(18)]
+    t1 = pa.table({"rt": ragged_tensor(rows[:9])})
+    t2 = pa.table({"rt": ragged_tensor(rows[9:])})
+    out = PadCollate(["rt"], pad_value=-1.0)(multi_chunk_sliced(t1, t2))
+    expected_rows = [r.tolist() for r in rows[3:13]]
+    values, mask = reference_pad(expected_rows, max(map(len, expected_rows)), -1.0)
+    assert out["rt"].dtype == torch.float32
+    assert out["rt"].tolist() == values and out["rt_mask"].tolist() == mask
+
+
+def test_pad_bool_and_timestamp_items():
+    table = pa.table(
+        {
+            "flags": pa.array([[True, False, True], [False]]),
+            "times": pa.array([[1, 2], [3]], pa.list_(pa.timestamp("ms"))),
+        }
+    )
+    out = PadCollate(["flags", "times"])(table.slice(1, 0))
+    assert out["flags"].shape == (0, 0) and out["times"].dtype == torch.int64
+    out = PadCollate(["flags", "times"])(pa.concat_tables([table, table]).slice(1, 2))
+    assert out["flags"].dtype == torch.bool
+    assert out["flags"].tolist() == [[False, False, False], [True, False, True]]
+    assert out["times"].dtype == torch.int64 and out["times"].tolist() == [[3, 0], [1, 2]]
 
 
 def test_pad_all_rows_empty():

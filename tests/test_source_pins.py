@@ -62,3 +62,21 @@ def test_wait_rejects_duplicate_refs_so_prefetch_dedupes():
     ref = ray.put(1)
     with pytest.raises(Exception):  # noqa: B017 - Ray's error type differs across versions
         ray.wait([ref, ref], num_returns=2, timeout=0)
+
+
+def test_early_stop_leaves_the_callers_row_count_alone():
+    """Ray caches the rows seen on any StopIteration, including an early-stopped epoch's;
+    we iterate an epoch-private copy, so the caller's count survives many early stops."""
+    import ray
+
+    import torch_raydata as trd
+
+    ds = ray.data.range(1000, override_num_blocks=5)
+    loader = trd.RayIterableDataset(ds, batch_size=32, shuffle_buffer_size=200, id_column="id")
+    for _ in range(5):
+        it = iter(loader)
+        for _ in range(10):
+            next(it)
+        it.close()
+        assert ds._meta_count() == 1000
+        assert len(loader) == 32

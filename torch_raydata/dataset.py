@@ -30,7 +30,7 @@ __all__ = ["RayIterableDataset"]
 
 logger = logging.getLogger(__name__)
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
@@ -139,6 +139,15 @@ class RayIterableDataset(IterableDataset):
         )
         self._next_epoch = 0
         self._skip_batches = 0
+        # Resume (resume.py): the epoch a loaded state is for, its consumed-ID set, and
+        # where to spill a set too large for a checkpoint (set to a checkpoint directory).
+        self._resume_epoch: int | None = None
+        self._resume: Any = None
+        self._resume_rows = 0
+        self.spill_dir: str | None = None
+        # Batches the consumer has received but not yet trained on when it saves state
+        # (Lightning's training loop fetches one batch ahead: RayDataModule sets 1).
+        self.consumer_lag = 0
         self._lock = threading.Lock()
         self._run_ref: weakref.ref[EpochRun] | None = None
         self._last_stats: StatsRecorder | None = None
@@ -159,7 +168,13 @@ class RayIterableDataset(IterableDataset):
             self._next_epoch += 1
             skip, self._skip_batches = self._skip_batches, 0
             stats = StatsRecorder(epoch)
-            blocks = self._source.open(stats)
+            if self._resume_epoch is not None and epoch != self._resume_epoch:
+                self._resume_epoch, self._resume, self._resume_rows = None, None, 0
+            transform, drop_keys, total_rows = self._resume_plan(epoch)
+            if transform is not None:
+                blocks = self._source.open(stats, transform=transform, total_rows=total_rows)
+            else:
+                blocks = self._source.open(stats)
             run = EpochRun(
                 blocks,
                 RayFetcher(),
@@ -171,11 +186,39 @@ class RayIterableDataset(IterableDataset):
                 skip_batches=skip,
                 on_close=blocks.close,
                 record_ids=self.config.id_column is not None,
-                max_batches=self._source.max_batches(self.config.batch_size, self.config.drop_last),
+                max_batches=self._source.max_batches(
+                    self.config.batch_size, self.config.drop_last, total_rows
+                ),
+                drop_keys=drop_keys,
             )
             self._run_ref = weakref.ref(run)
             self._last_stats = stats
             return run
+
+    def _resume_plan(self, epoch: int) -> tuple[Any, Any, int | None]:
+        """For a resumed epoch: the filter appended to the dataset (run on the cluster; the
+        ID set goes into the object store once), or, for a DataIterator input that cannot
+        take stages, the keys to drop locally; and the epoch's remaining row count."""
+        if self._resume is None or epoch != self._resume_epoch:
+            return None, None, None
+        import ray
+
+        from .resume import ConsumedFilter
+
+        keys = self._resume.sorted_keys()
+        n = self._source.num_rows()
+        total_rows = n - len(keys) if n is not None else None
+        if self._source.is_shard:
+            return None, keys, total_rows
+        keys_ref = ray.put(keys)
+        udf = ConsumedFilter(keys_ref, self.config.id_column)
+
+        def transform(ds: Any) -> Any:
+            return ds.map_batches(
+                udf, batch_format="pyarrow", batch_size=None, zero_copy_batch=True
+            )
+
+        return transform, None, total_rows
 
     def __len__(self) -> int:
         rows = self.num_rows()
@@ -201,43 +244,117 @@ class RayIterableDataset(IterableDataset):
     def _current_run(self) -> EpochRun | None:
         return self._run_ref() if self._run_ref is not None else None
 
-    def state_dict(self) -> dict[str, Any]:
-        """Where the training step is: epoch and batches/rows yielded so far in it.
-
-        Without ``id_column`` resume is a best-effort skip-ahead (not exact under shuffle
-        or a changed block order); exact resume by row ID is built on ``id_column``.
-        """
-        run = self._current_run()
-        if run is not None and not run.finished:
-            epoch, batches, rows = run.epoch, run.batches_yielded, run.rows_yielded
-        else:  # between epochs: resume at the start of the next one
-            epoch, batches, rows = self._next_epoch, 0, 0
+    def _fingerprint(self) -> dict[str, Any]:
+        c = self.config
         return {
+            "batch_size": c.batch_size,
+            "shuffle_seed": c.shuffle_seed,
+            "id_column": c.id_column,
+            "columns": self._source.column_names(),
+            "num_rows": self._source.num_rows(),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training step is in the epoch, small enough for a checkpoint.
+
+        With ``id_column``: the IDs of every row *yielded to the training step* this epoch
+        (not prefetched or collated-and-waiting ones), as a compact set (``exact=True``);
+        :meth:`load_state_dict` then runs the rest of the epoch over exactly the rows not in
+        it. Rows yielded after the checkpoint are yielded again after a restore (the model
+        rolls back too). Without ``id_column``: epoch and batches consumed, and resume is a
+        best-effort skip-ahead (``exact=False``; not exact under shuffle or a changed block
+        order).
+        """
+        from .distributed import world
+
+        run = self._current_run()
+        resumed = self._resume if self._resume_epoch is not None else None
+        if run is not None and not run.exhausted:
+            epoch = run.epoch
+            batches = run.batches_skipped + max(0, run.batches_yielded - self.consumer_lag)
+            rows = run.rows_yielded + (self._resume_rows if epoch == self._resume_epoch else 0)
+            consumed = run.consumed_set(self.consumer_lag) if self.config.id_column else None
+            if consumed is not None and resumed is not None and epoch == self._resume_epoch:
+                consumed = consumed.union(resumed)
+        elif self._resume_epoch is not None and self._resume_epoch == self._next_epoch:
+            # Loaded and not started yet: the loaded state still stands.
+            epoch, batches, rows, consumed = (
+                self._resume_epoch,
+                self._skip_batches,
+                self._resume_rows,
+                resumed,
+            )
+        else:  # between epochs: resume at the start of the next one
+            epoch, batches, rows, consumed = self._next_epoch, 0, 0, None
+        state: dict[str, Any] = {
             "version": _STATE_VERSION,
             "epoch": epoch,
             "batches_consumed": batches,
             "rows_consumed": rows,
             "batch_size": self.config.batch_size,
-            "exact": False,
+            "exact": self.config.id_column is not None,
+            "world_size": world()[1],
+            "fingerprint": self._fingerprint(),
         }
+        if self.config.id_column is not None:
+            from .resume import ConsumedSet
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`: the next iteration runs ``state["epoch"]``,
-        skipping the batches already consumed in it."""
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            consumed = consumed if consumed is not None else ConsumedSet()
+            state["consumed"] = consumed.encode(spill_dir=self.spill_dir)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
+        """Resume from :meth:`state_dict` (possibly merged over ranks): the next iteration
+        runs ``state["epoch"]`` over the rows not consumed in it, then epochs run in full.
+
+        A state from another configuration (``id_column``, columns, row count, or — for the
+        skip-ahead mode — batch size and seed) raises ``ValueError`` rather than silently
+        starting afresh; ``strict=False`` accepts a differing batch size or seed.
+        """
+        from .resume import ConsumedSet
+
+        if not isinstance(state, dict) or state.get("version") not in (1, _STATE_VERSION):
             raise ValueError(
-                f"not a RayIterableDataset state (version {_STATE_VERSION} expected): {state!r:.200}"
+                f"not a RayIterableDataset state (version {_STATE_VERSION} expected): "
+                f"{state!r:.200}"
             )
         missing = {"epoch", "batches_consumed", "batch_size"} - state.keys()
         if missing:
             raise ValueError(f"loader state is missing {sorted(missing)}: {state!r:.200}")
-        if state["batch_size"] != self.config.batch_size:
+        exact = bool(state.get("exact"))
+        mine = self._fingerprint()
+        theirs = state.get("fingerprint") or {"batch_size": state["batch_size"]}
+        keys = ["id_column", "columns", "num_rows"]
+        if not exact or strict:
+            keys += ["batch_size"] + ([] if exact else ["shuffle_seed"])
+        for key in keys:
+            a, b = theirs.get(key, mine[key]), mine[key]
+            if a is not None and b is not None and a != b:
+                raise ValueError(
+                    f"loader state was saved with {key}={a!r}, this loader has {key}={b!r}: it "
+                    "is the state of another dataset or configuration"
+                    + (" (pass strict=False to accept it)" if key == "batch_size" else "")
+                )
+        if exact and self.config.id_column is None:
             raise ValueError(
-                f"loader state was saved with batch_size={state['batch_size']}, this loader has "
-                f"batch_size={self.config.batch_size}; skip-ahead resume needs the same batch size"
+                "loader state is exact (saved with id_column="
+                f"{theirs.get('id_column')!r}); create this loader with the same id_column"
             )
-        self.set_epoch(int(state["epoch"]))
-        self._skip_batches = int(state["batches_consumed"])
+        if not exact and self.config.id_column is not None:
+            raise ValueError(
+                "loader state has no consumed-ID set (saved without id_column); it cannot "
+                f"resume a loader with id_column={self.config.id_column!r} exactly"
+            )
+        epoch = int(state["epoch"])
+        self.set_epoch(epoch)
+        self._resume_epoch = epoch
+        self._resume_rows = int(state.get("rows_consumed", 0))
+        if exact:
+            self._resume = ConsumedSet.decode(state.get("consumed"))
+            self._skip_batches = 0
+        else:
+            self._resume = None
+            self._skip_batches = int(state["batches_consumed"])
 
     def stats(self) -> LoaderStats:
         """Stats of the running epoch, or of the last one if none is running."""

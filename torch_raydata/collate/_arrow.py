@@ -9,7 +9,6 @@ Nothing here loops over rows in Python.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ __all__ = [
     "Allocator",
     "Plan",
     "allocate",
+    "as_torch",
     "chunk_leaf",
     "collate_tensor",
     "copy_into",
@@ -85,7 +85,8 @@ _VARIABLE_LISTS = ("is_list", "is_large_list", "is_list_view", "is_large_list_vi
 
 
 def _is(predicates: tuple[str, ...], t: pa.DataType) -> bool:
-    return any(getattr(pa.types, p)(t) for p in predicates)
+    # Older pyarrow lacks the *_view predicates (and so cannot produce those types).
+    return any(getattr(pa.types, p, lambda _: False)(t) for p in predicates)
 
 
 def is_variable_list(t: pa.DataType) -> bool:
@@ -103,7 +104,7 @@ def ragged_error(name: str, typ: pa.DataType) -> ValueError:
             f"holds variable-shaped {typ.ndim}-D tensors, which cannot be stacked: resize or "
             "pad them to one shape in a map_batches step (PadCollate pads 1-D sequences only)"
         )
-    elif pa.types.is_list_view(typ) or pa.types.is_large_list_view(typ):
+    elif _is(("is_list_view", "is_large_list_view"), typ):
         fix = f"is variable-length: cast it to pyarrow.list_(...) and use {pad}"
     elif is_variable_list(typ) or _ext_name(typ) == RAY_VARIABLE_TENSOR:
         fix = f"is variable-length: use {pad}"
@@ -211,12 +212,15 @@ def chunk_leaf(name: str, arr: pa.Array, plan: Plan) -> tuple[pa.Array | None, i
             if nulls or not len(arr):
                 return (None if nulls else arr.values.slice(0, 0)), nulls
             offsets = arr.offsets.to_numpy()
-            if (np.diff(offsets) != size).any():
+            first, last = int(offsets[0]), int(offsets[-1])
+            # The type promises `size` values per row; checking the span (not every
+            # row) keeps this O(1) and still catches storage that breaks the promise.
+            if last - first != len(arr) * size:
                 raise ValueError(
-                    f"column {name!r}: Ray tensor rows of type {arr.type} do not all hold "
-                    f"{size} values; the column is malformed"
+                    f"column {name!r}: Ray tensor storage {arr.type} spans {last - first} "
+                    f"values for {len(arr)} rows of {size}; the column is malformed"
                 )
-            arr = arr.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+            arr = arr.values.slice(first, last - first)
     nulls += arr.null_count + (arr.dictionary.null_count if plan.dictionary else 0)
     return arr, nulls
 
@@ -265,13 +269,21 @@ def allocate(allocator: Allocator | None, shape: tuple, dtype: torch.dtype) -> t
     return out
 
 
+def as_torch(view: np.ndarray) -> torch.Tensor:
+    """A torch view of a numpy view of Arrow memory, for reading only.
+
+    DLPack rather than `torch.from_numpy`: Arrow buffers from the object store are
+    read-only, which `from_numpy` warns about (and silencing warnings is not
+    thread-safe); DLPack carries the read-only flag without a warning.
+    """
+    return torch.from_dlpack(view)
+
+
 def copy_into(out: torch.Tensor, start: int, src: np.ndarray) -> None:
     """Copy `src` into rows [start, start+len(src)) of `out`, casting in the same pass."""
     stop = start + len(src)
     if out.dtype == torch.bfloat16:  # numpy has no bfloat16: let torch cast-copy
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only Arrow view
-            out[start:stop].copy_(torch.from_numpy(src))
+        out[start:stop].copy_(as_torch(src))
     else:
         np.copyto(out.numpy()[start:stop], src, casting="unsafe")
 

@@ -94,7 +94,7 @@ class DefaultCollate:
         self.allocator = allocator
         # Planning a column inspects its Arrow type in Python; batches of one dataset
         # share a schema, so plan once per (column, type) and reuse.
-        self._plans: dict[tuple[str, str, pa.DataType], Plan] = {}
+        self._plans: dict[tuple, Plan] = {}
 
     def __repr__(self) -> str:
         return f"DefaultCollate(dtypes={self.dtypes!r}, allocator={self.allocator!r})"
@@ -103,7 +103,7 @@ class DefaultCollate:
         table = self.check_table(table)
         return {
             name: self.collate_column(name, column)
-            for name, column in zip(table.column_names, table.columns, strict=True)
+            for name, column in zip(table.schema.names, table.columns, strict=True)
         }
 
     def check_table(self, table: pa.Table | pa.RecordBatch) -> pa.Table:
@@ -115,7 +115,7 @@ class DefaultCollate:
                 f"expected a pyarrow.Table, got {type(table).__name__}: use "
                 "batch_format='pyarrow' when iterating the Ray Dataset"
             )
-        names = table.column_names
+        names = table.schema.names
         if len(set(names)) != len(names):
             dupes = sorted({n for n in names if names.count(n) > 1})
             raise ValueError(f"table has duplicate column names {dupes}: rename them first")
@@ -129,7 +129,7 @@ class DefaultCollate:
 
     def collate_column(self, name: str, column: pa.ChunkedArray) -> torch.Tensor | list:
         """Collate one column (a tensor, or a list for string/binary columns)."""
-        plan = self.plan(name, column.type, plan_column)
+        plan = self.cached_plan(name, column.type, plan_column)
         if plan.kind == "pylist":
             if isinstance(self.dtypes, dict) and name in self.dtypes:
                 raise ValueError(
@@ -139,11 +139,14 @@ class DefaultCollate:
             return column.to_pylist()
         return collate_tensor(name, column, plan, self.target_dtype(name, plan), self.allocator)
 
-    def plan(
+    def cached_plan(
         self, name: str, typ: pa.DataType, planner: Callable[[str, pa.DataType], Plan]
     ) -> Plan:
-        """`planner(name, typ)`, cached (errors are not cached: they are raised again)."""
-        key = (planner.__name__, name, typ)
+        """`planner(name, typ)`, cached; PadCollate shares it for its list columns.
+
+        Errors are not cached: a bad column raises again on every call.
+        """
+        key = (planner, name, typ)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) > 1024:  # a schema that keeps changing: stay bounded

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -21,6 +20,7 @@ from torch_raydata.collate._arrow import (
     Allocator,
     Plan,
     allocate,
+    as_torch,
     chunk_leaf,
     is_variable_list,
     leaf_to_numpy,
@@ -86,7 +86,7 @@ class PadCollate:
 
     def __call__(self, table: pa.Table) -> dict[str, torch.Tensor | list]:
         table = self._default.check_table(table)
-        names = table.column_names
+        names = table.schema.names
         missing = [c for c in self.columns if c not in names]
         if missing:
             raise ValueError(
@@ -107,7 +107,7 @@ class PadCollate:
         return out
 
     def _pad(self, name: str, column: pa.ChunkedArray) -> tuple[torch.Tensor, torch.Tensor]:
-        item = self._default.plan(name, column.type, _item_plan)
+        item = self._default.cached_plan(name, column.type, _item_plan)
         parts, nulls = [], 0
         for chunk in column.chunks:
             if len(chunk):
@@ -203,10 +203,7 @@ def _list_parts(chunk: pa.Array) -> tuple[np.ndarray, pa.Array, int]:
 def _scatter(out: torch.Tensor, start: int, stop: int, row_mask: np.ndarray, items) -> None:
     """Write `items` into the True slots of `row_mask` in rows [start, stop) of `out`."""
     if out.dtype == torch.bfloat16:  # numpy has no bfloat16: let torch cast
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only Arrow view
-            src = torch.from_numpy(np.ascontiguousarray(items)).to(out.dtype)
-        out[start:stop][torch.from_numpy(row_mask)] = src
+        out[start:stop][torch.from_numpy(row_mask)] = as_torch(items).to(out.dtype)
     else:
         out.numpy()[start:stop][row_mask] = items
 

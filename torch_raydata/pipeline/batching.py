@@ -47,13 +47,16 @@ def to_arrow(block: Any) -> pa.Table:
 
 
 def _ids_of(table: pa.Table, id_column: str) -> np.ndarray:
+    """The batch's row IDs as uint64 set keys (see resume.py)."""
+    from ..resume import ids_as_uint64
+
     col = table.column(id_column)
     if col.null_count:
         raise ValueError(
             f"id_column {id_column!r} has {col.null_count} null values; every row needs a "
             "unique id (fill or drop nulls in a map_batches step)"
         )
-    return col.to_numpy()
+    return ids_as_uint64(col)
 
 
 class _Batcher:
@@ -104,17 +107,19 @@ def blocks_to_batches(
     id_column: str | None = None,
     stats: StatsRecorder | None = None,
     start_idx: int = 0,
+    drop_keys: np.ndarray | None = None,
 ) -> Iterator[Batch]:
     """Cut ``(SourceBlock, block)`` pairs into batches of ``batch_size`` rows.
 
     Every row of the input appears in exactly one batch, except the final partial batch
-    when ``drop_last`` (its rows are counted in ``stats.rows_dropped``).
+    when ``drop_last`` (its rows are counted in ``stats.rows_dropped``) and rows whose ID
+    key is in the sorted ``drop_keys`` (resume, when the filter cannot run on the cluster).
     """
     if batch_size < 1:
         raise ValueError(f"{batch_size=} must be >= 1")
     stats = stats if stats is not None else StatsRecorder()
     b = _Batcher(batch_size, drop_last, id_column, stats, start_idx)
-    tables = _tables(blocks, b, stats)
+    tables = _tables(blocks, b, stats, drop_keys)
     if shuffle_buffer_size:
         rng = np.random.default_rng(None if shuffle_seed is None else [shuffle_seed, epoch])
         yield from _shuffled(tables, b, shuffle_buffer_size, rng, stats)
@@ -123,7 +128,10 @@ def blocks_to_batches(
 
 
 def _tables(
-    blocks: Iterable[tuple[SourceBlock, Any]], b: _Batcher, stats: StatsRecorder
+    blocks: Iterable[tuple[SourceBlock, Any]],
+    b: _Batcher,
+    stats: StatsRecorder,
+    drop_keys: np.ndarray | None = None,
 ) -> Iterator[tuple[pa.Table, float]]:
     """Non-empty tables of the stream with their average bytes per row."""
     for sb, block in blocks:
@@ -132,6 +140,11 @@ def _tables(
         if sb.rows is not None:
             start, stop = sb.rows
             table = table.slice(start, stop - start)
+        if drop_keys is not None and b.id_column is not None and table.num_rows:
+            from ..resume import drop_consumed
+
+            b.check(table)
+            table = drop_consumed(table, drop_keys, b.id_column)
         if table.num_rows:
             b.check(table)
             yield table, row_bytes

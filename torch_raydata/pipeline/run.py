@@ -85,6 +85,7 @@ class EpochRun:
         on_close: Callable[[], None] | None = None,
         record_ids: bool = False,
         max_batches: int | None = None,
+        drop_keys: np.ndarray | None = None,
     ) -> None:
         self.config = config
         self.epoch = epoch
@@ -92,12 +93,14 @@ class EpochRun:
         self.stats.start(time.perf_counter())
         self._transport = transport
         self._skip = skip_batches
+        self.batches_skipped = skip_batches  # best-effort resume: counted as consumed
         # Equal steps across ranks (distributed.py): exactly this many batches per epoch,
         # counting skipped ones; extra batches are dropped and counted, too few raise.
         self._max_batches = max_batches
         self._pulled = 0
         self._on_close = on_close
         self._closed = False
+        self.exhausted = False  # the epoch ran to its end (not broken out of)
         self.batches_yielded = 0
         self.rows_yielded = 0
         self._ids: list[np.ndarray] | None = [] if record_ids else None
@@ -120,6 +123,7 @@ class EpochRun:
                 epoch=epoch,
                 id_column=config.id_column,
                 stats=self.stats,
+                drop_keys=drop_keys,
             )
             # Step 4: collate on N threads, bounded.
             # Threads must not reference `self` (or dropping the iterator could never stop
@@ -168,6 +172,7 @@ class EpochRun:
                 break
         except StopIteration:
             short = self._max_batches is not None and self._pulled < self._max_batches
+            self.exhausted = not short
             self.close()
             if short:
                 raise RuntimeError(
@@ -190,7 +195,18 @@ class EpochRun:
 
     @property
     def finished(self) -> bool:
+        """Closed (exhausted, broken out of, or failed)."""
         return self._closed
+
+    def consumed_set(self, lag: int = 0):  # type: ignore[no-untyped-def]
+        """A resume.ConsumedSet of the IDs yielded, minus the last ``lag`` batches."""
+        from ..resume import ConsumedSet
+
+        out = ConsumedSet()
+        ids = self._ids or []
+        for keys in ids[: len(ids) - lag] if lag else ids:
+            out.add(keys)
+        return out
 
     def _drop_rest(self) -> None:
         """``max_batches`` reached: drain the rest of the epoch so its rows are counted

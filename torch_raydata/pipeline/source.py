@@ -11,8 +11,9 @@ THE one module that touches Ray internals. What it relies on (pinned by
 * ``RefBundle.blocks`` entries with ``.ref`` and ``.metadata.{num_rows,size_bytes}``,
   and ``RefBundle.slices`` (``None`` or ``.start_offset``/``.end_offset`` per block).
 * ``Dataset._meta_count()``: the row count when known without executing anything.
-* ``Dataset.copy(ds, _deep_copy=True)`` to give an epoch its own DataContext when
-  ``preserve_order=True`` (so the caller's dataset is never mutated).
+* ``Dataset.copy(ds, _deep_copy=True)`` to give every epoch its own execution cache and
+  DataContext (``preserve_order=True`` is set on the copy, never on the caller's dataset;
+  and see ``RaySource.open`` for the row-count cache an early stop would otherwise corrupt).
 
 A plain ``Dataset`` goes through ``ds.iterator()``, so both inputs share one code path.
 """
@@ -20,7 +21,7 @@ A plain ``Dataset`` goes through ``ds.iterator()``, so both inputs share one cod
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
@@ -111,14 +112,22 @@ class RaySource:
             return None
         return list(schema.names) if schema is not None else None
 
-    def open(self) -> EpochBlocks:
-        """Start one epoch of the stream."""
+    def open(self, transform: Callable[[Dataset], Dataset] | None = None) -> EpochBlocks:
+        """Start one epoch of the stream; ``transform`` (a Dataset input only) appends stages
+        for this epoch, e.g. the resume filter."""
         if isinstance(self.data, Dataset):
-            ds = self.data
-            if self.preserve_order and not ds.context.execution_options.preserve_order:
-                ds = Dataset.copy(ds, _deep_copy=True)
+            ds = self.data if transform is None else transform(self.data)
+            # Always an epoch-private copy (own execution cache and context). Ray's
+            # _CacheMetadataIterator writes the rows seen so far into the dataset's cache on
+            # ANY StopIteration, including the one a shut-down executor raises when an epoch
+            # stops early: iterating the caller's dataset would leave its count() (and our
+            # len(), and the equal-steps cap across ranks) at a partial row count.
+            ds = Dataset.copy(ds, _deep_copy=True)
+            if self.preserve_order:
                 ds.context.execution_options.preserve_order = True
             return EpochBlocks(ds.iterator())
+        if transform is not None:
+            raise ValueError("a DataIterator input cannot take extra stages; filter locally")
         return EpochBlocks(self.data)
 
 
