@@ -21,7 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .collate import DefaultCollate
 from .distributed import RankSource
 from .pipeline.buffers import BufferPool
-from .pipeline.run import EpochRun, PipelineConfig
+from .pipeline.run import EpochProgress, EpochRun, PipelineConfig
 from .pipeline.source import RayFetcher
 from .pipeline.stats import LoaderStats, StatsRecorder
 from .transports import Transport, resolve_transport
@@ -150,6 +150,7 @@ class RayIterableDataset(IterableDataset):
         self.consumer_lag = 0
         self._lock = threading.Lock()
         self._run_ref: weakref.ref[EpochRun] | None = None
+        self._progress: EpochProgress | None = None  # of the running or last epoch
         self._last_stats: StatsRecorder | None = None
 
     # -- torch protocol ---------------------------------------------------------------------
@@ -175,7 +176,10 @@ class RayIterableDataset(IterableDataset):
                 blocks = self._source.open(stats, transform=transform, total_rows=total_rows)
             else:
                 blocks = self._source.open(stats)
-            run = EpochRun(
+            run_class = EpochRun
+            if getattr(self.transport, "remote_collate", False):  # NixlTransport
+                from .pipeline.remote import RemoteEpochRun as run_class
+            run = run_class(
                 blocks,
                 RayFetcher(),
                 self.collate_fn,
@@ -192,6 +196,8 @@ class RayIterableDataset(IterableDataset):
                 drop_keys=drop_keys,
             )
             self._run_ref = weakref.ref(run)
+            # Kept strongly: a run dropped after `break` is collected, its progress is not.
+            self._progress = getattr(run, "progress", None)
             self._last_stats = stats
             return run
 
@@ -267,7 +273,7 @@ class RayIterableDataset(IterableDataset):
         """
         from .distributed import world
 
-        run = self._current_run()
+        run = self._progress
         resumed = self._resume if self._resume_epoch is not None else None
         if run is not None and not run.exhausted:
             epoch = run.epoch
@@ -374,6 +380,7 @@ class RayIterableDataset(IterableDataset):
         state = self.__dict__.copy()
         state["_lock"] = None
         state["_run_ref"] = None
+        state["_progress"] = None
         state["_last_stats"] = None
         return state
 

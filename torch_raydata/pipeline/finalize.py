@@ -63,6 +63,8 @@ class Finalizer:
     # -- inline path (no thread) -----------------------------------------------------------
     def _inline_next(self) -> Batch:
         batch = next(self._input)
+        if isinstance(batch.data, ExceptionWrapper):  # failed upstream, kept in order
+            batch.data.reraise()
         t0 = time.perf_counter()
         try:
             req = self._transport.fetch_multiple([batch.data])
@@ -95,6 +97,14 @@ class Finalizer:
                             exhausted = True
                             self._slots.release()
                             continue
+                        if isinstance(batch.data, ExceptionWrapper):
+                            # Failed upstream: hand on what is posted, then the error.
+                            while posted:
+                                done, req = posted.popleft()
+                                (data,) = self._transport.wait_fetch_complete(req)
+                                self._out.put(replace(done, data=data))
+                            self._out.put(batch.data)
+                            return
                         t0 = time.perf_counter()
                         try:
                             req = self._transport.fetch_multiple([batch.data])

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..transports.base import Transport
 from .batching import blocks_to_batches
+from .errors import ExceptionWrapper
 from .finalize import Finalizer
 from .prefetch import Fetcher, Prefetcher
 from .reorder import restore_order
@@ -32,7 +33,7 @@ from .stats import StatsRecorder
 from .threaded import iter_threaded
 from .types import Batch, SourceBlock
 
-__all__ = ["PipelineConfig", "EpochRun"]
+__all__ = ["PipelineConfig", "EpochRun", "EpochProgress"]
 
 
 class _Collate:
@@ -42,13 +43,41 @@ class _Collate:
         self.fn = fn
 
     def __call__(self, batch: Batch) -> Batch:
-        data = self.fn(batch.data)
-        if data is None:
-            raise TypeError(
-                f"collate_fn {self.fn!r} returned None for batch {batch.idx}; "
-                "it must return the collated batch"
-            )
+        # A failure travels as a value in its batch's place, so stage 5 keeps it in order:
+        # with preserve_order every batch before it is delivered, then it raises (stage 6).
+        try:
+            data = self.fn(batch.data)
+            if data is None:
+                raise TypeError(
+                    f"collate_fn {self.fn!r} returned None for batch {batch.idx}; "
+                    "it must return the collated batch"
+                )
+        except BaseException as e:  # noqa: BLE001 - re-raised on the consumer
+            data = ExceptionWrapper.capture(e, f"stage 4 (collate), batch {batch.idx}")
         return replace(batch, data=data)
+
+
+class EpochProgress:
+    """What the training step has received this epoch. Owned by the dataset, so it
+    outlives an EpochRun dropped after a ``break`` (state_dict still needs it)."""
+
+    def __init__(self, epoch: int, batches_skipped: int = 0, record_ids: bool = False) -> None:
+        self.epoch = epoch
+        self.batches_skipped = batches_skipped  # best-effort resume: counted as consumed
+        self.batches_yielded = 0
+        self.rows_yielded = 0
+        self.exhausted = False  # the epoch ran to its end (not broken out of)
+        self.ids: list[np.ndarray] | None = [] if record_ids else None
+
+    def consumed_set(self, lag: int = 0):  # type: ignore[no-untyped-def]
+        """A resume.ConsumedSet of the IDs yielded, minus the last ``lag`` batches."""
+        from ..resume import ConsumedSet
+
+        out = ConsumedSet()
+        ids = self.ids or []
+        for keys in ids[: len(ids) - lag] if lag else ids:
+            out.add(keys)
+        return out
 
 
 @dataclass(frozen=True)
@@ -86,6 +115,7 @@ class EpochRun:
         record_ids: bool = False,
         max_batches: int | None = None,
         drop_keys: np.ndarray | None = None,
+        progress: EpochProgress | None = None,
     ) -> None:
         self.config = config
         self.epoch = epoch
@@ -93,17 +123,15 @@ class EpochRun:
         self.stats.start(time.perf_counter())
         self._transport = transport
         self._skip = skip_batches
-        self.batches_skipped = skip_batches  # best-effort resume: counted as consumed
+        self.progress = (
+            progress if progress is not None else EpochProgress(epoch, skip_batches, record_ids)
+        )
         # Equal steps across ranks (distributed.py): exactly this many batches per epoch,
         # counting skipped ones; extra batches are dropped and counted, too few raise.
         self._max_batches = max_batches
         self._pulled = 0
         self._on_close = on_close
         self._closed = False
-        self.exhausted = False  # the epoch ran to its end (not broken out of)
-        self.batches_yielded = 0
-        self.rows_yielded = 0
-        self._ids: list[np.ndarray] | None = [] if record_ids else None
         self._prefetcher = self._pool = self._final = None
         try:
             # Step 2: prefetch blocks on a background thread.
@@ -172,7 +200,7 @@ class EpochRun:
                 break
         except StopIteration:
             short = self._max_batches is not None and self._pulled < self._max_batches
-            self.exhausted = not short
+            self.progress.exhausted = not short
             self.close()
             if short:
                 raise RuntimeError(
@@ -187,10 +215,11 @@ class EpochRun:
             raise
         data = self._transport.on_consume(batch.data)  # on the training step's thread
         self.stats.delivered(batch.num_rows, now - t0, now)
-        self.batches_yielded += 1
-        self.rows_yielded += batch.num_rows
-        if self._ids is not None and batch.ids is not None:
-            self._ids.append(batch.ids)
+        p = self.progress
+        p.batches_yielded += 1
+        p.rows_yielded += batch.num_rows
+        if p.ids is not None and batch.ids is not None:
+            p.ids.append(batch.ids)
         return data
 
     @property
@@ -198,15 +227,13 @@ class EpochRun:
         """Closed (exhausted, broken out of, or failed)."""
         return self._closed
 
-    def consumed_set(self, lag: int = 0):  # type: ignore[no-untyped-def]
-        """A resume.ConsumedSet of the IDs yielded, minus the last ``lag`` batches."""
-        from ..resume import ConsumedSet
+    @property
+    def batches_yielded(self) -> int:
+        return self.progress.batches_yielded
 
-        out = ConsumedSet()
-        ids = self._ids or []
-        for keys in ids[: len(ids) - lag] if lag else ids:
-            out.add(keys)
-        return out
+    @property
+    def rows_yielded(self) -> int:
+        return self.progress.rows_yielded
 
     def _drop_rest(self) -> None:
         """``max_batches`` reached: drain the rest of the epoch so its rows are counted
@@ -224,9 +251,9 @@ class EpochRun:
 
     def consumed_ids(self) -> np.ndarray:
         """IDs of every row yielded to the training step so far this epoch."""
-        if not self._ids:
-            return np.empty(0, dtype=np.int64)
-        return np.concatenate(self._ids)
+        if not self.progress.ids:
+            return np.empty(0, dtype=np.uint64)
+        return np.concatenate(self.progress.ids)
 
     def close(self) -> None:
         """Stop every stage, then join them (downstream first), then release stage 1."""
