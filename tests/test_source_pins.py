@@ -80,3 +80,15 @@ def test_early_stop_leaves_the_callers_row_count_alone():
         it.close()
         assert ds._meta_count() == 1000
         assert len(loader) == 32
+
+
+def test_ends_in_map_tells_fusable_plans():
+    import ray
+
+    from torch_raydata.pipeline.source import RaySource
+
+    assert RaySource(ray.data.range(10).map_batches(lambda b: b)).ends_in_map()
+    assert RaySource(ray.data.range(10).filter(lambda r: True)).ends_in_map()
+    assert RaySource(ray.data.range(10)).ends_in_map()  # a read task fuses a map too
+    assert not RaySource(ray.data.range(10).materialize()).ends_in_map()
+    assert not RaySource(ray.data.range(10).iterator()).ends_in_map()

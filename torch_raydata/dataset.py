@@ -202,9 +202,12 @@ class RayIterableDataset(IterableDataset):
             return run
 
     def _resume_plan(self, epoch: int) -> tuple[Any, Any, int | None]:
-        """For a resumed epoch: the filter appended to the dataset (run on the cluster; the
-        ID set goes into the object store once), or, for a DataIterator input that cannot
-        take stages, the keys to drop locally; and the epoch's remaining row count."""
+        """For a resumed epoch: the filter appended to the dataset (run on the cluster,
+        fused into its last map task; the ID set goes into the object store once), or the
+        keys to drop in stage 3 — for a DataIterator input, which cannot take stages, and
+        for a materialized dataset, where an appended stage would be a task of its own
+        re-writing every block (measured: benchmarks/bench_resume.py); and the epoch's
+        remaining row count."""
         if self._resume is None or epoch != self._resume_epoch:
             return None, None, None
         import ray
@@ -214,7 +217,7 @@ class RayIterableDataset(IterableDataset):
         keys = self._resume.sorted_keys()
         n = self._source.num_rows()
         total_rows = n - len(keys) if n is not None else None
-        if self._source.is_shard:
+        if self._source.is_shard or not self._source.ends_in_map():
             return None, keys, total_rows
         keys_ref = ray.put(keys)
         udf = ConsumedFilter(keys_ref, self.config.id_column)

@@ -285,6 +285,9 @@ class RankSource:
     def is_shard(self) -> bool:
         return self._base.is_shard
 
+    def ends_in_map(self) -> bool:
+        return self._base.ends_in_map()
+
     @property
     def shard(self) -> RankShard | None:
         """This rank's shard once split (None single-process or before the first epoch)."""

@@ -11,6 +11,8 @@ THE one module that touches Ray internals. What it relies on (pinned by
 * ``RefBundle.blocks`` entries with ``.ref`` and ``.metadata.{num_rows,size_bytes}``,
   and ``RefBundle.slices`` (``None`` or ``.start_offset``/``.end_offset`` per block).
 * ``Dataset._meta_count()``: the row count when known without executing anything.
+* ``Dataset._logical_plan.dag`` and ``AbstractMap`` (``ends_in_map``): whether an
+  appended ``map_batches`` fuses into the last stage's task.
 * ``Dataset.copy(ds, _deep_copy=True)`` to give every epoch its own execution cache and
   DataContext (``preserve_order=True`` is set on the copy, never on the caller's dataset;
   and see ``RaySource.open`` for the row-count cache an early stop would otherwise corrupt).
@@ -100,6 +102,21 @@ class RaySource:
                 return None
             return int(n) if n is not None else None
         return None
+
+    def ends_in_map(self) -> bool:
+        """True when the dataset's last stage is a map (a read, or task-pool
+        ``map_batches`` and kin: ``AbstractMap`` in Ray 2.60), so a ``map_batches``
+        appended to it fuses into the same task: no extra task, no extra copy through the
+        object store. False for materialized data, shuffles and actor-pool maps (those
+        would run an appended stage as a task of its own)."""
+        if not isinstance(self.data, Dataset):
+            return False
+        from ray.data._internal.logical.operators.map_operator import AbstractMap
+
+        dag = self.data._logical_plan.dag
+        compute = getattr(dag, "_compute", None)
+        is_actor_pool = type(compute).__name__ == "ActorPoolStrategy"
+        return isinstance(dag, AbstractMap) and not is_actor_pool
 
     def column_names(self) -> list[str] | None:
         """Column names if the schema is known without executing, else None."""
