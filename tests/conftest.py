@@ -46,7 +46,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": never join another cluster this machine may have running.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()

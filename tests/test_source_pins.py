@@ -92,3 +92,19 @@ def test_ends_in_map_tells_fusable_plans():
     assert RaySource(ray.data.range(10)).ends_in_map()  # a read task fuses a map too
     assert not RaySource(ray.data.range(10).materialize()).ends_in_map()
     assert not RaySource(ray.data.range(10).iterator()).ends_in_map()
+
+
+def test_materialized_dataset_is_served_from_cache_without_an_executor():
+    """We iterate a MaterializedDataset directly (no per-epoch copy): Ray must serve its
+    cached bundle without an executor, so an early stop cannot touch its row count."""
+    import ray
+
+    ds = ray.data.range(100, override_num_blocks=4).materialize()
+    it = ds.iterator()
+    bundles, _stats, executor = it._to_ref_bundle_iterator()
+    try:
+        next(iter(bundles))
+    finally:
+        it._on_iteration_end(executor)
+    assert executor is None
+    assert ds._meta_count() == 100

@@ -1,0 +1,66 @@
+"""The benchmark harness runs end to end (``--smoke``) and reports every competitor.
+
+Runs ``python -m benchmarks.bench --smoke`` in a subprocess (its own small Ray, so the
+session's Ray and thread-leak checks are untouched). Asserts that the harness ran and
+wrote its table, JSON and plot with every workload x competitor — nothing about speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(
+    not (ROOT / "benchmarks" / "bench.py").exists(), reason="benchmarks/ not present"
+)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    return out, proc.stdout
+
+
+def test_smoke_reports_every_competitor_and_workload(smoke_run):
+    from benchmarks.competitors import COMPETITORS, LABELS
+    from benchmarks.workloads import WORKLOADS
+
+    out, stdout = smoke_run
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["config"]["smoke"] is True
+    assert set(payload["results"]) == set(WORKLOADS)
+    for wk, rows in payload["results"].items():
+        assert set(rows) == set(COMPETITORS), wk
+        for key, r in rows.items():
+            assert r["reps"] == 1 and r["rows"] == payload["config"]["rows"], (wk, key)
+            for metric in ("rows_per_s", "ttfb_ms", "wait_p95_ms", "cpu_s_per_1k_rows"):
+                assert r[metric] == r[metric], (wk, key, metric)  # measured (not NaN)
+            assert "owns_memory" in r
+        for key in ("trd", "trd_best"):
+            assert rows[key]["peak_buffered_batches"] >= 1, wk
+            if rows[key]["owns_note"] is None:  # checked (materialized workloads)
+                assert rows[key]["owns_memory"] is True, wk  # the design's promise, not a speed
+    table = (out / "table.md").read_text()
+    for key in COMPETITORS:
+        assert LABELS[key] in table and LABELS[key] in stdout
+    assert "| goal |" in table
+    assert (out / "bench.png").stat().st_size > 0
+    assert {g["setting"] for g in payload["goals"]} == {"trd", "trd_best"}
