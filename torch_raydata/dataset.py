@@ -13,8 +13,10 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from numbers import Integral
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -38,6 +40,13 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) ->
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    # bool("no") is True: a string or None here is a mistake, not a truth value.
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}={value!r} must be True or False")
+    return bool(value)
 
 
 class RayIterableDataset(IterableDataset):
@@ -67,6 +76,18 @@ class RayIterableDataset(IterableDataset):
         num_rows: rows per epoch when you know it and Ray does not without executing
             (e.g. after a 1:1 ``map_batches``, or ``read_parquet``): gives ``len()``, and
             the equal-steps cap across DDP ranks. None: ask the dataset.
+        progress: show a tqdm bar per epoch (plain-PyTorch loops; Lightning has its own):
+            True, or a dict of ``tqdm`` arguments (``desc``, ``file``, ``position``...).
+            Its total is the epoch's batches when ``len()`` is known; it shows rows/s and
+            the step's wait for data, and closes when the epoch ends, breaks or fails.
+            Default False: no bar.
+
+    Edge cases: an empty dataset (0 rows) gives epochs of 0 batches and ``len() == 0``,
+    not an error; ``batch_size`` larger than the dataset gives one partial batch (none
+    with ``drop_last``, its rows counted in ``stats().rows_dropped``). When the schema is
+    known before execution, a ``collate_fn`` with a ``check_columns(names)`` method (the
+    built-in ones: ``dtypes`` keys, ``PadCollate`` columns) is checked at construction;
+    otherwise at the first batch.
 
     Distributed: under torch.distributed (torchrun, Lightning DDP) a ``Dataset`` is split
     across the ranks at the first epoch (``torch_raydata.distributed``; every rank must
@@ -96,9 +117,15 @@ class RayIterableDataset(IterableDataset):
         transport: str | Transport = "auto",
         id_column: str | None = None,
         num_rows: int | None = None,
+        progress: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         _check_int("num_rows", num_rows, 0, allow_none=True)
+        preserve_order = _check_bool("preserve_order", preserve_order)
+        drop_last = _check_bool("drop_last", drop_last)
+        if not isinstance(progress, (bool, dict)):
+            raise ValueError(f"{progress=} must be True, False or a dict of tqdm arguments")
+        self.progress = progress
         _check_int("batch_size", batch_size, 1)
         _check_int("num_workers", num_workers, 1)
         _check_int("prefetch_batches", prefetch_batches, 1)
@@ -137,6 +164,9 @@ class RayIterableDataset(IterableDataset):
         self.collate_fn = (
             collate_fn if collate_fn is not None else DefaultCollate(allocator=allocator)
         )
+        check_columns = getattr(self.collate_fn, "check_columns", None)
+        if names is not None and callable(check_columns):
+            check_columns(names)  # e.g. dtypes/PadCollate naming a missing column: fail now
         self._next_epoch = 0
         self._skip_batches = 0
         # Resume (resume.py): the epoch a loaded state is for, its consumed-ID set, and
@@ -199,7 +229,26 @@ class RayIterableDataset(IterableDataset):
             # Kept strongly: a run dropped after `break` is collected, its progress is not.
             self._progress = getattr(run, "progress", None)
             self._last_stats = stats
+            if self.progress is not False:
+                self._attach_progress_bar(stats, epoch, skip, total_rows)
             return run
+
+    def _attach_progress_bar(
+        self, stats: StatsRecorder, epoch: int, skip: int, total_rows: int | None
+    ) -> None:
+        """A tqdm bar listening to this epoch's stats (closed when the epoch finishes)."""
+        from .callbacks import EpochProgressBar
+
+        bs, drop_last = self.config.batch_size, self.config.drop_last
+        total = self._source.max_batches(bs, drop_last, total_rows)
+        if total is None:
+            rows = total_rows if total_rows is not None else self.num_rows()
+            if rows is not None:
+                total = rows // bs if drop_last else math.ceil(rows / bs)
+        if total is not None:
+            total = max(0, total - skip)  # skipped batches (best-effort resume) never show
+        options = self.progress if isinstance(self.progress, dict) else {}
+        stats.add_listener(EpochProgressBar(epoch, total, **options))
 
     def _resume_plan(self, epoch: int) -> tuple[Any, Any, int | None]:
         """For a resumed epoch: the filter appended to the dataset (run on the cluster,
@@ -273,6 +322,10 @@ class RayIterableDataset(IterableDataset):
         rolls back too). Without ``id_column``: epoch and batches consumed, and resume is a
         best-effort skip-ahead (``exact=False``; not exact under shuffle or a changed block
         order).
+
+        Raises ``ValueError`` when the ``id_column`` values yielded this epoch repeat (a
+        non-unique column would make the resume skip rows never trained on): checked here,
+        before any state is written. Repeats across ranks are not seen by one rank.
         """
         from .distributed import world
 
@@ -283,6 +336,14 @@ class RayIterableDataset(IterableDataset):
             batches = run.batches_skipped + max(0, run.batches_yielded - self.consumer_lag)
             rows = run.rows_yielded + (self._resume_rows if epoch == self._resume_epoch else 0)
             consumed = run.consumed_set(self.consumer_lag) if self.config.id_column else None
+            if consumed is not None and len(consumed) < consumed.added:
+                raise ValueError(
+                    f"id_column={self.config.id_column!r} is not unique: the {consumed.added} "
+                    f"rows yielded this epoch carry {len(consumed)} distinct IDs, and a resume "
+                    "by ID would skip every row sharing an ID with a consumed one. Make the "
+                    "column unique (e.g. add a row number in a map_batches step), or pass "
+                    "id_column=None for a best-effort resume"
+                )
             if consumed is not None and resumed is not None and epoch == self._resume_epoch:
                 consumed = consumed.union(resumed)
         elif self._resume_epoch is not None and self._resume_epoch == self._next_epoch:
@@ -330,6 +391,13 @@ class RayIterableDataset(IterableDataset):
         missing = {"epoch", "batches_consumed", "batch_size"} - state.keys()
         if missing:
             raise ValueError(f"loader state is missing {sorted(missing)}: {state!r:.200}")
+        for key in ("epoch", "batches_consumed", "rows_consumed", "batch_size"):
+            value = state.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+                raise ValueError(
+                    f"loader state has {key}={value!r}, not an int >= 0: it is corrupt or "
+                    "not a RayIterableDataset state"
+                )
         exact = bool(state.get("exact"))
         mine = self._fingerprint()
         theirs = state.get("fingerprint") or {"batch_size": state["batch_size"]}

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -63,10 +64,29 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def _broadcast(obj: Any) -> Any:
+#: A rank that waits longer than this many seconds for the others at one of the
+#: collectives here logs one line naming itself and the place (a straggler shows as the
+#: rank that did NOT log). Env ``TORCH_RAYDATA_STRAGGLER_SECONDS`` overrides the default.
+STRAGGLER_SECONDS = float(os.environ.get("TORCH_RAYDATA_STRAGGLER_SECONDS", "5"))
+
+
+def _collective(where: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, a collective; logs when this rank waited > STRAGGLER_SECONDS."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    waited = time.perf_counter() - t0
+    if waited > STRAGGLER_SECONDS:
+        logger.warning(
+            "torch_raydata: rank %d waited %.1f s for the other ranks at %s",
+            world()[0], waited, where,
+        )
+    return out
+
+
+def _broadcast(obj: Any, where: str = "a broadcast from rank 0") -> Any:
     """``obj`` from rank 0, on every rank (collective: every rank must call it)."""
     box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
+    _collective(where, torch.distributed.broadcast_object_list, box, src=0)
     return box[0]
 
 
@@ -138,7 +158,7 @@ def init_ray(*, num_cpus: int | None = None, export_address: bool = True, **ray_
                 else:
                     ray.init(num_cpus=num_cpus, **ray_init_kwargs)
             address = _gcs_address()
-        address = _broadcast(address)
+        address = _broadcast(address, "init_ray() (rank 0 shares the Ray address)")
         if rank != 0:
             if ray.is_initialized():
                 _check_same_cluster(address, rank)
@@ -244,20 +264,21 @@ def shard(dataset: Any, *, preserve_order: bool = False, num_rows: int | None = 
         holder = _shard_holder_class().options(name=name, namespace=NAMESPACE).remote(splits)
         ray.get(holder.ready.remote())  # registered before any rank looks the name up
         info = {"name": name, "address": _gcs_address(), "total_rows": n}
-    info = _broadcast(info)
+    info = _broadcast(info, "shard() (rank 0 splits the dataset)")
     if rank == 0:
         iterator = splits[0]
     else:
         _check_same_cluster(info["address"], rank)
         holder = ray.get_actor(info["name"], namespace=NAMESPACE)
         iterator = ray.get(holder.get.remote(rank))
-    torch.distributed.barrier()  # every rank holds its shard: the hand-out actor can go
-    if rank == 0:
+    # Every rank holds its shard: the hand-out actor can go.
+    _collective("shard() (every rank takes its shard)", torch.distributed.barrier)
+    if rank == 0 and holder is not None:
         ray.kill(holder)
     n = info["total_rows"]
-    per_rank = n // size if n is not None else None
-    left_out = n - per_rank * size if n is not None else None
-    return RankShard(iterator, rank, size, n, per_rank, left_out, info["name"])
+    if n is None:
+        return RankShard(iterator, rank, size, None, None, None, info["name"])
+    return RankShard(iterator, rank, size, n, n // size, n % size, info["name"])
 
 
 class RankSource:

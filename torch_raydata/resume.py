@@ -74,9 +74,11 @@ class ConsumedSet:
 
         self._bitmap = bitmap if bitmap is not None else BitMap64()
         self._pending: list[np.ndarray] = []
+        self.added = 0  # keys passed to add(), repeats included (len(self) < added: repeats)
 
     def add(self, keys: np.ndarray) -> None:
         self._pending.append(keys)
+        self.added += len(keys)
 
     def _flush(self) -> None:
         if self._pending:
@@ -137,7 +139,13 @@ class ConsumedSet:
                 ) from e
         else:
             raise ValueError(f"consumed-ID set has neither bytes nor path: {enc!r:.120}")
-        bm = BitMap64.deserialize(blob)
+        try:
+            bm = BitMap64.deserialize(blob)
+        except Exception as e:  # pyroaring raises IndexError/ValueError on garbage
+            raise ValueError(
+                f"consumed-ID set is corrupt: {len(blob)} bytes that are not a roaring64 "
+                f"bitmap ({type(e).__name__}: {e}); restore the checkpoint's loader state"
+            ) from e
         if "count" in enc and len(bm) != enc["count"]:
             raise ValueError(f"consumed-ID set is corrupt: {len(bm)} IDs, expected {enc['count']}")
         return cls(bm)

@@ -119,13 +119,18 @@ class DefaultCollate:
         if len(set(names)) != len(names):
             dupes = sorted({n for n in names if names.count(n) > 1})
             raise ValueError(f"table has duplicate column names {dupes}: rename them first")
+        self.check_columns(names)
+        return table
+
+    def check_columns(self, names: list[str]) -> None:
+        """Raise `ValueError` if `dtypes` names a column not in `names`. Called on every
+        table, and by `RayIterableDataset` at construction when the schema is known."""
         if isinstance(self.dtypes, dict):
             unknown = [c for c in self.dtypes if c not in names]
             if unknown:
                 raise ValueError(
                     f"dtypes names column(s) {unknown} not in the table; available columns: {names}"
                 )
-        return table
 
     def collate_column(self, name: str, column: pa.ChunkedArray) -> torch.Tensor | list:
         """Collate one column (a tensor, or a list for string/binary columns)."""

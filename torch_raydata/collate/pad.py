@@ -87,6 +87,20 @@ class PadCollate:
     def __call__(self, table: pa.Table) -> dict[str, torch.Tensor | list]:
         table = self._default.check_table(table)
         names = table.schema.names
+        self.check_columns(names)
+        out: dict[str, torch.Tensor | list] = {}
+        for name, column in zip(names, table.columns, strict=True):
+            if name in self.columns:
+                out[name], out[f"{name}_mask"] = self._pad(name, column)
+            else:
+                out[name] = self._default.collate_column(name, column)
+        return out
+
+    def check_columns(self, names: list[str]) -> None:
+        """Raise `ValueError` if a padded column (or a `dtypes` key) is not in `names`, or
+        a mask name is taken. Called on every table, and by `RayIterableDataset` at
+        construction when the schema is known."""
+        self._default.check_columns(names)
         missing = [c for c in self.columns if c not in names]
         if missing:
             raise ValueError(
@@ -98,13 +112,6 @@ class PadCollate:
                 f"table already has column(s) {clash}, which PadCollate would overwrite "
                 "with masks: rename them first"
             )
-        out: dict[str, torch.Tensor | list] = {}
-        for name, column in zip(names, table.columns, strict=True):
-            if name in self.columns:
-                out[name], out[f"{name}_mask"] = self._pad(name, column)
-            else:
-                out[name] = self._default.collate_column(name, column)
-        return out
 
     def _pad(self, name: str, column: pa.ChunkedArray) -> tuple[torch.Tensor, torch.Tensor]:
         item = self._default.cached_plan(name, column.type, _item_plan)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from .errors import annotate
 from .stats import StatsRecorder
 from .types import Batch, SourceBlock
 
@@ -120,11 +121,14 @@ def blocks_to_batches(
     stats = stats if stats is not None else StatsRecorder()
     b = _Batcher(batch_size, drop_last, id_column, stats, start_idx)
     tables = _tables(blocks, b, stats, drop_keys)
-    if shuffle_buffer_size:
-        rng = np.random.default_rng(None if shuffle_seed is None else [shuffle_seed, epoch])
-        yield from _shuffled(tables, b, shuffle_buffer_size, rng, stats)
-    else:
-        yield from _sequential(tables, b, stats)
+    try:
+        if shuffle_buffer_size:
+            rng = np.random.default_rng(None if shuffle_seed is None else [shuffle_seed, epoch])
+            yield from _shuffled(tables, b, shuffle_buffer_size, rng, stats)
+        else:
+            yield from _sequential(tables, b, stats)
+    except Exception as e:  # name this stage (an error from stage 2 keeps its own note)
+        raise annotate(e, f"stage 3 (batching), batch {b.idx}") from None
 
 
 def _tables(

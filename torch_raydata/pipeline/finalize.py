@@ -180,6 +180,7 @@ class Finalizer:
     def close(self) -> None:
         self.stop()
         self.join()
+        self._input = iter(())  # drop upstream stages (and their blocks) even if kept alive
         if self._thread is not None:
             while True:
                 try:

@@ -225,6 +225,7 @@ class Prefetcher:
     def close(self) -> None:
         self.stop()
         self.join()
+        self._blocks = iter(())  # drop stage 1's stream (its block refs) even if kept alive
         # Release what nobody will consume (the window's bytes leave the books too).
         while True:
             try:

@@ -46,11 +46,12 @@ from __future__ import annotations
 
 import itertools
 import queue
+import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,7 @@ from .types import Batch, SourceBlock
 __all__ = ["BatchPlan", "RemoteEpochRun", "RemoteCollateError", "plan_batches"]
 
 _END = object()
+_SETTLE_TIMEOUT = 2.0  # close(): how long to wait for the killed actors' calls to resolve
 
 
 class RemoteCollateError(RuntimeError):
@@ -87,11 +89,16 @@ class BatchPlan:
     nbytes: int
     take: np.ndarray | None = None
 
-    def materialize(self, id_column: str | None = None) -> tuple[pa.Table, np.ndarray | None]:
-        """The batch's table (and its ``id_column`` values). Runs in the collate actor."""
-        import ray
+    def materialize(
+        self, id_column: str | None = None, get: Callable[[list[Any]], list[Any]] | None = None
+    ) -> tuple[pa.Table, np.ndarray | None]:
+        """The batch's table (and its ``id_column`` values). Runs in the collate actor;
+        ``get`` resolves the refs (default ``ray.get``; tests pass a dict lookup)."""
+        if get is None:
+            import ray
 
-        tables = [to_arrow(b) for b in ray.get(list(self.refs))]
+            get = ray.get
+        tables = [to_arrow(b) for b in get(list(self.refs))]
         parts = [tables[i].slice(start, stop - start) for i, start, stop in self.pieces]
         table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)  # zero-copy
         if self.take is not None:
@@ -323,9 +330,15 @@ def _resolve(s: _Shared, item: _Submitted, names: list[str]) -> Any:
     try:
         return ray.get(item.ref)
     except RayActorError as e:
+        text = str(e)
+        causes = [
+            ln.strip() for ln in text.splitlines() if re.match(r"\s*\w+(Error|Exception): ", ln)
+        ]
+        cause = (causes[-1] if causes else text.strip().splitlines()[0])[:300]
+        what = "could not start" if "creation task" in text else "died"
         raise RemoteCollateError(
-            f"collate actor {names[item.actor]} died while batch {item.plan.idx} was assigned "
-            f"to it; the epoch cannot complete ({str(e).strip().splitlines()[0][:300]})"
+            f"collate actor {names[item.actor]} {what} while batch {item.plan.idx} was "
+            f"assigned to it; the epoch cannot complete ({cause})"
         ) from e
     except RayTaskError as e:
         raise e.as_instanceof_cause() from None  # the collate_fn's own exception type
@@ -371,11 +384,18 @@ def _fetch_loop(
             with s.cond:
                 for c in group:
                     s.submitted.remove(c)
-            descs = []
-            for c in group:
+            descs, failed = [], None
+            for c in group:  # every one, so no failed result goes unretrieved (Ray logs those)
+                try:
+                    descs.append(_resolve(s, c, names))
+                except BaseException as e:  # noqa: BLE001 - the first failure is raised below
+                    failed = failed or (c, e)
+                else:
+                    stats.add_time("collate", descs[-1].seconds)
+            if failed is not None:
+                c, err = failed
                 where = f"stage 4 (remote collate on {names[c.actor]}), batch {c.plan.idx}"
-                descs.append(_resolve(s, c, names))
-                stats.add_time("collate", descs[-1].seconds)
+                raise err
             # Step 6: post one READ per batch, all of them, then wait for all.
             where = f"stage 6 (finalize, NIXL READ), batches {[c.plan.idx for c in group]}"
             t0 = time.perf_counter()
@@ -461,6 +481,12 @@ class _Output(_Thread):
                 break
 
 
+class _Inline(Transport):
+    """Stands in for the transport while EpochRun.__init__ builds its (unused) local stages."""
+
+    needs_thread = False
+
+
 class RemoteEpochRun(EpochRun):
     """One epoch with collate in Ray actors; see the module docstring.
 
@@ -475,17 +501,11 @@ class RemoteEpochRun(EpochRun):
         collate_fn: Callable[[Any], Any],
         transport: Transport,
         config: PipelineConfig,
-        *,
-        epoch: int = 0,
-        stats: StatsRecorder | None = None,
-        skip_batches: int = 0,
-        on_close: Callable[[], None] | None = None,
-        record_ids: bool = False,
-        max_batches: int | None = None,
-        drop_keys: np.ndarray | None = None,
+        **kwargs: Any,
     ) -> None:
         if not getattr(transport, "remote_collate", False):
             raise TypeError(f"{transport!r} does not collate remotely; use EpochRun")
+        drop_keys = kwargs.get("drop_keys")
         if drop_keys is not None:
             raise NotImplementedError(
                 f"resuming this input drops consumed rows in the trainer ({len(drop_keys)} "
@@ -493,26 +513,25 @@ class RemoteEpochRun(EpochRun):
                 "epoch with transport='local', or pass a ray.data.Dataset (filtered on the "
                 "cluster)"
             )
-        # The consumer-side state EpochRun.__next__/close use, as EpochRun.__init__ sets it
-        # (pinned by tests/test_transport_nixl.py::test_remote_run_has_epoch_run_state).
-        self.config = config
-        self.epoch = epoch
-        self.stats = stats if stats is not None else StatsRecorder(epoch)
-        self.stats.start(time.perf_counter())
-        self._transport = transport
-        self._skip = skip_batches
-        self.batches_skipped = skip_batches
-        self._max_batches = max_batches
-        self._pulled = 0
-        self._on_close = on_close
-        self._closed = False
-        self.exhausted = False
-        self.batches_yielded = 0
-        self.rows_yielded = 0
-        self._ids: list[np.ndarray] | None = [] if record_ids else None
+        on_close = kwargs.pop("on_close", None)
+        # EpochRun.__init__ sets up the consumer's state (counters, IDs, progress, stats);
+        # the local stages it builds run over an empty stream (they end at once) and are
+        # replaced by the remote ones below.
+        super().__init__(
+            (), fetcher, collate_fn, _Inline(), replace(config, num_workers=1), **kwargs
+        )
+        local = [st for st in (self._final, self._pool, self._prefetcher) if st is not None]
+        for st in local:
+            st.stop()
+        for st in local:
+            st.close()
         self._prefetcher = self._pool = self._final = None
+        self.config = config
+        self._transport = transport
+        self._on_close = on_close
         self._actors: list[tuple[Any, str]] = []
         self._shared: _Shared | None = None
+        epoch = self.epoch
         try:
             bound = config.prefetch_batches + transport.in_flight
             self._actors = transport.spawn_workers(
@@ -548,14 +567,33 @@ class RemoteEpochRun(EpochRun):
         super().close()  # stops and joins both threads, then shuts the source down
         import ray
 
+        refs: list[Any] = []
+        if self._shared is not None:  # drop block and descriptor references now
+            with self._shared.cond:
+                refs = [c.ref for c in self._shared.submitted]
+                self._shared.submitted.clear()
+            self._shared = None
         actors, self._actors = self._actors, []
         for handle, _ in actors:
             try:
                 ray.kill(handle, no_restart=True)
             except Exception:  # noqa: BLE001 - already dead is fine
                 pass
+        _settle(refs)
         self._transport.forget([n for _, n in actors])  # type: ignore[attr-defined]
-        if self._shared is not None:  # drop block and descriptor references now
-            with self._shared.cond:
-                self._shared.submitted.clear()
-            self._shared = None
+
+
+def _settle(refs: list[Any]) -> None:
+    """Retrieve (and drop) the results of calls to the killed actors, so Ray does not log a
+    failed one as an unhandled error (from a thread of its own) when its reference goes.
+    Calls still queued fail at once once the kill lands; the wait is bounded anyway."""
+    import ray
+
+    if not refs:
+        return
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=_SETTLE_TIMEOUT)
+    for ref in ready:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:  # noqa: BLE001 - the epoch is over; its error (if any) was raised
+            pass

@@ -271,6 +271,9 @@ class EpochRun:
             s.close()
         if self._prefetcher is None and self._on_close is not None:
             self._on_close()
+        # A closed run may be kept alive (by the caller, or by the frames of a traceback it
+        # raised): it must not keep the stages, stage 1's executor or their blocks.
+        self._prefetcher = self._pool = self._final = self._on_close = None
         self.stats.finish(time.perf_counter())
         self.stats.clear_buffered()
 

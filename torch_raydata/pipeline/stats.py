@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from array import array
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -88,6 +89,13 @@ class StatsRecorder:
         self._peak_batches = 0
         self._peak_bytes = 0
         self._notes: list[str] = []
+        self._listeners: list[Any] = []
+
+    def add_listener(self, listener: Any) -> None:
+        """Call ``listener.on_batch(rows, wait_s)`` after each batch delivered (consumer
+        thread) and ``listener.on_finish()`` once when the epoch ends (whichever thread
+        closes it). E.g. ``callbacks.EpochProgressBar``. Listeners must not raise."""
+        self._listeners.append(listener)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self, now: float) -> None:
@@ -96,6 +104,8 @@ class StatsRecorder:
     def finish(self, now: float) -> None:
         if self._end is None:
             self._end = now
+            for listener in self._listeners:
+                listener.on_finish()
 
     # -- reporting from stages --------------------------------------------------------
     def add_time(self, stage: str, seconds: float) -> None:
@@ -135,6 +145,8 @@ class StatsRecorder:
             self.batches += 1
             self.rows += rows
             self._waits.append(wait_s)
+        for listener in self._listeners:
+            listener.on_batch(rows, wait_s)
 
     # -- snapshot -----------------------------------------------------------------------
     def snapshot(self, now: float) -> LoaderStats:

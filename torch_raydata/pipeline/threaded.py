@@ -136,6 +136,9 @@ class ThreadedIterator(Generic[R]):
                 self._s.out.get_nowait()
             except queue.Empty:
                 break
+        # Let go of the input (stage 3's generator and the blocks it holds): a closed pool
+        # that something still references (a traceback frame) must not pin the object store.
+        self._s.input = iter(())
 
     def __enter__(self) -> ThreadedIterator[R]:
         return self

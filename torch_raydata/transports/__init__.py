@@ -15,20 +15,26 @@ import torch
 from .base import FetchRequest, Transport
 from .cuda import CudaTransport
 from .local import LocalTransport
+from .nixl import NixlTransport
 
 __all__ = [
     "Transport",
     "FetchRequest",
     "LocalTransport",
     "CudaTransport",
+    "NixlTransport",
     "TRANSPORTS",
     "resolve_transport",
 ]
 
-TRANSPORTS: dict[str, Callable[..., Transport]] = {"local": LocalTransport, "cuda": CudaTransport}
+TRANSPORTS: dict[str, Callable[..., Transport]] = {
+    "local": LocalTransport,
+    "cuda": CudaTransport,
+    "nixl": NixlTransport,  # needs the `nixl` extra; checked when constructed
+}
 
 # Transports whose implementation lands later; named here so the error says so plainly.
-_NOT_YET = {"nixl"}
+_NOT_YET: set[str] = set()
 
 
 def resolve_device(device: Any) -> torch.device:
@@ -68,6 +74,11 @@ def resolve_transport(spec: Any, device: Any) -> Transport:
         )
     name = spec
     if name == "auto":
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(
+                f"{device=}: transport='auto' delivers to 'cpu' or 'cuda' devices only; for "
+                f"{dev.type!r} pass your own torch_raydata.transports.Transport as transport="
+            )
         name = "cuda" if dev.type == "cuda" else "local"
     if name in TRANSPORTS:
         return TRANSPORTS[name](dev)
