@@ -31,6 +31,7 @@ import resource
 import statistics
 import sys
 import time
+import zlib
 from typing import Any
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -72,30 +73,58 @@ def images(rows: int) -> Any:
     )
 
 
-def tabular(rows: int) -> Any:
-    """32 float32 features + int64 label (136 B/row): many small rows, collate-bound."""
+_VOCAB = 50_000
+
+
+def text(rows: int) -> Any:
+    """~40-word strings; the collate_fn tokenizes them in Python (per-row CPU work, the case
+    Ray #50128 describes) into padded int64 ids and a mask (~1 KiB/row out)."""
 
     def gen(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = b["id"]
-        out = {f"f{i}": (ids * (i + 1) % 997).astype(np.float32) for i in range(32)}
-        out["label"] = ids % 10
-        return out
+        rng = np.random.default_rng(int(ids[0]))
+        words = rng.integers(0, 5000, (len(ids), 56))
+        lengths = rng.integers(8, 57, len(ids))
+        texts = [" ".join(f"w{w}" for w in ws[:n]) for ws, n in zip(words, lengths, strict=True)]
+        return {"text": np.array(texts, dtype=object), "label": ids % 2}
 
     return (
-        ray.data.range(rows, override_num_blocks=max(4, rows // 20_000))
+        ray.data.range(rows, override_num_blocks=max(4, rows // 10_000))
         .map_batches(gen)
         .materialize()
     )
 
 
-WORKLOADS = {
-    "images": (images, 20_000, 256),
-    "tabular": (tabular, 400_000, 1024),
+class Tokenize:
+    """A user collate_fn: split + hash each word, pad to 64 (pure Python per row)."""
+
+    def __init__(self, length: int = 64) -> None:
+        self.length = length
+
+    def __call__(self, table: Any) -> dict[str, Any]:
+        import torch
+
+        out = torch.zeros((table.num_rows, self.length), dtype=torch.int64)
+        mask = torch.zeros((table.num_rows, self.length), dtype=torch.bool)
+        rows = [
+            [zlib.crc32(w.encode()) % _VOCAB for w in s.split()][: self.length]
+            for s in table.column("text").to_pylist()
+        ]
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = True
+        label = torch.from_numpy(table.column("label").to_numpy().copy())
+        return {"ids": out, "mask": mask, "label": label}
+
+
+WORKLOADS = {  # name: (build, rows, batch size, collate_fn or None for the default)
+    "images": (images, 60_000, 256, None),
+    "text": (text, 100_000, 512, Tokenize()),
 }
 
 
 # -- loaders --------------------------------------------------------------------------------
-def make_loader(kind: str, ds: Any, batch_size: int) -> trd.RayIterableDataset:
+def make_loader(kind: str, ds: Any, batch_size: int, collate_fn: Any) -> trd.RayIterableDataset:
     if kind == "local":
         transport: Any = "local"
     elif kind == "nixl":
@@ -104,7 +133,9 @@ def make_loader(kind: str, ds: Any, batch_size: int) -> trd.RayIterableDataset:
         transport = NixlTransport(copy=True)
     else:
         raise ValueError(kind)
-    return trd.RayIterableDataset(ds, batch_size=batch_size, num_workers=2, transport=transport)
+    return trd.RayIterableDataset(
+        ds, batch_size=batch_size, num_workers=2, transport=transport, collate_fn=collate_fn
+    )
 
 
 def run_epoch(loader: trd.RayIterableDataset) -> dict[str, float]:
@@ -173,16 +204,32 @@ def _read_rate(
     return reps * in_flight * nbytes / 1e9 / (time.perf_counter() - t0)
 
 
+def _progress(agent: Any, stop: Any, interval: float = 0.0005) -> None:
+    """Progress a source agent as the collate actors do (a polling thread, NIXL's own
+    progress thread off: it spins)."""
+    while not stop.wait(interval):
+        agent.get_new_notifs()
+
+
+def _source_agent(name: str, nbytes: int) -> tuple[Any, np.ndarray, Any]:
+    import threading
+
+    from nixl._api import nixl_agent, nixl_agent_config
+
+    agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+    buf = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+    agent.register_memory([(buf.ctypes.data, nbytes, 0, "")], "DRAM")
+    stop = threading.Event()
+    threading.Thread(target=_progress, args=(agent, stop), daemon=True).start()
+    return agent, buf, stop
+
+
 class _Source:
-    """A registered source buffer in a Ray actor (progress thread on, as a collate actor)."""
+    """A registered source buffer in a Ray actor, progressed like a collate actor."""
 
     def __init__(self, nbytes: int) -> None:
-        from nixl._api import nixl_agent, nixl_agent_config
-
         logging.getLogger("nixl").setLevel(logging.WARNING)
-        self.agent = nixl_agent("bench-src", nixl_agent_config(backends=["UCX"]))
-        self.buf = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
-        self.agent.register_memory([(self.buf.ctypes.data, nbytes, 0, "")], "DRAM")
+        self.agent, self.buf, self.stop = _source_agent("bench-src", nbytes)
 
     def info(self) -> tuple[bytes, int]:
         return self.agent.get_agent_metadata(), int(self.buf.ctypes.data)
@@ -193,9 +240,7 @@ def raw_reads(nbytes: int, in_flight: int, reps: int) -> dict[str, float]:
 
     out = {}
     # Two agents in this process.
-    src_agent = nixl_agent("bench-local-src", nixl_agent_config(backends=["UCX"]))
-    src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
-    src_agent.register_memory([(src.ctypes.data, nbytes, 0, "")], "DRAM")
+    src_agent, src, stop = _source_agent("bench-local-src", nbytes)
     init = nixl_agent("bench-init", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
     init.add_remote_agent(src_agent.get_agent_metadata())
     out["raw_1proc_gbs"] = _read_rate(
@@ -207,6 +252,7 @@ def raw_reads(nbytes: int, in_flight: int, reps: int) -> dict[str, float]:
     init.add_remote_agent(md)
     out["raw_2proc_gbs"] = _read_rate(init, "bench-src", addr, nbytes, in_flight, reps)
     ray.kill(actor)
+    stop.set()
     # memcpy of the same bytes, for scale.
     dst = np.empty(nbytes, np.uint8)
     dst[:] = 0
@@ -223,23 +269,32 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="small and once: checks it runs")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument(
+        "--raw-only", action="store_true", help="only the raw READs (3.15 MB and 0.30 MB)"
+    )
     args = p.parse_args()
     reps = 1 if args.smoke else args.repeats
-    ray.init(
-        num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+    ray.init(  # a fresh local instance, whatever else runs on this machine
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     kinds = ["local", "nixl", "nixl-copy"]
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
-    batch_bytes = {}
-    for name in args.workloads.split(","):
-        make, rows, bs = WORKLOADS[name]
+    batch_bytes: dict[str, float] = {}
+    if args.raw_only:
+        batch_bytes = {"images": 3_147_776, "text": 295_936}
+    for name in [] if args.raw_only else args.workloads.split(","):
+        make, rows, bs, collate_fn = WORKLOADS[name]
         if args.smoke:
             rows //= 10
         log(f"[{name}] building {rows} rows ...")
         ds = make(rows)
-        loaders = {k: make_loader(k, ds, bs) for k in kinds}
+        loaders = {k: make_loader(k, ds, bs, collate_fn) for k in kinds}
         for k, loader in loaders.items():  # warm-up (untimed)
             log(f"[{name}] warm-up {k}")
             run_epoch(loader)
@@ -287,7 +342,7 @@ def report(
             print(f"  {name:9} {k:10} " + ", ".join(parts))
     print("\nraw NIXL READ (4 in flight) of one batch's bytes, GB/s:")
     for name, r in raw.items():
-        pipe = _med(results[(name, "nixl")], "read_gbs")
+        pipe = _med(results.get((name, "nixl"), []), "read_gbs")
         print(
             f"  {name:9} 1 process {r['raw_1proc_gbs']:.2f}, from a Ray actor {r['raw_2proc_gbs']:.2f}, "
             f"memcpy {r['memcpy_gbs']:.2f}; pipeline {pipe:.2f} "

@@ -6,8 +6,8 @@ runs the same script:
 * :func:`init_ray` — attach every rank to the same Ray cluster (``RAY_ADDRESS`` when set;
   otherwise rank 0 starts a local one and shares its address over torch.distributed).
 * :func:`shard` — split a Dataset once per run with ``streaming_split(world, equal=True)``
-  and hand each rank its shard through a named Ray actor (created by rank 0, looked up by
-  name by the other ranks, killed once every rank holds its shard).
+  and hand each rank its shard through a named Ray actor (created by rank 0, which owns
+  the split; looked up by name by the other ranks; gone once every rank released it).
 * :class:`RankSource` — stage 1 as one rank sees it. ``RayIterableDataset`` uses it, so a
   ``ray.data.Dataset`` given to it on every rank is sharded at the first epoch.
 
@@ -36,6 +36,7 @@ import math
 import os
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,15 +205,28 @@ class RankShard:
     name: str
 
 
+# Rank 0 keeps a handle on every hand-out actor it created, so the actor (and the split it
+# owns) outlives rank 0's own dataset: a faster rank 0 may drop its dataset while a slower
+# rank still reads its shard. The actor leaves when every rank has released it (or with
+# rank 0's process, which owns it).
+_HOLDERS: dict[str, Any] = {}
+
+
 def _shard_holder_class() -> Any:
     import ray
 
     @ray.remote(num_cpus=0)
     class ShardHolder:
-        """Holds the split iterators of one run until every rank has taken its own."""
+        """Splits one dataset for the ranks and owns the split until every rank is done.
 
-        def __init__(self, shards: list[Any]) -> None:
-            self.shards = shards
+        The split (``streaming_split``'s coordinator actor) is created here, so this actor
+        owns it: no rank's process owns another rank's shard, and Ray's reference counting
+        never has to follow a handle from rank 0 through a third process to rank 1.
+        """
+
+        def __init__(self, dataset: Any, n: int, preserve_order: bool) -> None:
+            self.shards = split_for_ranks(dataset, n, preserve_order=preserve_order)
+            self.released: set[int] = set()
 
         def ready(self) -> bool:
             return True
@@ -220,17 +234,36 @@ def _shard_holder_class() -> Any:
         def get(self, rank: int) -> Any:
             return self.shards[rank]
 
+        def release(self, rank: int) -> None:
+            """Rank ``rank`` no longer reads its shard; the last release ends the actor."""
+            self.released.add(rank)
+            if len(self.released) == len(self.shards):
+                self.shards = []
+                ray.actor.exit_actor()
+
     return ShardHolder
+
+
+def _release(holder: Any, rank: int) -> None:
+    """Tell the hand-out actor this rank is done (fire and forget: runs during GC)."""
+    import ray
+
+    if ray.is_initialized():
+        try:
+            holder.release.remote(rank)
+        except Exception:  # noqa: BLE001 - the actor or Ray may already be gone
+            pass
 
 
 def shard(dataset: Any, *, preserve_order: bool = False, num_rows: int | None = None) -> RankShard:
     """Split ``dataset`` across the ranks once; return this rank's shard.
 
     Collective: call it on every rank, in the same order as the other collectives. Only
-    rank 0's ``dataset`` is split (the other ranks' may be None). Rank 0 runs
-    ``streaming_split(world_size, equal=True)`` and puts the iterators in a named Ray
-    actor (namespace :data:`NAMESPACE`, a name unique to this call, broadcast to the
-    ranks); each rank takes its own, then rank 0 kills the actor.
+    rank 0's ``dataset`` is split (the other ranks' may be None). Rank 0 creates
+    a named Ray actor (namespace :data:`NAMESPACE`, a name unique to this call, broadcast
+    to the ranks) that runs ``streaming_split(world_size, equal=True)`` and owns the
+    split; every rank takes its own iterator from it by name. The actor lives until every
+    rank's iterator has been garbage-collected (each sends a release) or rank 0 exits.
 
     Args:
         dataset: a ``ray.data.Dataset`` (rank 0).
@@ -244,6 +277,7 @@ def shard(dataset: Any, *, preserve_order: bool = False, num_rows: int | None = 
     """
     import ray
     from ray.data import Dataset
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     rank, size = world()
     if rank == 0 and not isinstance(dataset, Dataset):
@@ -254,27 +288,26 @@ def shard(dataset: Any, *, preserve_order: bool = False, num_rows: int | None = 
     if size == 1:
         n = num_rows if num_rows is not None else RaySource(dataset).num_rows()
         return RankShard(dataset.iterator(), 0, 1, n, n, 0 if n is not None else None, "")
-    holder = None
-    splits: list[Any] = []
     info = None
     if rank == 0:
         n = num_rows if num_rows is not None else RaySource(dataset).num_rows()
-        splits = split_for_ranks(dataset, size, preserve_order=preserve_order)
         name = f"trd-shards-{uuid.uuid4().hex[:16]}"
-        holder = _shard_holder_class().options(name=name, namespace=NAMESPACE).remote(splits)
-        ray.get(holder.ready.remote())  # registered before any rank looks the name up
+        # On rank 0's node, where streaming_split would put its coordinator.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        holder = _shard_holder_class().options(
+            name=name, namespace=NAMESPACE, scheduling_strategy=here
+        ).remote(dataset, size, preserve_order)
+        _HOLDERS[name] = holder
+        ray.get(holder.ready.remote())  # split and registered before any rank looks it up
         info = {"name": name, "address": _gcs_address(), "total_rows": n}
     info = _broadcast(info, "shard() (rank 0 splits the dataset)")
     if rank == 0:
-        iterator = splits[0]
+        holder = _HOLDERS[info["name"]]
     else:
         _check_same_cluster(info["address"], rank)
         holder = ray.get_actor(info["name"], namespace=NAMESPACE)
-        iterator = ray.get(holder.get.remote(rank))
-    # Every rank holds its shard: the hand-out actor can go.
-    _collective("shard() (every rank takes its shard)", torch.distributed.barrier)
-    if rank == 0 and holder is not None:
-        ray.kill(holder)
+    iterator = ray.get(holder.get.remote(rank))
+    weakref.finalize(iterator, _release, holder, rank).atexit = False
     n = info["total_rows"]
     if n is None:
         return RankShard(iterator, rank, size, None, None, None, info["name"])

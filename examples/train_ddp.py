@@ -1,0 +1,132 @@
+"""Lightning DDP on 2 CPU processes (gloo), each rank training on its own shard.
+
+The digits CNN of ``train_lightning.py`` with ``Trainer(strategy="ddp", devices=2)``.
+Lightning re-runs this script once per extra rank; every rank builds the same
+``RayDataModule``. What torch_raydata does for DDP:
+
+* ``trd.distributed.init_ray()`` in the launching process starts one local Ray and
+  exports ``RAY_ADDRESS``; the ranks Lightning starts inherit it and join that cluster.
+* At the first epoch each split is divided once with ``streaming_split(2, equal=True)``;
+  rank 0 hands rank 1 its shard through a named Ray actor.
+* Every rank yields the same number of batches each epoch (rows the equal split leaves
+  out are counted in rank 0's ``stats().rows_dropped``), so no rank waits forever in an
+  all-reduce.
+
+    python examples/train_ddp.py            # 10 epochs
+    python examples/train_ddp.py --small    # CI: 6 epochs, validation after the last
+
+Prints each rank's loader stats and the validation accuracy (averaged over the ranks).
+About a minute or two on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from digits_data import DigitsCNN, accuracy, read_split, write_digits  # noqa: E402
+
+import torch_raydata as trd  # noqa: E402
+
+# The launching process writes the files once; the ranks Lightning starts find them here.
+DIR_ENV = "TRD_EXAMPLE_DIGITS_DIR"
+
+
+class LitDigits(pl.LightningModule):
+    def __init__(self, lr: float = 3e-3) -> None:
+        super().__init__()
+        self.model = DigitsCNN()
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        loss = torch.nn.functional.cross_entropy(self.model(batch["image"]), batch["label"])
+        self.log("train_loss", loss, batch_size=len(batch["label"]))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        acc = accuracy(self.model(batch["image"]), batch["label"])
+        self.log("val_acc", acc, sync_dist=True, batch_size=len(batch["label"]))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="CI run: fewer epochs, validate once")
+    p.add_argument("--epochs", type=int, default=None, help="default 10 (6 with --small)")
+    p.add_argument("--batch-size", type=int, default=32, help="per rank (2 ranks: 64 rows per step)")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray started here")
+    args = p.parse_args(argv)
+    epochs = args.epochs or (6 if args.small else 10)
+
+    pl.seed_everything(0, verbose=False)
+    torch.set_num_threads(1)  # 2 ranks on 2 cores, plus Ray Data's workers
+    # Launching process: start Ray, export RAY_ADDRESS. Ranks started by Lightning: join it.
+    trd.distributed.init_ray(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    root = os.environ.get(DIR_ENV)
+    owner = root is None
+    if owner:
+        root = tempfile.mkdtemp(prefix="trd-digits-")
+        write_digits(root)
+        os.environ[DIR_ENV] = root  # inherited by the ranks Lightning starts
+    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    n_train = ray.data.read_parquet(train_dir).count()  # parquet metadata: cheap
+    n_val = ray.data.read_parquet(val_dir).count()
+
+    dm = trd.RayDataModule(
+        # Factories: built in setup(), on every rank (only rank 0's is split).
+        train=lambda: read_split(train_dir, augment=True),
+        val=lambda: read_split(val_dir, augment=False),
+        batch_size=args.batch_size,
+        val_options={"num_rows": n_val, "batch_size": 64},
+        num_workers=2,
+        shuffle_buffer_size=256,
+        shuffle_seed=0,
+        train_options={"num_rows": n_train},  # len() per rank = ceil(floor(n / 2) / batch)
+    )
+    trainer = pl.Trainer(
+        strategy="ddp",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=not args.small,
+        check_val_every_n_epoch=epochs if args.small else 1,
+        num_sanity_val_steps=0 if args.small else 2,
+    )
+    trainer.fit(LitDigits(), datamodule=dm)
+
+    rank = trainer.global_rank
+    train_stats, val_stats = dm.datasets["train"].stats(), dm.datasets["val"].stats()
+    print(
+        f"[rank {rank}] train: {len(dm.train_dataloader())} batches/epoch (len), last epoch "
+        f"{train_stats.batches} batches, {train_stats.rows} rows, {train_stats.rows_dropped} "
+        f"dropped; val: {val_stats.batches} batches, {val_stats.rows} rows, "
+        f"{val_stats.rows_dropped} dropped",
+        flush=True,
+    )
+    for note in train_stats.notes:
+        print(f"[rank {rank}]   note: {note}", flush=True)
+    if rank == 0:
+        print(f"train rows {n_train}, val rows {n_val}, epochs {epochs}, 2 ranks")
+        print(f"val accuracy: {float(trainer.callback_metrics['val_acc']):.4f}", flush=True)
+    trainer.strategy.barrier()  # rank 0 owns Ray and the files: let the others finish first
+    if owner:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Distributed: 2 ranks under torchrun (gloo, CPU) on one Ray; equal steps; the cap.
+
+The torchrun test starts its own Ray from rank 0 (the init_ray broadcast path); the rest
+run in this process, without torch.distributed.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+
+import torch_raydata as trd
+from torch_raydata import distributed
+from torch_raydata.collate import DefaultCollate
+from torch_raydata.pipeline.run import EpochRun, PipelineConfig
+from torch_raydata.pipeline.stats import StatsRecorder
+from torch_raydata.transports import LocalTransport
+
+from .fakes import make_blocks, source_of
+
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_ranks.py"
+
+
+def _torchrun(out: Path, *args: str, timeout: float = 240) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    logs = out / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--log-dir", str(logs), "--redirects", "3", str(SCRIPT), str(out), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:  # each rank's own stderr, then torchrun's
+        ranks = "".join(
+            f"\n--- {f.relative_to(logs)}:\n{f.read_text()[-6000:]}"
+            for f in sorted(logs.rglob("stderr.log"))
+        )
+        pytest.fail(f"torchrun failed ({proc.returncode}):{ranks}\n--- torchrun:\n{proc.stderr[-3000:]}")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_ranks_every_row_once_and_equal_batches(tmp_path):
+    ranks = _torchrun(tmp_path, "--rows", "1001", "--epochs", "2", "--slow-rank", "1")
+    assert ranks[0]["address"] == ranks[1]["address"]  # one Ray cluster, started by rank 0
+
+    # Known row count, local shuffle: 1001 rows -> 500 per rank (1 left out by the equal
+    # split, counted on rank 0) -> ceil(500 / 64) = 8 batches on each rank, each epoch.
+    known = [r["scenarios"]["known_shuffle"] for r in ranks]
+    assert [k["len"] for k in known] == [8, 8]
+    for epoch in range(2):
+        e0, e1 = known[0]["epochs"][epoch], known[1]["epochs"][epoch]
+        assert len(e0["sizes"]) == len(e1["sizes"]) == 8
+        ids = e0["ids"] + e1["ids"]
+        assert len(ids) == len(set(ids)) == 1000  # every row not dropped: exactly once
+        assert set(ids) <= set(range(1001))
+        assert (e0["rows_dropped"], e1["rows_dropped"]) == (1, 0)
+        assert any("streaming_split(2, equal=True)" in n for n in e0["notes"])
+    assert known[0]["epochs"][0]["ids"] != known[0]["epochs"][1]["ids"]  # reshuffled
+
+    # Row count unknown to Ray (after map_batches), drop_last: still equal steps. The
+    # split's one left-out row cannot be counted without the total; drop_last's can.
+    unknown = [r["scenarios"]["unknown_drop_last"] for r in ranks]
+    assert [u["len"] for u in unknown] == [None, None]
+    for epoch in range(2):
+        e0, e1 = unknown[0]["epochs"][epoch], unknown[1]["epochs"][epoch]
+        assert e0["sizes"] == e1["sizes"] == [64] * 7
+        ids = e0["ids"] + e1["ids"]
+        assert len(ids) == len(set(ids)) == 896
+        assert e0["rows_dropped"] == e1["rows_dropped"] == 500 - 448
+        assert len(ids) + e0["rows_dropped"] + e1["rows_dropped"] == 1001 - 1
+        assert e0["ids"] == sorted(e0["ids"])  # preserve_order within the shard
+
+
+def _epoch(sizes, max_batches, batch_size=10, skip=0):
+    blocks, fetcher = source_of(make_blocks(sizes))
+    return EpochRun(
+        blocks, fetcher, DefaultCollate(), LocalTransport(),
+        PipelineConfig(batch_size=batch_size, num_workers=2, prefetch_batches=2),
+        stats=StatsRecorder(0), max_batches=max_batches, skip_batches=skip,
+    )
+
+
+def test_max_batches_drops_and_counts_the_rest():
+    run = _epoch([25, 30, 17], max_batches=5)
+    batches = list(run)
+    assert len(batches) == 5
+    s = run.stats.snapshot(0)
+    assert s.rows == 50 and s.rows_dropped == 22
+    assert s.buffered_batches == 0
+    assert any("max_batches=5" in n for n in s.notes)
+
+
+def test_max_batches_counts_skipped_batches():
+    run = _epoch([40], max_batches=4, skip=1)
+    assert len(list(run)) == 3
+
+
+def test_exact_max_batches_is_a_normal_epoch():
+    run = _epoch([25, 30, 17], max_batches=8)
+    assert sum(len(b["id"]) for b in run) == 72
+    assert run.stats.snapshot(0).rows_dropped == 0
+
+
+def test_too_few_batches_raise_instead_of_hanging_the_other_ranks():
+    run = _epoch([25], max_batches=4)
+    with pytest.raises(RuntimeError, match=r"ended after 3 batches .* max_batches=4"):
+        list(run)
+    assert run.finished
+
+
+def test_rank_source_sizes_per_rank(monkeypatch, ray_session):
+    import ray
+
+    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
+    ds = trd.RayIterableDataset(ray.data.range(1001), batch_size=64)
+    assert ds.num_rows() == 500 and len(ds) == 8
+    assert ds._source.max_batches(64, False) == 8
+    assert ds._source.max_batches(64, True) == 7
+    hinted = trd.RayIterableDataset(ray.data.range(10).map(lambda r: r), batch_size=4, num_rows=10)
+    assert hinted.num_rows() == 5 and len(hinted) == 2
+    # A DataIterator is never re-split: it is this rank's data as given.
+    it = trd.RayIterableDataset(ray.data.range(10).iterator(), batch_size=4)
+    assert it._source.max_batches(4, False) is None
+
+
+def test_single_process_is_not_split(ray_session):
+    import ray
+
+    ds = trd.RayIterableDataset(ray.data.range(100), batch_size=30)
+    assert len(ds) == 4 and ds._source.max_batches(30, False) is None
+    assert sum(len(b["id"]) for b in ds) == 100
+    assert ds._source.shard is None
+    sh = distributed.shard(ray.data.range(10))
+    assert (sh.world_size, sh.total_rows, sh.rows_per_rank, sh.rows_left_out) == (1, 10, 10, 0)
+
+
+def test_hand_out_actor_lives_until_every_rank_released(ray_session):
+    import ray
+
+    holder = distributed._shard_holder_class().remote(ray.data.range(10), 2, False)
+    shards = [ray.get(holder.get.remote(rank)) for rank in range(2)]
+    assert all(type(s).__name__ == "StreamSplitDataIterator" for s in shards)
+    done = []
+    weakref.finalize(shards[0], done.append, 0)  # what shard() hooks the release on
+    del shards[0]
+    gc.collect()
+    assert done == [0]
+    distributed._release(holder, 0)  # the fast rank is done: the split stays for the other
+    assert ray.get(holder.ready.remote())
+    distributed._release(holder, 1)
+    with pytest.raises(ray.exceptions.RayActorError):  # calls from one caller run in order
+        ray.get(holder.ready.remote())
+
+
+def test_init_ray_refuses_to_guess_under_a_launcher(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(RuntimeError, match=r"rank 1 of 2 .* init_process_group\(\) first"):
+        distributed.init_ray()
+
+
+def test_init_ray_keeps_a_connected_ray(ray_session):
+    import ray
+
+    assert distributed.init_ray() == ray.get_runtime_context().gcs_address
+
+
+def test_shard_needs_a_dataset():
+    with pytest.raises(TypeError, match="DataIterator is already a shard"):
+        distributed.shard([1, 2, 3])
+
+
+def test_world_without_process_group():
+    assert distributed.world() == (0, 1)

@@ -1,0 +1,235 @@
+"""RayDataModule with a real Lightning Trainer on a small local Ray (CPU, one process)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pl = pytest.importorskip("lightning.pytorch")
+
+import torch_raydata as trd  # noqa: E402
+from torch_raydata.lightning import EVAL_DEFAULTS, RayDataModule  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+FEATURES = 4
+
+
+def _ds(n: int):
+    import ray
+
+    def features(b):
+        ids = b["id"]
+        x = np.stack([ids * (k + 1) % 7 for k in range(FEATURES)], axis=1).astype(np.float32)
+        return {"id": ids, "x": x, "y": (ids % 2).astype(np.int64)}
+
+    return ray.data.range(n, override_num_blocks=3).map_batches(features, batch_format="numpy")
+
+
+class Recorder(pl.LightningModule):
+    """A linear model that records what each step received."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(FEATURES, 2)
+        self.seen: dict[str, list] = {"train": [], "val": [], "test": []}
+        self.before_transfer: list[torch.Tensor] = []
+        self.same_object: list[bool] = []
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        self.before_transfer.append(batch["x"])
+        return batch
+
+    def _step(self, split, batch):
+        self.seen[split].append(batch["id"].clone())
+        return torch.nn.functional.cross_entropy(self.layer(batch["x"]), batch["y"])
+
+    def training_step(self, batch, batch_idx):
+        x = self.before_transfer[-1]
+        self.same_object.append(batch["x"] is x and batch["x"].data_ptr() == x.data_ptr())
+        return self._step("train", batch)
+
+    def validation_step(self, batch, batch_idx):
+        self._step("val", batch)
+
+    def test_step(self, batch, batch_idx):
+        self._step("test", batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _trainer(**kw):
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kw,
+    )
+
+
+def _ids(seen):
+    return torch.cat(seen).tolist() if seen else []
+
+
+def test_fit_validate_test_with_known_length_and_limit_train_batches():
+    dm = RayDataModule(
+        train=_ds(200), val=_ds(90), test=_ds(70), batch_size=32, num_workers=2,
+        shuffle_buffer_size=64, shuffle_seed=0,
+        train_options={"num_rows": 200}, val_options={"num_rows": 90}, test_options={"num_rows": 70},
+    )
+    model = Recorder()
+    trainer = _trainer(max_epochs=2, limit_train_batches=3)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.num_training_batches == 3  # limit respected; len() (7) is known
+    assert len(model.seen["train"]) == 6  # 3 per epoch, 2 epochs
+    assert trainer.num_val_batches == [3]  # ceil(90 / 32): sized from len()
+    # val: every row once per pass, in dataset order (eval defaults), for each of 2 epochs
+    assert _ids(model.seen["val"]) == list(range(90)) * 2
+
+    model.seen["val"].clear()
+    trainer.validate(model, datamodule=dm)
+    assert _ids(model.seen["val"]) == list(range(90))
+    trainer.test(model, datamodule=dm)
+    assert _ids(model.seen["test"]) == list(range(70))
+    assert dm.datasets["val"].stats().batches == 3
+
+
+def test_float_limit_and_full_epoch_use_len():
+    dm = RayDataModule(train=_ds(256), batch_size=32, num_workers=2, train_options={"num_rows": 256})
+    model = Recorder()
+    trainer = _trainer(max_epochs=1, limit_train_batches=0.5, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.num_training_batches == 4 and len(model.seen["train"]) == 4
+
+    dm = RayDataModule(train=_ds(256), batch_size=32, num_workers=2, train_options={"num_rows": 256})
+    model = Recorder()
+    trainer = _trainer(max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.num_training_batches == 8
+    assert sorted(_ids(model.seen["train"])) == list(range(256))
+
+
+def test_unknown_length_still_trains():
+    dm = RayDataModule(train=_ds(100), batch_size=32, num_workers=2)
+    model = Recorder()
+    trainer = _trainer(max_epochs=1, limit_val_batches=0)
+    with pytest.raises(TypeError, match="len\\(\\) is unknown"):
+        len(dm.train_dataloader())
+    trainer.fit(model, datamodule=dm)
+    assert sorted(_ids(model.seen["train"])) == list(range(100))
+
+
+def test_batch_already_on_device_is_not_copied(monkeypatch):
+    calls = []
+    default = pl.LightningDataModule.transfer_batch_to_device
+
+    def counting(self, batch, device, idx):
+        calls.append(device)
+        return default(self, batch, device, idx)
+
+    monkeypatch.setattr(pl.LightningDataModule, "transfer_batch_to_device", counting)
+    dm = RayDataModule(train=_ds(64), batch_size=16, num_workers=2)
+    model = Recorder()
+    _trainer(max_epochs=1, limit_val_batches=0).fit(model, datamodule=dm)
+    assert dm.datasets["train"].device == torch.device("cpu")  # the trainer's device
+    assert len(model.same_object) == 4 and all(model.same_object)  # same tensor, same memory
+    assert calls == []  # Lightning's copy was skipped
+
+    # A batch that is not on the target device still goes through Lightning's copy.
+    batch = {"x": torch.zeros(2)}
+    meta = torch.device("meta")
+    out = dm.transfer_batch_to_device(batch, meta, 0)
+    assert calls == [meta] and out["x"].device == meta
+
+
+def test_options_eval_defaults_and_overrides():
+    dm = RayDataModule(
+        train=_ds(10), val=_ds(10), batch_size=8, shuffle_buffer_size=100, drop_last=True,
+        val_options={"batch_size": 4, "preserve_order": False},
+    )
+    assert dm.split_options["train"] == {"batch_size": 8, "shuffle_buffer_size": 100, "drop_last": True}
+    assert dm.split_options["val"] == {**EVAL_DEFAULTS, "batch_size": 4, "preserve_order": False}
+    assert dm.split_options["test"] == {**EVAL_DEFAULTS, "batch_size": 8}
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['shuffle'\]"):
+        RayDataModule(train=_ds(10), shuffle=True)
+    with pytest.raises(ValueError, match=r"val_options has unknown option\(s\) \['bs'\]"):
+        RayDataModule(val=_ds(10), val_options={"bs": 3})
+    with pytest.raises(TypeError, match="train=.*must be a ray.data.Dataset"):
+        RayDataModule(train=[1, 2, 3])
+
+
+def test_absent_splits_are_not_offered_to_lightning():
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    dm = RayDataModule(train=_ds(10))
+    assert is_overridden("train_dataloader", dm, pl.LightningDataModule)
+    for split in ("val", "test", "predict"):
+        assert not is_overridden(f"{split}_dataloader", dm, pl.LightningDataModule)
+
+
+def test_factory_is_called_in_setup_and_loader_works_without_trainer():
+    calls = []
+
+    def make():
+        calls.append(1)
+        return _ds(50)
+
+    dm = RayDataModule(train=make, batch_size=25, num_workers=1)
+    assert calls == []
+    ids = [b["id"] for b in dm.train_dataloader()]
+    assert calls == [1] and sorted(torch.cat(ids).tolist()) == list(range(50))
+    with pytest.raises(TypeError, match="factory .* returned list"):
+        RayDataModule(train=lambda: [1]).setup("fit")
+
+
+def test_state_dict_forwards_to_the_datasets():
+    dm = RayDataModule(train=_ds(64), val=_ds(32), batch_size=16, num_workers=1)
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    next(it)
+    next(it)
+    state = dm.state_dict()
+    assert state["splits"]["train"]["epoch"] == 0
+    assert state["splits"]["train"]["batches_consumed"] == 2
+    assert state["splits"]["val"]["batches_consumed"] == 0
+    dm.teardown("fit")
+
+    fresh = RayDataModule(train=_ds(64), val=_ds(32), batch_size=16, num_workers=1)
+    fresh.load_state_dict(state)  # before setup: applied when the split is built
+    fresh.setup("fit")
+    rest = list(fresh.train_dataloader())
+    assert len(rest) == 2 and fresh.datasets["train"].stats().epoch == 0
+    with pytest.raises(ValueError, match="not a RayDataModule state"):
+        fresh.load_state_dict({"epoch": 1})
+
+
+def test_import_without_lightning_names_the_extra():
+    code = (
+        "import sys\n"
+        "sys.modules['lightning'] = None\n"
+        "sys.modules['lightning.pytorch'] = None\n"
+        "import torch_raydata as trd\n"
+        "assert 'lightning' not in {m for m, v in sys.modules.items() if v is not None}\n"
+        "try:\n"
+        "    trd.RayDataModule\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'torch_raydata[lightning]'" in out.stdout
+
+
+def test_lazy_attribute():
+    assert trd.RayDataModule is RayDataModule
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        trd.nope  # noqa: B018

@@ -1,0 +1,414 @@
+"""NixlTransport and the remote epoch: planning without Ray, both NIXL ends in one process,
+then whole epochs through collate actors on the session's small local Ray.
+
+Remote epochs start two actors each (a few seconds here: a fresh process importing torch),
+so the Ray tests are few and each checks several things.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+import torch_raydata as trd
+from torch_raydata.collate import DefaultCollate
+from torch_raydata.pipeline.batching import blocks_to_batches
+from torch_raydata.pipeline.remote import RemoteCollateError, plan_batches
+from torch_raydata.pipeline.types import SourceBlock
+from torch_raydata.transports import NixlTransport, resolve_transport
+from torch_raydata.transports._nixl_worker import CollateWorker
+from torch_raydata.transports.nixl import NixlTransferError
+
+from .fakes import make_blocks
+
+# -- stage 3 on metadata: the same batches as the local path --------------------------------
+
+
+def _store_and_blocks(sizes, slices=None):
+    tables = make_blocks(sizes)
+    store = {f"b{i}": t for i, t in enumerate(tables)}
+    blocks = []
+    for i, t in enumerate(tables):
+        rows = slices.get(i) if slices else None
+        n = t.num_rows if rows is None else rows[1] - rows[0]
+        blocks.append(SourceBlock(ref=f"b{i}", size_bytes=t.nbytes, num_rows=n, rows=rows))
+    return store, blocks
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"drop_last": True},
+        {"shuffle_buffer_size": 50, "shuffle_seed": 3},
+        {"shuffle_buffer_size": 500, "shuffle_seed": 7, "drop_last": True, "epoch": 2},
+    ],
+)
+def test_plans_give_the_local_batches(kw):
+    store, blocks = _store_and_blocks([37, 0, 100, 5, 64, 81], slices={2: (10, 90), 4: (3, 64)})
+    local = list(
+        blocks_to_batches(
+            ((sb, store[sb.ref]) for sb in blocks), batch_size=16, id_column="id", **kw
+        )
+    )
+    plans = list(plan_batches(blocks, batch_size=16, **kw))
+    assert [p.idx for p in plans] == [b.idx for b in local]
+    get = lambda refs: [store[r] for r in refs]  # noqa: E731
+    for plan, batch in zip(plans, local, strict=True):
+        table, ids = plan.materialize("id", get=get)
+        assert table.equals(batch.data)
+        assert np.array_equal(ids, batch.ids)
+        assert plan.num_rows == batch.num_rows
+
+
+def test_plans_need_row_counts():
+    blocks = [SourceBlock(ref="b0", size_bytes=10, num_rows=None)]
+    with pytest.raises(ValueError, match="transport='local'"):
+        list(plan_batches(blocks, batch_size=4))
+
+
+# -- both NIXL ends in this process (no actors) -----------------------------------------------
+
+
+class _Plan:
+    """A BatchPlan stand-in that materializes a given table."""
+
+    def __init__(self, idx, table):
+        self.idx, self.table, self.num_rows = idx, table, table.num_rows
+
+    def materialize(self, id_column=None):
+        ids = self.table.column(id_column).to_numpy() if id_column else None
+        return self.table, ids
+
+
+class _Recorder:
+    """Wraps an agent and records the order of transfer/check calls (the detector)."""
+
+    def __init__(self, agent):
+        self._agent = agent
+        self.calls = []
+
+    def transfer(self, h, *a):
+        self.calls.append("post")
+        return self._agent.transfer(h, *a)
+
+    def check_xfer_state(self, h):
+        self.calls.append("check")
+        return self._agent.check_xfer_state(h)
+
+    def __getattr__(self, name):
+        return getattr(self._agent, name)
+
+
+def _table(n, start=0):
+    ids = np.arange(start, start + n, dtype=np.int64)
+    img = pa.FixedSizeListArray.from_arrays(pa.array(np.repeat(ids % 251, 48).astype(np.uint8)), 48)
+    return pa.table(
+        {"id": ids, "x": ids.astype(np.float32) / 3, "img": img, "s": [str(i) for i in ids]}
+    )
+
+
+@pytest.fixture
+def ends():
+    worker = CollateWorker("trd-test-worker", DefaultCollate(), id_column="id", max_slabs=6)
+    transport = NixlTransport(in_flight=3)
+    yield worker, transport
+    transport.close()
+    worker.close()
+
+
+def test_reads_of_several_batches_are_posted_before_any_wait(ends):
+    worker, transport = ends
+    rec = transport._agent = _Recorder(transport.agent)
+    transport._pool._agent = rec
+    descs = [worker.collate(_Plan(i, _table(100, 100 * i))) for i in range(3)]
+    req = transport.fetch_multiple(descs)
+    assert rec.calls == ["post"] * 3  # all three READs in flight, none waited on yet
+    out = transport.wait_fetch_complete(req)
+    assert rec.calls[:3] == ["post"] * 3 and "check" in rec.calls[3:]
+    for i, batch in enumerate(out):
+        want = DefaultCollate()(_table(100, 100 * i))
+        assert batch.keys() == want.keys()
+        for k in ("id", "x", "img"):
+            assert batch[k].dtype == want[k].dtype and torch.equal(batch[k], want[k])
+        assert batch["s"] == want["s"]  # non-tensor values travel inline
+    assert np.array_equal(descs[1].ids, np.arange(100, 200))
+
+
+def test_source_buffers_are_reused_after_the_read_is_confirmed(ends):
+    worker, transport = ends
+    for i in range(20):
+        (batch,) = transport.wait_fetch_complete(
+            transport.fetch_multiple([worker.collate(_Plan(i, _table(64, 64 * i)))])
+        )
+        assert int(batch["id"][0]) == 64 * i
+    deadline = time.monotonic() + 10  # the last READ's notification may still be on the wire
+    while (st := worker.stats())["busy"] and time.monotonic() < deadline:
+        time.sleep(0.001)
+    # One slab for the first batch (collated into plain memory, then packed), then reused:
+    # each READ's notification freed the slab before the next batch.
+    assert st["busy"] == 0 and st["allocations"] <= 2, st
+
+
+def test_handed_out_batches_own_their_memory_until_dropped(ends):
+    worker, transport = ends
+    first = transport.wait_fetch_complete(
+        transport.fetch_multiple([worker.collate(_Plan(0, _table(64)))])
+    )[0]
+    first["x"].mul_(0)  # the training step may modify its batch in place
+    held = first["img"].clone()
+    second = transport.wait_fetch_complete(
+        transport.fetch_multiple([worker.collate(_Plan(1, _table(64, 64)))])
+    )[0]
+    assert torch.equal(first["img"], held)  # not overwritten by the next READ
+    assert first["x"].data_ptr() != second["x"].data_ptr()
+    pool = transport.pool
+    free = pool.free_buffers
+    del first, held
+    gc.collect()
+    assert pool.free_buffers == free + 1  # the lease gave the buffer back
+    third = transport.wait_fetch_complete(
+        transport.fetch_multiple([worker.collate(_Plan(2, _table(64, 128)))])
+    )[0]
+    assert pool.registered == 2  # the returned buffer was reused, none registered
+    assert int(third["id"][0]) == 128 and int(second["id"][0]) == 64
+
+
+def test_user_collate_fn_output_is_packed_and_copy_mode():
+    def collate(table):  # plain tensors, a non-contiguous one, nesting and a scalar
+        x = torch.tensor(table.column("x").to_numpy()).reshape(-1, 2)
+        return (x.t(), {"ids": torch.tensor(table.column("id").to_numpy()), "n": len(table)}, [])
+
+    worker = CollateWorker("trd-test-worker-user", collate, max_slabs=4)
+    transport = NixlTransport(copy=True)
+    try:
+        for i in range(3):
+            table = _table(40, 40 * i)
+            (got,) = transport.wait_fetch_complete(
+                transport.fetch_multiple([worker.collate(_Plan(i, table))])
+            )
+            want = collate(table)
+            assert torch.equal(got[0], want[0]) and got[0].is_contiguous()
+            assert torch.equal(got[1]["ids"], want[1]["ids"]) and got[1]["n"] == 40 and got[2] == []
+        assert transport.pool.free_buffers == 1  # copy mode: the buffer came back at once
+    finally:
+        transport.close()
+        worker.close()
+
+
+def test_a_read_nixl_refuses_is_an_error_naming_the_batch(ends):
+    worker, transport = ends
+    desc = worker.collate(_Plan(8, _table(10)))
+    bogus = dataclasses.replace(desc, addr=desc.addr + (1 << 40))  # not registered remotely
+    with pytest.raises(NixlTransferError, match="batch 8"):
+        transport.wait_fetch_complete(transport.fetch_multiple([bogus]))
+    assert transport.pool.free_buffers == transport.pool.registered  # buffer released
+    (ok,) = transport.wait_fetch_complete(transport.fetch_multiple([desc]))  # still usable
+    assert ok["id"].tolist() == list(range(10))
+
+
+def test_missing_extra_names_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nixl._api", None)  # `import nixl._api` now fails
+    with pytest.raises(ImportError, match=r"pip install 'torch_raydata\[nixl\]'"):
+        NixlTransport()
+    with pytest.raises(ImportError, match=r"torch_raydata\[nixl\]"):
+        resolve_transport("nixl", None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_device_without_a_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        NixlTransport("cuda")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_transport("nixl", "cuda")
+
+
+# -- whole epochs through collate actors --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rows(ray_session):
+    """3,300 rows in 7 blocks, materialized once: every loader below reads the same blocks."""
+
+    def fmt(b):
+        ids = b["id"]
+        return {
+            "id": ids,
+            "x": (ids * 0.5).astype(np.float32),
+            "img": (ids[:, None, None] % 251 + np.zeros((1, 3, 8), np.int64)).astype(np.uint8),
+            "label": np.array([f"r{i}" for i in ids]),
+        }
+
+    return ray_session.data.range(3300, override_num_blocks=7).map_batches(fmt).materialize()
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+            assert a[k].numpy().tobytes() == b[k].numpy().tobytes(), k
+        else:
+            assert a[k] == b[k], k
+
+
+def _dead(actors, timeout=60.0):
+    """Every actor is dead (ray.kill is asynchronous: poll until a call fails)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    for a in actors:
+        while True:
+            try:
+                ray.get(a.ready.remote(), timeout=timeout)
+            except ray.exceptions.RayActorError:
+                break
+            assert time.monotonic() < deadline, f"actor {a} still alive"
+            time.sleep(0.05)
+    return True
+
+
+class _Detector(NixlTransport):
+    """Counts READs posted (and not yet waited on) when the first wait starts."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.posted_at_first_wait = None
+        self.lock = threading.Lock()
+
+    def wait_fetch_complete(self, request, timeout=None):
+        with self.lock:
+            if self.posted_at_first_wait is None:
+                self.posted_at_first_wait = self.reads_posted
+        return super().wait_fetch_complete(request, timeout)
+
+
+def test_epoch_bytes_equal_local_with_reads_in_flight_and_cleanup(rows):
+    local = list(
+        trd.RayIterableDataset(rows, batch_size=16, preserve_order=True, transport="local")
+    )
+    transport = _Detector(in_flight=4)
+    ds = trd.RayIterableDataset(rows, batch_size=16, preserve_order=True, transport=transport)
+    run = iter(ds)
+    actors = list(run.actors)
+    got = list(run)
+    assert len(got) == len(local) == 207  # 3,300 rows / 16, last one partial
+    for a, b in zip(local, got, strict=True):
+        _assert_same(a, b)
+    assert transport.posted_at_first_wait == 4  # a whole group of READs before any wait
+    st = ds.stats()
+    assert st.rows == 3300 and st.batches == 207 and st.buffered_batches == 0
+    assert st.stage_seconds["collate"] > 0  # measured in the actors
+    # The exhausted epoch killed its actors and forgot their agents.
+    assert run.actors == [] and transport._loaded == {}
+    assert _dead(actors)
+    del got, local, a, b
+    gc.collect()
+    pool = transport.pool
+    assert pool.free_buffers == pool.registered  # every destination buffer came back
+    ds.close()
+
+
+def test_shuffle_ids_and_drop_last_match_the_local_path_and_break_releases_actors(rows):
+    kw = dict(
+        batch_size=50, shuffle_buffer_size=700, shuffle_seed=5, drop_last=True, id_column="id"
+    )
+    local = list(trd.RayIterableDataset(rows, preserve_order=True, **kw))
+    ds = trd.RayIterableDataset(rows, preserve_order=True, transport="nixl", **kw)
+    got = list(ds)
+    assert len(got) == len(local) == 66
+    for a, b in zip(local, got, strict=True):
+        _assert_same(a, b)
+    # Break early: closing the iterator kills the actors at once.
+    run = iter(ds)
+    actors = list(run.actors)
+    for i, _batch in enumerate(run):
+        if i == 2:
+            break
+    run.close()
+    assert run.actors == [] and ds.transport._loaded == {}
+    assert _dead(actors)
+    del _batch, got, local, a, b
+    gc.collect()
+    assert ds.transport.pool.free_buffers == ds.transport.pool.registered
+    ds.close()
+
+
+@pytest.mark.timeout(120)
+def test_actor_killed_mid_epoch_is_an_error_naming_the_batch(rows):
+    import ray
+
+    ds = trd.RayIterableDataset(
+        rows, batch_size=16, transport=NixlTransport(xfer_timeout=10), prefetch_batches=2
+    )
+    run = iter(ds)
+    next(run)
+    actors = list(run.actors)
+    ray.kill(actors[0], no_restart=True)
+    with pytest.raises((RemoteCollateError, NixlTransferError), match=r"batch \d+") as info:
+        for _ in run:
+            pass
+    assert "trd-collate-" in str(info.value)  # names the actor (agent) too
+    assert run.finished and run.actors == []
+    assert _dead(actors)
+    ds.close()
+
+
+def test_collate_error_in_an_actor_keeps_its_type_and_names_the_batch(rows):
+    def bad(table):
+        if int(table.column("id")[0].as_py()) >= 256:
+            raise KeyError("no such column, on purpose")
+        return DefaultCollate()(table)
+
+    ds = trd.RayIterableDataset(
+        rows, batch_size=64, preserve_order=True, transport="nixl", collate_fn=bad
+    )
+    with pytest.raises(KeyError, match="on purpose") as info:
+        list(ds)
+    assert any("batch 4" in n for n in getattr(info.value, "__notes__", [])), info.value
+    ds.close()
+
+
+class _Unpicklable:
+    def __init__(self):
+        self.lock = threading.Lock()
+
+    def __call__(self, table):
+        return DefaultCollate()(table)
+
+
+def test_unpicklable_collate_fn_is_a_clear_error(rows):
+    ds = trd.RayIterableDataset(rows, transport="nixl", collate_fn=_Unpicklable())
+    with pytest.raises(TypeError, match="must be picklable"):
+        iter(ds)
+    ds.close()
+
+
+@pytest.mark.timeout(120)
+def test_read_from_an_actor_that_died_after_collating_names_the_batch(rows):
+    import ray
+
+    from torch_raydata.pipeline.source import RaySource
+
+    transport = NixlTransport(num_actors=1, xfer_timeout=10)
+    [(actor, _name)] = transport.spawn_workers(DefaultCollate(), id_column=None, max_slabs=4)
+    blocks = RaySource(rows).open()
+    try:
+        plan = next(plan_batches(iter(blocks), batch_size=16))
+        desc = ray.get(actor.collate.remote(plan))  # collated, waiting for its READ ...
+    finally:
+        blocks.close()
+    ray.kill(actor, no_restart=True)  # ... when its actor dies
+    assert _dead([actor])
+    with pytest.raises(NixlTransferError, match="batch 0"):
+        transport.wait_fetch_complete(transport.fetch_multiple([desc]))
+    assert transport.pool.free_buffers == transport.pool.registered
+    transport.close()

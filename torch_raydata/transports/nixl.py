@@ -1,0 +1,499 @@
+"""NixlTransport: remote collate in Ray actors, one-sided NIXL READs into the trainer.
+
+With ``transport="nixl"`` the trainer process never ``ray.get``-s a block and never runs
+the collate_fn: ``RayIterableDataset`` runs the *remote* epoch (``pipeline/remote.py``),
+which plans batches from block metadata and sends each plan to a small pool of collate
+actors (``_nixl_worker.py``). An actor collates next to the data into memory registered
+with its NIXL agent and returns a small :class:`RemoteBatch` descriptor. This module is the
+trainer's end:
+
+* one NIXL agent (created on first use, UCX backend) and a pool of registered destination
+  buffers (DRAM on CPU runs; VRAM for a CUDA device);
+* ``fetch_multiple(descriptors)`` posts one READ per batch for all of them and returns at
+  once; ``wait_fetch_complete(request, timeout)`` polls them until DONE or ERR (the
+  upstream Ray #61773 pattern). Each READ carries a notification naming the actor's
+  buffer, so the actor frees it only once the READ has completed;
+* the payload handed on owns its memory: its tensors are views of the destination buffer,
+  which returns to the pool when the training step has dropped every one of them (the
+  lease of ``pipeline/buffers.py``), so an in-place update by the step is safe and costs
+  no copy. ``copy=True`` instead clones once and reuses the buffer at once.
+
+Errors: a READ in ERR, a remote agent gone (actor death) or no completion within
+``xfer_timeout`` seconds raise :class:`NixlTransferError` naming the batch; posted READs
+are released (NIXL cancels them) by :meth:`abort`. A buffer whose READ could not be
+cancelled is never reused (held until :meth:`close`).
+
+Ray's own NIXL tensor transport (``@ray.method(tensor_transport="nixl")``) is not used:
+on Ray 2.60 a second multi-ref ``ray.get`` fails with NIXL_ERR_NOT_FOUND (measured here),
+so this module drives ``nixl_agent`` directly.
+
+Threads: NIXL calls are made from the remote epoch's fetch thread, and from
+:meth:`forget`/:meth:`close` after it is joined; a lock serialises them anyway. Lease
+returns (any thread, from garbage collection) only append to a list.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..pipeline.buffers import _Lease
+from ._nixl_common import RemoteBatch, align, import_nixl, unflatten_payload
+from .base import FetchRequest, Transport
+
+__all__ = ["NixlTransport", "NixlTransferError"]
+
+logger = logging.getLogger(__name__)
+
+_QUANTUM = 1 << 16  # destination buffers are sized in 64 KiB steps
+_SPIN = 2e-5  # first sleep between polls of a posted READ; doubles up to _MAX_SPIN
+_MAX_SPIN = 1e-3
+
+
+class NixlTransferError(RuntimeError):
+    """A NIXL READ of a batch failed, timed out, or its source is gone."""
+
+
+@dataclass
+class _Xfer:
+    desc: RemoteBatch
+    raw: Any = None  # destination buffer (None: nothing to READ)
+    handle: Any = None
+    done: bool = False
+    posted_at: float = 0.0
+
+
+class _DestPool:
+    """Registered destination buffers, reused best-fit; see the module docstring.
+
+    Buffers come back through :meth:`release` (copy mode, or after an error) or through a
+    lease when the last tensor viewing one is collected; lease returns are only queued
+    (any thread) and taken in on the next :meth:`acquire` (the fetch thread).
+    """
+
+    def __init__(self, agent: Any, device: torch.device, max_free_bytes: int) -> None:
+        self._agent = agent
+        self.device = device
+        self.mem = "VRAM" if device.type == "cuda" else "DRAM"
+        self.dev_id = (device.index or 0) if device.type == "cuda" else 0
+        self.max_free_bytes = max_free_bytes
+        self._lock = threading.Lock()
+        self._free: list[Any] = []
+        self._returned: list[Any] = []
+        self._regs: dict[int, tuple[Any, Any]] = {}  # address -> (buffer, registration)
+        self._self_ref = weakref.ref(self)
+        self._closed = False
+        self.registrations = 0
+
+    @staticmethod
+    def addr(raw: Any) -> int:
+        return int(raw.ctypes.data) if isinstance(raw, np.ndarray) else int(raw.data_ptr())
+
+    @staticmethod
+    def size(raw: Any) -> int:
+        return int(raw.nbytes) if isinstance(raw, np.ndarray) else int(raw.numel())
+
+    def acquire(self, nbytes: int) -> Any:
+        with self._lock:
+            self._free.extend(self._returned)
+            self._returned.clear()
+            fits = [i for i, r in enumerate(self._free) if self.size(r) >= nbytes]
+            if fits:  # best fit (by position: `==` on arrays compares elements)
+                return self._free.pop(min(fits, key=lambda i: self.size(self._free[i])))
+        size = max(_QUANTUM, align(nbytes, _QUANTUM))
+        if self.mem == "DRAM":
+            raw = np.empty(size, dtype=np.uint8)
+        else:
+            raw = torch.empty(size, dtype=torch.uint8, device=self.device)
+        reg = self._agent.register_memory([(self.addr(raw), size, self.dev_id, "")], self.mem)
+        self._regs[self.addr(raw)] = (raw, reg)
+        self.registrations += 1
+        return raw
+
+    def release(self, raw: Any) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._free.append(raw)
+            extra = sum(self.size(r) for r in self._free) - self.max_free_bytes
+            trim = []
+            self._free.sort(key=self.size)
+            while extra > 0 and self._free:
+                trim.append(self._free.pop(0))  # smallest first
+                extra -= self.size(trim[-1])
+        for r in trim:
+            self._deregister(r)
+
+    def _give_back(self, raw: np.ndarray) -> None:  # called by a _Lease, from any thread
+        with self._lock:
+            if not self._closed:
+                self._returned.append(raw)
+
+    def handout(self, raw: np.ndarray) -> np.ndarray:
+        """A flat uint8 view of ``raw`` that returns it here once nothing views it."""
+        return np.asarray(_Lease(raw, self._self_ref))
+
+    def _deregister(self, raw: Any) -> None:
+        entry = self._regs.pop(self.addr(raw), None)
+        if entry is not None:
+            self._agent.deregister_memory(entry[1])
+
+    @property
+    def free_buffers(self) -> int:
+        return len(self._free) + len(self._returned)
+
+    @property
+    def registered(self) -> int:
+        return len(self._regs)
+
+    def close(self) -> None:
+        """Deregister every buffer. Tensors still viewing one stay valid (numpy owns the
+        memory); their leases return to a closed pool and are dropped."""
+        with self._lock:
+            self._closed = True
+            self._free.clear()
+            self._returned.clear()
+            regs = list(self._regs.values())
+            self._regs.clear()
+        for _raw, reg in regs:
+            try:
+                self._agent.deregister_memory(reg)
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                logger.warning("torch_raydata: NIXL deregister failed", exc_info=True)
+
+
+class NixlTransport(Transport):
+    """Trainer end of remote collate over NIXL; see the module docstring.
+
+    Args:
+        device: None/"cpu" (DRAM destinations) or a CUDA device (VRAM destinations).
+        num_actors: collate actors per epoch.
+        actor_num_cpus: CPUs each actor reserves in Ray's scheduler (small, so the actors
+            never starve the Dataset's own tasks).
+        in_flight: READs posted together (one per batch) before waiting on them; also the
+            number of batches the remote epoch collects before posting.
+        xfer_timeout: seconds a posted READ may take before it is aborted with an error
+            (also how long an actor waits for a READ confirmation).
+        copy: clone each batch out of the destination buffer (and reuse the buffer at once)
+            instead of handing out views that return it when dropped.
+        backends: NIXL backends of the agents.
+        max_free_bytes: free destination memory kept registered for reuse.
+        actor_options: extra ``.options(...)`` for the collate actors (e.g. a
+            ``scheduling_strategy`` or ``runtime_env``).
+    """
+
+    needs_thread = True
+    #: Tells RayIterableDataset to run the remote epoch (pipeline/remote.py).
+    remote_collate = True
+
+    def __init__(
+        self,
+        device: Any = None,
+        *,
+        num_actors: int = 2,
+        actor_num_cpus: float = 0.25,
+        in_flight: int = 4,
+        xfer_timeout: float = 60.0,
+        copy: bool = False,
+        backends: tuple[str, ...] = ("UCX",),
+        max_free_bytes: int = 1 << 30,
+        actor_options: dict[str, Any] | None = None,
+    ) -> None:
+        import_nixl()  # fail at construction, naming the extra
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(
+                    f"{device=} but CUDA is not available in this process; use device=None/"
+                    "'cpu' (NIXL then READs into host DRAM)"
+                )
+            if dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.type != "cpu":
+            raise ValueError(
+                f"NixlTransport moves batches to 'cpu' or a CUDA device, got {device=}"
+            )
+        super().__init__(dev)
+        if isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1:
+            raise ValueError(f"{num_actors=} must be an int >= 1")
+        if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
+            raise ValueError(f"{in_flight=} must be an int >= 1")
+        if not actor_num_cpus >= 0:
+            raise ValueError(f"{actor_num_cpus=} must be >= 0")
+        if not xfer_timeout > 0:
+            raise ValueError(f"{xfer_timeout=} must be > 0 seconds")
+        self.num_actors = num_actors
+        self.actor_num_cpus = float(actor_num_cpus)
+        self.in_flight = in_flight
+        self.xfer_timeout = float(xfer_timeout)
+        # VRAM buffers have no lease mechanism (torch storages have no "last view died"
+        # hook): on CUDA each batch is cloned on the device and the buffer reused at once.
+        self.copy = bool(copy) or dev.type == "cuda"
+        self.backends = tuple(backends)
+        self.max_free_bytes = max_free_bytes
+        self.actor_options = dict(actor_options or {})
+        self._lock = threading.RLock()
+        self._agent: Any = None
+        self._pool: _DestPool | None = None
+        self._loaded: dict[str, int] = {}  # remote agent -> metadata version loaded
+        self._stuck: list[Any] = []  # buffers whose READ could not be cancelled
+        self.reads_posted = 0
+        self.reads_done = 0
+        self.bytes_read = 0
+
+    # -- agent -----------------------------------------------------------------------------
+    @property
+    def agent(self) -> Any:
+        with self._lock:
+            if self._agent is None:
+                nixl_agent, nixl_agent_config = import_nixl()
+                name = f"trd-trainer-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                # No progress thread here: it spins (~0.35 CPU-s per second measured idle),
+                # and this agent only initiates READs, which polling them progresses.
+                config = nixl_agent_config(enable_prog_thread=False, backends=list(self.backends))
+                self._agent = nixl_agent(name, config)
+                self._pool = _DestPool(self._agent, self.device, self.max_free_bytes)
+            return self._agent
+
+    @property
+    def pool(self) -> _DestPool:
+        self.agent  # noqa: B018 - creates the pool with the agent
+        assert self._pool is not None
+        return self._pool
+
+    def spawn_workers(
+        self, collate_fn: Any, *, id_column: str | None, max_slabs: int
+    ) -> list[tuple[Any, str]]:
+        """Start ``num_actors`` collate actors; returns ``(handle, agent name)`` pairs.
+        The caller (the remote epoch) owns them and kills them when it ends."""
+        import ray
+
+        from ._nixl_worker import CollateWorker
+
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        cls = ray.remote(CollateWorker)
+        options = {"num_cpus": self.actor_num_cpus, "max_restarts": 0} | self.actor_options
+        out: list[tuple[Any, str]] = []
+        try:
+            for i in range(self.num_actors):
+                name = f"trd-collate-{tag}-{i}"
+                handle = cls.options(**options).remote(
+                    name,
+                    collate_fn,
+                    id_column=id_column,
+                    backends=self.backends,
+                    max_slabs=max_slabs,
+                    notif_timeout=self.xfer_timeout,
+                )
+                out.append((handle, name))
+        except BaseException as e:
+            for handle, _ in out:
+                ray.kill(handle, no_restart=True)
+            if isinstance(e, TypeError) and "serialize" in str(e):
+                raise TypeError(
+                    f"collate_fn={collate_fn!r} must be picklable: with transport='nixl' it "
+                    f"runs in Ray actors ({str(e).splitlines()[0]})"
+                ) from e
+            raise
+        return out
+
+    def forget(self, agent_names: list[str]) -> None:
+        """Disconnect from remote agents (their actors are gone or going)."""
+        with self._lock:
+            for name in agent_names:
+                if self._loaded.pop(name, None) is not None and self._agent is not None:
+                    try:
+                        self._agent.remove_remote_agent(name)
+                    except Exception:  # noqa: BLE001 - already disconnected is fine
+                        logger.debug("torch_raydata: remove_remote_agent(%s) failed", name)
+
+    def _load(self, desc: RemoteBatch) -> None:
+        if self._loaded.get(desc.agent, -1) < desc.md_version:
+            self.agent.add_remote_agent(desc.metadata)
+            self._loaded[desc.agent] = desc.md_version
+
+    # -- Transport -------------------------------------------------------------------------
+    def fetch(self, batch: Any) -> Any:
+        raise TypeError(
+            "NixlTransport moves batches collated by its remote actors (RemoteBatch "
+            f"descriptors), got {type(batch).__name__}; use it through "
+            "RayIterableDataset(transport='nixl'), which runs the remote epoch"
+        )
+
+    def fetch_multiple(self, batches: list[Any]) -> FetchRequest:
+        """Post one READ per descriptor, all of them, and return without waiting."""
+        for b in batches:
+            if not isinstance(b, RemoteBatch):
+                self.fetch(b)
+        xfers: list[_Xfer] = []
+        request = FetchRequest(batches=batches, handle=xfers)
+        with self._lock:
+            agent = self.agent
+            pool = self.pool
+            try:
+                for desc in batches:
+                    x = _Xfer(desc)
+                    xfers.append(x)
+                    if desc.nbytes == 0:  # no tensors: nothing to READ, no buffer held remotely
+                        x.done = True
+                        continue
+                    self._load(desc)
+                    x.raw = pool.acquire(desc.nbytes)
+                    local = agent.get_xfer_descs(
+                        [(pool.addr(x.raw), desc.nbytes, pool.dev_id)], pool.mem
+                    )
+                    remote = agent.get_xfer_descs([(desc.addr, desc.nbytes, 0)], "DRAM")
+                    x.handle = agent.initialize_xfer("READ", local, remote, desc.agent, desc.token)
+                    x.posted_at = time.monotonic()
+                    state = agent.transfer(x.handle)
+                    self.reads_posted += 1
+                    self.bytes_read += desc.nbytes
+                    if state == "ERR":
+                        raise NixlTransferError(f"posting the READ of batch {desc.idx} failed")
+            except BaseException as e:
+                self.abort(request)
+                if isinstance(e, NixlTransferError):
+                    raise
+                raise NixlTransferError(
+                    f"could not READ batch {xfers[-1].desc.idx} from collate actor "
+                    f"{xfers[-1].desc.agent} ({type(e).__name__}: {e}); the actor may have died"
+                ) from e
+        return request
+
+    def wait_fetch_complete(self, request: FetchRequest, timeout: float | None = None) -> list[Any]:
+        """Wait for every READ of ``request``; return the payloads in order.
+
+        Raises ``TimeoutError`` when ``timeout`` passes first (the request stays valid and
+        can be waited on again), :class:`NixlTransferError` (after aborting the request) on
+        an error or when a READ has taken more than ``xfer_timeout``.
+        """
+        xfers: list[_Xfer] = request.handle
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sleep = _SPIN
+        while True:
+            with self._lock:
+                pending = self._poll(request, xfers)
+            if not pending:
+                break
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise TimeoutError(
+                    f"READs of batches {[x.desc.idx for x in pending]} still running"
+                )
+            time.sleep(sleep)
+            sleep = min(sleep * 2, _MAX_SPIN)
+        with self._lock:
+            return [self._payload(x) for x in xfers]
+
+    def _poll(self, request: FetchRequest, xfers: list[_Xfer]) -> list[_Xfer]:
+        agent = self.agent
+        pending = []
+        for x in xfers:
+            if x.done:
+                continue
+            try:
+                state = agent.check_xfer_state(x.handle)
+            except Exception as e:  # noqa: BLE001 - a disconnected peer raises here
+                state, err = "ERR", e
+            else:
+                err = None
+            if state == "DONE":
+                x.handle.release()
+                x.handle = None
+                x.done = True
+                self.reads_done += 1
+                continue
+            if state == "ERR" or time.monotonic() - x.posted_at > self.xfer_timeout:
+                why = (
+                    f"failed ({type(err).__name__}: {err})"
+                    if err is not None
+                    else "failed (NIXL state ERR)"
+                    if state == "ERR"
+                    else f"did not complete within xfer_timeout={self.xfer_timeout:.0f}s"
+                )
+                self.abort(request)
+                raise NixlTransferError(
+                    f"the READ of batch {x.desc.idx} from collate actor {x.desc.agent} {why}; "
+                    "the actor may have died"
+                ) from err
+            pending.append(x)
+        return pending
+
+    def _payload(self, x: _Xfer) -> Any:
+        desc = x.desc
+        tensors: list[torch.Tensor] = []
+        if x.raw is None:
+            base = None
+        elif self.copy:
+            base = x.raw
+        else:
+            base = self.pool.handout(x.raw)
+        for spec in desc.tensors:
+            if spec.nbytes == 0 or base is None:
+                tensors.append(torch.empty(spec.shape, dtype=spec.dtype, device=self.device))
+                continue
+            flat = base[spec.offset : spec.offset + spec.nbytes]
+            t = (torch.from_numpy(flat) if isinstance(flat, np.ndarray) else flat).view(spec.dtype)
+            t = t.view(spec.shape)
+            tensors.append(t.clone() if self.copy else t)
+        if x.raw is not None and self.copy:
+            self.pool.release(x.raw)
+        x.raw = None
+        return unflatten_payload(desc.skeleton, tensors)
+
+    def abort(self, request: FetchRequest) -> None:
+        """Release every transfer of ``request`` that has not completed (NIXL cancels it);
+        a buffer whose transfer cannot be cancelled is never reused."""
+        with self._lock:
+            for x in request.handle or ():
+                if x.handle is not None:
+                    try:
+                        x.handle.release()
+                    except Exception:  # noqa: BLE001 - cannot cancel: keep its buffer out
+                        logger.warning(
+                            "torch_raydata: could not cancel the NIXL READ of batch %d",
+                            x.desc.idx,
+                            exc_info=True,
+                        )
+                        self._stuck.append(x.raw)
+                        x.raw = None
+                    x.handle = None
+                if x.raw is not None and self._pool is not None:
+                    self._pool.release(x.raw)
+                    x.raw = None
+                x.done = True
+
+    def close(self) -> None:
+        with self._lock:
+            if self._agent is None:
+                return
+            self.forget(list(self._loaded))
+            assert self._pool is not None
+            self._pool.close()
+            self._pool = None
+            self._stuck.clear()
+            self._agent = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_lock=None, _agent=None, _pool=None, _loaded={}, _stuck=[])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        return (
+            f"NixlTransport(device={self.device}, num_actors={self.num_actors}, "
+            f"in_flight={self.in_flight}, copy={self.copy})"
+        )
