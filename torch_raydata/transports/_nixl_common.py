@@ -24,6 +24,8 @@ __all__ = [
     "align",
     "flatten_payload",
     "import_nixl",
+    "release_message",
+    "released_slabs",
     "unflatten_payload",
 ]
 
@@ -49,6 +51,25 @@ def import_nixl() -> tuple[Any, Any]:
     return nixl_agent, nixl_agent_config
 
 
+_RELEASE = b"trd-release:"
+
+
+def release_message(slabs: list[int]) -> bytes:
+    """The notification telling an actor its ``slabs`` were READ and may be reused."""
+    return _RELEASE + b",".join(b"%d" % s for s in slabs)
+
+
+def released_slabs(msg: bytes) -> list[int]:
+    """Inverse of :func:`release_message`; [] for any other message."""
+    msg = bytes(msg)
+    if not msg.startswith(_RELEASE):
+        return []
+    try:
+        return [int(x) for x in msg[len(_RELEASE) :].split(b",") if x]
+    except ValueError:
+        return []
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One tensor of a batch: ``nbytes`` at ``offset`` of the batch's buffer."""
@@ -63,9 +84,9 @@ class TensorSpec:
 class RemoteBatch:
     """What a collate actor returns for one batch (travels through Ray; a few hundred bytes).
 
-    ``addr``/``nbytes``: the packed tensors in the actor's registered buffer ``slab``;
-    ``token``: the notification the READ carries, so the actor frees that buffer once the
-    trainer's READ has completed. ``metadata``: the actor agent's NIXL metadata at version
+    ``addr``/``nbytes``: the packed tensors in the actor's registered buffer ``slab``, which
+    the actor reuses once the trainer's notification names it (:func:`release_message`, sent
+    after the READ completed). ``metadata``: the actor agent's NIXL metadata at version
     ``md_version`` (the trainer loads it when newer than what it has: a new buffer was
     registered). ``skeleton``: the payload with each tensor replaced by its index.
     """
@@ -77,7 +98,6 @@ class RemoteBatch:
     slab: int
     addr: int
     nbytes: int
-    token: bytes
     tensors: tuple[TensorSpec, ...]
     skeleton: Any
     num_rows: int

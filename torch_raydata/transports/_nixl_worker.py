@@ -9,15 +9,15 @@ One batch, in the actor (method calls run one at a time):
 
     1. resolve the plan's block pieces (``ray.get``, zero-copy from this node's object store)
     2. reserve a slab at least as large as the last batch needed (a slab is free again once
-       the notification its READ carries has arrived)
+       the trainer's notification says its READ completed)
     3. collate: DefaultCollate/PadCollate write straight into the slab (their ``allocator``
        is pointed at it); any other tensor (a user collate_fn's, or an overflow) is copied
        in afterwards, into a larger slab if needed
     4. return a :class:`RemoteBatch` descriptor; the slab stays busy until its notification
 
 Progress: NIXL's own progress thread is off (it spins); a small thread here progresses the
-agent (the trainer's READs need it) and takes the notifications, every 0.5 ms while a slab
-is busy, every 5 ms otherwise.
+agent (connection set-up needs it) and takes the notifications, every 0.5 ms while a slab
+is busy (a release may come), every 5 ms otherwise.
 
 Slabs: sized to the batch rounded up to 64 KiB, reused best-fit. At most ``max_slabs`` are
 busy at once (the trainer's in-flight bound, plus slack for notifications still on the
@@ -37,16 +37,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._nixl_common import RemoteBatch, TensorSpec, align, flatten_payload, import_nixl
+from ._nixl_common import (
+    RemoteBatch,
+    TensorSpec,
+    align,
+    flatten_payload,
+    import_nixl,
+    released_slabs,
+)
 
 __all__ = ["CollateWorker", "with_allocator"]
 
 _SLAB_QUANTUM = 1 << 16
 # The agent is progressed by a small Python thread instead of NIXL's progress thread, which
-# spins (~0.35 CPU-s per second measured idle here). The trainer's one-sided READs still
-# need this side to progress (UCX wire-up; over CMA, READs of 3 MB ran at 3.8 GB/s polled
-# every 1 ms, 4.6 GB/s every 0.5 ms, 1.2 GB/s every 10 ms, for 5-8% of a core): poll often
-# while a slab is busy (a READ is coming), rarely otherwise.
+# spins (~0.35 CPU-s per second measured idle here). This side must progress for the UCX
+# wire-up and to receive notifications (a READ that carried its notification waited on it:
+# 0.1 GB/s polled every 10 ms, vs 4.8 GB/s for a READ without one, so the trainer sends
+# releases separately); polling every 0.5-1 ms cost 5-8% of a core here.
 _PROGRESS_BUSY = 0.0005
 _PROGRESS_IDLE = 0.005
 
@@ -148,10 +155,11 @@ class CollateWorker:
         freed = 0
         for msgs in self.agent.get_new_notifs().values():
             for msg in msgs:
-                slab = self._slabs.get(_slab_of(msg))
-                if slab is not None and slab.busy:
-                    slab.busy = False
-                    freed += 1
+                for sid in released_slabs(msg):
+                    slab = self._slabs.get(sid)
+                    if slab is not None and slab.busy:
+                        slab.busy = False
+                        freed += 1
         return freed
 
     def close(self) -> None:
@@ -309,7 +317,6 @@ class CollateWorker:
             slab=slab.id if slab is not None else -1,
             addr=slab.base if slab is not None else 0,
             nbytes=nbytes,
-            token=_token(slab.id if slab is not None else -1),
             tensors=tuple(specs),
             skeleton=skeleton,
             num_rows=plan.num_rows,
@@ -325,14 +332,3 @@ class CollateWorker:
                 "busy": sum(s.busy for s in self._slabs.values()),
                 "allocations": self.allocations,
             }
-
-
-def _token(slab: int) -> bytes:
-    return b"trd-slab:%d" % slab
-
-
-def _slab_of(msg: bytes) -> int:
-    try:
-        return int(bytes(msg).split(b":", 1)[1])
-    except (IndexError, ValueError):
-        return -1

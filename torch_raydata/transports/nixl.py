@@ -11,8 +11,9 @@ trainer's end:
   buffers (DRAM on CPU runs; VRAM for a CUDA device);
 * ``fetch_multiple(descriptors)`` posts one READ per batch for all of them and returns at
   once; ``wait_fetch_complete(request, timeout)`` polls them until DONE or ERR (the
-  upstream Ray #61773 pattern). Each READ carries a notification naming the actor's
-  buffer, so the actor frees it only once the READ has completed;
+  upstream Ray #61773 pattern). Once they are done, one notification per actor names the
+  source buffers it may reuse (not carried by the READ itself: a READ with a notification
+  completes only once the actor has progressed, 0.1 vs 4.8 GB/s measured here);
 * the payload handed on owns its memory: its tensors are views of the destination buffer,
   which returns to the pool when the training step has dropped every one of them (the
   lease of ``pipeline/buffers.py``), so an in-place update by the step is safe and costs
@@ -47,7 +48,7 @@ import numpy as np
 import torch
 
 from ..pipeline.buffers import _Lease
-from ._nixl_common import RemoteBatch, align, import_nixl, unflatten_payload
+from ._nixl_common import RemoteBatch, align, import_nixl, release_message, unflatten_payload
 from .base import FetchRequest, Transport
 
 __all__ = ["NixlTransport", "NixlTransferError"]
@@ -70,6 +71,7 @@ class _Xfer:
     handle: Any = None
     done: bool = False
     posted_at: float = 0.0
+    release: bool = False  # the source slab may be reused: tell its actor
 
 
 class _DestPool:
@@ -352,7 +354,9 @@ class NixlTransport(Transport):
                         [(pool.addr(x.raw), desc.nbytes, pool.dev_id)], pool.mem
                     )
                     remote = agent.get_xfer_descs([(desc.addr, desc.nbytes, 0)], "DRAM")
-                    x.handle = agent.initialize_xfer("READ", local, remote, desc.agent, desc.token)
+                    # No notification on the READ itself: its completion would then wait for
+                    # the actor to progress; releases are sent once the READs are done.
+                    x.handle = agent.initialize_xfer("READ", local, remote, desc.agent, b"")
                     x.posted_at = time.monotonic()
                     state = agent.transfer(x.handle)
                     self.reads_posted += 1
@@ -392,7 +396,21 @@ class NixlTransport(Transport):
             time.sleep(sleep)
             sleep = min(sleep * 2, _MAX_SPIN)
         with self._lock:
+            self._release_sources(xfers)
             return [self._payload(x) for x in xfers]
+
+    def _release_sources(self, xfers: list[_Xfer]) -> None:
+        """Tell each actor which of its slabs were READ (one notification per actor)."""
+        slabs: dict[str, list[int]] = {}
+        for x in xfers:
+            if x.release:
+                slabs.setdefault(x.desc.agent, []).append(x.desc.slab)
+                x.release = False
+        for agent_name, ids in slabs.items():
+            try:
+                self.agent.send_notif(agent_name, release_message(ids))
+            except Exception:  # noqa: BLE001 - the actor is gone: nothing to release
+                logger.debug("torch_raydata: release notification to %s failed", agent_name)
 
     def _poll(self, request: FetchRequest, xfers: list[_Xfer]) -> list[_Xfer]:
         agent = self.agent
@@ -409,7 +427,7 @@ class NixlTransport(Transport):
             if state == "DONE":
                 x.handle.release()
                 x.handle = None
-                x.done = True
+                x.done = x.release = True
                 self.reads_done += 1
                 continue
             if state == "ERR" or time.monotonic() - x.posted_at > self.xfer_timeout:
@@ -458,6 +476,7 @@ class NixlTransport(Transport):
                 if x.handle is not None:
                     try:
                         x.handle.release()
+                        x.release = True
                     except Exception:  # noqa: BLE001 - cannot cancel: keep its buffer out
                         logger.warning(
                             "torch_raydata: could not cancel the NIXL READ of batch %d",
@@ -471,6 +490,7 @@ class NixlTransport(Transport):
                     self._pool.release(x.raw)
                     x.raw = None
                 x.done = True
+            self._release_sources(request.handle or [])
 
     def close(self) -> None:
         with self._lock:
