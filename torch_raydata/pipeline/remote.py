@@ -29,17 +29,23 @@ plans can come, and the bound is at least one group, so it cannot deadlock.
 
 Supported on this path: preserve_order, drop_last, shuffle_buffer_size/shuffle_seed (the
 same batches as the local path for the same block order: the draw is replayed on row
-positions), id_column, skip-ahead resume, equal steps across ranks (max_batches), Dataset
-and DataIterator (shard) inputs, any picklable collate_fn. ``num_workers`` (threads of the
-local collate pool) is not used: ``transport.num_actors`` actors collate. Not supported:
-blocks whose metadata has no row count (ValueError: use transport='local'). Actors are
-placed by Ray's default scheduling (no locality hints; on one node everything is local).
+positions), id_column, skip-ahead and exact resume, equal steps across ranks
+(max_batches), Dataset and DataIterator (shard) inputs, any picklable collate_fn. Exact
+resume where the local path drops consumed rows in stage 3 (DataIterator or materialized
+inputs): a zero-CPU Ray task per block reads its ID column and returns the kept rows,
+which the plans gather. ``num_workers`` (threads of the local collate pool) is not used:
+``transport.num_actors`` actors collate. Not supported: blocks whose metadata has no row
+count (ValueError: use transport='local').
+Actors are placed by Ray's default scheduling (no locality hints; on one node everything
+is local). They start with each epoch (a fresh process importing torch: the first batch
+comes seconds later; see benchmarks/NOTES_nixl.md).
 
 Cleanup: closing (end, break, error, GC) stops both threads, shuts the source down, kills
 every collate actor and disconnects the transport from their agents; no actor, block or
 descriptor reference outlives the iterator. An actor that dies mid-epoch surfaces as
-:class:`RemoteCollateError` naming the batch (the dead actor's task fails at once; a READ
-from its memory fails or times out after ``transport.xfer_timeout``).
+:class:`RemoteCollateError` naming the batch (its pending calls fail at once), or as
+``NixlTransferError`` naming the batch when a READ from its memory fails (or has not
+completed after ``transport.xfer_timeout`` seconds).
 """
 
 from __future__ import annotations
@@ -118,12 +124,17 @@ class BatchPlan:
 class _Block:
     ref: Any
     base: int  # first row of this stream's slice of the block
-    rows: int
+    rows: int  # rows planned from it (kept rows when resuming)
     row_bytes: float
     live: int  # rows not yet planned (shuffle); the ref is dropped at 0
+    keep: np.ndarray | None = None  # resuming: offsets (in the slice) of the kept rows
 
 
-def _blocks(blocks: Iterable[SourceBlock], stats: StatsRecorder) -> Iterator[_Block]:
+def _blocks(
+    blocks: Iterable[SourceBlock],
+    stats: StatsRecorder,
+    keep_rows: Callable[[SourceBlock], np.ndarray] | None,
+) -> Iterator[_Block]:
     it = iter(blocks)
     while True:
         t0 = time.perf_counter()
@@ -139,24 +150,71 @@ def _blocks(blocks: Iterable[SourceBlock], stats: StatsRecorder) -> Iterator[_Bl
                 "a block's metadata has no row count; transport='nixl' plans batches from "
                 "row counts without fetching blocks: use transport='local' for this dataset"
             )
-        if sb.num_rows:
+        if not sb.num_rows:
+            continue
+        keep = None
+        if keep_rows is not None:
+            t0 = time.perf_counter()
+            keep = np.asarray(keep_rows(sb), dtype=np.int64)
+            stats.add_time("batching", time.perf_counter() - t0)
+            if len(keep) == sb.num_rows:
+                keep = None
+        rows = sb.num_rows if keep is None else len(keep)
+        if rows:
             base = sb.rows[0] if sb.rows is not None else 0
-            yield _Block(sb.ref, base, sb.num_rows, sb.size_bytes / sb.num_rows, sb.num_rows)
+            yield _Block(sb.ref, base, rows, sb.size_bytes / sb.num_rows, rows, keep)
 
 
 def _plan(idx: int, parts: list[tuple[_Block, int, int]], take: np.ndarray | None) -> BatchPlan:
-    """``parts``: (block, first, stop) row ranges relative to the block's slice."""
+    """``parts``: (block, first, stop) ranges of each block's planned rows (its kept rows
+    when resuming); ``take``: positions in their concatenation, in batch order, or None."""
     refs: dict[Any, int] = {}
     pieces = []
     nbytes = 0.0
-    for blk, lo, hi in parts:
-        i = refs.setdefault(blk.ref, len(refs))
-        pieces.append((i, blk.base + lo, blk.base + hi))
-        nbytes += blk.row_bytes * (hi - lo)
-    rows = len(take) if take is not None else sum(hi - lo for _, lo, hi in parts)
-    if take is not None:
-        nbytes = nbytes * rows / max(1, sum(hi - lo for _, lo, hi in parts))
+    planned = sum(hi - lo for _, lo, hi in parts)
+    if all(blk.keep is None for blk, _, _ in parts):
+        for blk, lo, hi in parts:
+            i = refs.setdefault(blk.ref, len(refs))
+            pieces.append((i, blk.base + lo, blk.base + hi))
+            nbytes += blk.row_bytes * (hi - lo)
+    else:  # resuming: kept rows are not contiguous, so gather them with `take`
+        positions, offset = [], 0
+        for blk, lo, hi in parts:
+            real = blk.keep[lo:hi] if blk.keep is not None else np.arange(lo, hi)
+            first, stop = int(real[0]), int(real[-1]) + 1
+            i = refs.setdefault(blk.ref, len(refs))
+            pieces.append((i, blk.base + first, blk.base + stop))
+            positions.append(offset + real - first)
+            offset += stop - first
+            nbytes += blk.row_bytes * (hi - lo)
+        gather = np.concatenate(positions)
+        take = gather if take is None else gather[take]
+    rows = len(take) if take is not None else planned
+    nbytes = nbytes * rows / max(1, planned)
     return BatchPlan(idx, tuple(refs), tuple(pieces), rows, int(nbytes), take)
+
+
+def kept_rows(
+    block: Any, rows: tuple[int, int] | None, keys: np.ndarray, id_column: str
+) -> np.ndarray:
+    """Offsets (in the stream's slice of ``block``) of the rows whose ID is not among the
+    sorted ``keys`` — what ``resume.drop_consumed`` keeps. Runs as a Ray task by the block."""
+    from ..resume import ids_as_uint64
+
+    table = to_arrow(block)
+    if rows is not None:
+        table = table.slice(rows[0], rows[1] - rows[0])
+    if id_column not in table.column_names:
+        raise ValueError(
+            f"id_column={id_column!r} is not a column of the dataset; "
+            f"columns are {table.column_names}"
+        )
+    if len(keys) == 0:
+        return np.arange(table.num_rows)
+    ids = ids_as_uint64(table.column(id_column))
+    pos = np.searchsorted(keys, ids)
+    pos[pos == len(keys)] = 0
+    return np.flatnonzero(keys[pos] != ids)
 
 
 def plan_batches(
@@ -168,13 +226,19 @@ def plan_batches(
     shuffle_seed: int | None = None,
     epoch: int = 0,
     stats: StatsRecorder | None = None,
+    keep_rows: Callable[[SourceBlock], np.ndarray] | None = None,
 ) -> Iterator[BatchPlan]:
     """Stage 3 on metadata: the same batches as ``blocks_to_batches`` for the same blocks
-    (same rows, same order, same shuffle for the same seed and epoch), as plans."""
+    (same rows, same order, same shuffle for the same seed and epoch), as plans.
+
+    ``keep_rows(block)``: when resuming with rows to drop, the offsets of the rows to keep
+    (``kept_rows``, run by the block); plans then cover only those, as stage 3 would after
+    ``drop_keys``. The one place this path looks at data, and only at the ID column.
+    """
     if batch_size < 1:
         raise ValueError(f"{batch_size=} must be >= 1")
     stats = stats if stats is not None else StatsRecorder()
-    stream = _blocks(blocks, stats)
+    stream = _blocks(blocks, stats, keep_rows)
     if shuffle_buffer_size:
         rng = np.random.default_rng(None if shuffle_seed is None else [shuffle_seed, epoch])
         yield from _shuffled_plans(stream, batch_size, drop_last, shuffle_buffer_size, rng, stats)
@@ -499,20 +563,13 @@ class RemoteEpochRun(EpochRun):
         blocks: Iterable[SourceBlock],
         fetcher: Any,
         collate_fn: Callable[[Any], Any],
-        transport: Transport,
+        transport: Any,  # a Transport with remote_collate (NixlTransport)
         config: PipelineConfig,
         **kwargs: Any,
     ) -> None:
         if not getattr(transport, "remote_collate", False):
             raise TypeError(f"{transport!r} does not collate remotely; use EpochRun")
-        drop_keys = kwargs.get("drop_keys")
-        if drop_keys is not None:
-            raise NotImplementedError(
-                f"resuming this input drops consumed rows in the trainer ({len(drop_keys)} "
-                "IDs), which the remote path cannot do (it never sees the rows): resume this "
-                "epoch with transport='local', or pass a ray.data.Dataset (filtered on the "
-                "cluster)"
-            )
+        drop_keys = kwargs.pop("drop_keys", None)
         on_close = kwargs.pop("on_close", None)
         # EpochRun.__init__ sets up the consumer's state (counters, IDs, progress, stats);
         # the local stages it builds run over an empty stream (they end at once) and are
@@ -540,6 +597,9 @@ class RemoteEpochRun(EpochRun):
             handles = [a for a, _ in self._actors]
             names = [n for _, n in self._actors]
             s = self._shared = _Shared(bound, len(handles))
+            keep_rows = None
+            if drop_keys is not None and config.id_column is not None:
+                keep_rows = _kept_rows_remotely(drop_keys, config.id_column)
             plans = plan_batches(
                 blocks,
                 batch_size=config.batch_size,
@@ -548,10 +608,11 @@ class RemoteEpochRun(EpochRun):
                 shuffle_seed=config.shuffle_seed,
                 epoch=epoch,
                 stats=self.stats,
+                keep_rows=keep_rows,
             )
             # Steps 1-3 (plan thread) and 5-6 (fetch thread); see the module docstring.
-            self._prefetcher = _Thread(s, "trd-remote-plan", _plan_loop, plans, handles)
-            self._final = _Output(s, transport, names, config.preserve_order, self.stats)
+            self._prefetcher = _Thread(s, "trd-remote-plan", _plan_loop, plans, handles)  # type: ignore[assignment]
+            self._final = _Output(s, transport, names, config.preserve_order, self.stats)  # type: ignore[assignment]
         except BaseException:
             self.close()
             raise
@@ -581,6 +642,20 @@ class RemoteEpochRun(EpochRun):
                 pass
         _settle(refs)
         self._transport.forget([n for _, n in actors])  # type: ignore[attr-defined]
+
+
+def _kept_rows_remotely(keys: np.ndarray, id_column: str) -> Callable[[SourceBlock], np.ndarray]:
+    """``keep_rows`` for plan_batches: a zero-CPU Ray task per block next to it (the ID
+    set goes into the object store once per epoch)."""
+    import ray
+
+    keys_ref = ray.put(keys)
+    task = ray.remote(num_cpus=0)(kept_rows)
+
+    def keep(sb: SourceBlock) -> np.ndarray:
+        return ray.get(task.remote(sb.ref, sb.rows, keys_ref, id_column))
+
+    return keep
 
 
 def _settle(refs: list[Any]) -> None:

@@ -112,6 +112,7 @@ class _DestPool:
             if fits:  # best fit (by position: `==` on arrays compares elements)
                 return self._free.pop(min(fits, key=lambda i: self.size(self._free[i])))
         size = max(_QUANTUM, align(nbytes, _QUANTUM))
+        raw: Any
         if self.mem == "DRAM":
             raw = np.empty(size, dtype=np.uint8)
         else:
@@ -142,7 +143,7 @@ class _DestPool:
 
     def handout(self, raw: np.ndarray) -> np.ndarray:
         """A flat uint8 view of ``raw`` that returns it here once nothing views it."""
-        return np.asarray(_Lease(raw, self._self_ref))
+        return np.asarray(_Lease(raw, self._self_ref))  # type: ignore[arg-type]
 
     def _deregister(self, raw: Any) -> None:
         entry = self._regs.pop(self.addr(raw), None)
@@ -418,12 +419,11 @@ class NixlTransport(Transport):
         for x in xfers:
             if x.done:
                 continue
+            err: Exception | None = None
             try:
                 state = agent.check_xfer_state(x.handle)
             except Exception as e:  # noqa: BLE001 - a disconnected peer raises here
                 state, err = "ERR", e
-            else:
-                err = None
             if state == "DONE":
                 x.handle.release()
                 x.handle = None
