@@ -27,6 +27,7 @@ from typing import Any
 from ..transports.base import FetchRequest, Transport
 from .constants import FINALIZE_IN_FLIGHT, JOIN_TIMEOUT, QUEUE_TIMEOUT
 from .errors import ExceptionWrapper
+from .queues import next_item
 from .stats import StatsRecorder
 from .types import Batch
 
@@ -153,22 +154,16 @@ class Finalizer:
             except StopIteration:
                 self._done = True
                 raise
-        while True:
-            try:
-                item = self._out.get(timeout=QUEUE_TIMEOUT)
-            except queue.Empty:
-                if self._stop.is_set():
-                    self._done = True
-                    raise StopIteration from None
-                continue
-            if item is _END:
-                self._done = True
-                raise StopIteration
-            self._slots.release()
-            if isinstance(item, ExceptionWrapper):
-                self._done = True
-                item.reraise()
-            return item
+        try:
+            item = next_item(self._out, self._stop, _END)
+        except StopIteration:
+            self._done = True
+            raise
+        self._slots.release()
+        if isinstance(item, ExceptionWrapper):
+            self._done = True
+            item.reraise()
+        return item
 
     def stop(self) -> None:
         self._stop.set()

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from .constants import IDLE_WAIT, JOIN_TIMEOUT, QUEUE_TIMEOUT
 from .errors import ExceptionWrapper
+from .queues import next_item
 from .stats import StatsRecorder
 from .types import SourceBlock
 
@@ -192,22 +193,16 @@ class Prefetcher:
     def __next__(self) -> tuple[SourceBlock, Any]:
         if self._done:
             raise StopIteration
-        while True:
-            try:
-                item = self._out.get(timeout=QUEUE_TIMEOUT)
-            except queue.Empty:
-                if self._stop.is_set():
-                    self._done = True
-                    raise StopIteration from None
-                continue
-            if item is _END:
-                self._done = True
-                raise StopIteration
-            if isinstance(item, ExceptionWrapper):
-                self._done = True
-                item.reraise()
-            self._account(-item[0].size_bytes)
-            return item
+        try:
+            item = next_item(self._out, self._stop, _END)
+        except StopIteration:
+            self._done = True
+            raise
+        if isinstance(item, ExceptionWrapper):
+            self._done = True
+            item.reraise()
+        self._account(-item[0].size_bytes)
+        return item
 
     @property
     def window_bytes(self) -> int:

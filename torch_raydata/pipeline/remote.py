@@ -67,6 +67,7 @@ from ..transports.base import Transport
 from .batching import _ids_of, to_arrow
 from .constants import JOIN_TIMEOUT, QUEUE_TIMEOUT
 from .errors import ExceptionWrapper
+from .queues import next_item
 from .run import EpochRun, PipelineConfig
 from .stats import StatsRecorder
 from .types import Batch, SourceBlock
@@ -519,22 +520,16 @@ class _Output(_Thread):
         s = self._s
         if self._done:
             raise StopIteration
-        while True:
-            try:
-                item = s.out.get(timeout=QUEUE_TIMEOUT)
-            except queue.Empty:
-                if s.stop.is_set():
-                    self._done = True
-                    raise StopIteration from None
-                continue
-            if item is _END:
-                self._done = True
-                raise StopIteration
-            if isinstance(item, ExceptionWrapper):
-                self._done = True
-                item.reraise()
-            s.slots.release()
-            return item
+        try:
+            item = next_item(s.out, s.stop, _END)
+        except StopIteration:
+            self._done = True
+            raise
+        if isinstance(item, ExceptionWrapper):
+            self._done = True
+            item.reraise()
+        s.slots.release()
+        return item
 
     def close(self) -> None:
         super().close()
