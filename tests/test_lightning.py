@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,3 +237,77 @@ def test_lazy_attribute():
     assert trd.RayDataModule is RayDataModule
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         trd.nope  # noqa: B018
+
+
+# -- exact resume through Lightning checkpoints (subprocess, SIGKILL) -----------------------
+RESUME_SCRIPT = Path(__file__).parent / "scripts" / "lightning_resume.py"
+ROWS, BATCH = 1152, 32  # 36 batches per epoch: step 36 is the last batch of epoch 0
+
+
+def _script(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    return subprocess.run(
+        [sys.executable, str(RESUME_SCRIPT), *args], env=env, capture_output=True, text=True,
+        timeout=240,
+    )
+
+
+def _steps(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _ckpt_set(path: Path) -> tuple[dict, np.ndarray]:
+    from torch_raydata.resume import ConsumedSet
+
+    state = torch.load(path, weights_only=False)["RayDataModule"]["splits"]["train"]
+    return state, ConsumedSet.decode(state["consumed"]).sorted_keys().astype(np.int64)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("known_length", [False, True], ids=["fetch-ahead", "known-len"])
+def test_sigkill_then_fit_from_checkpoint_is_exact(tmp_path, known_length):
+    """ModelCheckpoint(every_n_train_steps=4); the process is SIGKILLed in step 40 (epoch
+    1). Resumed with fit(ckpt_path=...) from a mid-epoch checkpoint and from the one taken
+    after the last batch of epoch 0: every row of each epoch is trained on exactly once,
+    counting the checkpoint's consumed set, and no epoch is skipped or repeated.
+    Without a known length Lightning fetches one batch ahead of the training step: that
+    batch must not be in the checkpoint (it is trained on after the resume)."""
+    flag = ["--known-length"] if known_length else []
+    common = ["--rows", str(ROWS), *flag]
+    r = _script("train", str(tmp_path), "--kill-at", "40", *common)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    trained = _steps(tmp_path / "train.jsonl")
+    assert [s["step"] for s in trained] == list(range(40))
+    ckpts = tmp_path / "ckpt"
+
+    # The checkpoint's set is exactly the rows of the steps before it (not the one fetched
+    # ahead), and its counters agree.
+    state, in_ckpt = _ckpt_set(ckpts / "step=8.ckpt")
+    before = sorted(i for s in trained if s["step"] < 8 for i in s["ids"])
+    assert in_ckpt.tolist() == before
+    assert (state["epoch"], state["batches_consumed"], state["rows_consumed"]) == (0, 8, 8 * BATCH)
+
+    # Mid-epoch 0: the rest of epoch 0, then epoch 1 in full.
+    r = _script("resume", str(tmp_path), "--resume-from", "step=8.ckpt", *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "not resumable" not in r.stderr
+    after = _steps(tmp_path / "resume.jsonl")
+    assert after[0]["step"] == 8
+    epoch0 = np.array([i for s in after if s["epoch"] == 0 for i in s["ids"]])
+    both = np.concatenate([in_ckpt, epoch0])
+    assert len(both) == len(np.unique(both)) == ROWS
+    epoch1 = [i for s in after if s["epoch"] == 1 for i in s["ids"]]
+    assert sorted(epoch1) == list(range(ROWS))
+    assert {s["epoch"] for s in after} == {0, 1}
+
+    # After the last batch of epoch 0: nothing of epoch 0 again, epoch 1 in full, no third.
+    (tmp_path / "resume.jsonl").unlink()
+    state, in_ckpt = _ckpt_set(ckpts / "step=36.ckpt")
+    assert (state["epoch"], len(in_ckpt)) == (1, 0)
+    r = _script("resume", str(tmp_path), "--resume-from", "step=36.ckpt", *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = _steps(tmp_path / "resume.jsonl")
+    assert {s["epoch"] for s in after} == {1}
+    assert sorted(i for s in after for i in s["ids"]) == list(range(ROWS))

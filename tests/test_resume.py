@@ -13,7 +13,13 @@ import pyarrow as pa
 import pytest
 
 import torch_raydata as trd
-from torch_raydata.resume import ConsumedSet, drop_consumed, hash_strings, ids_as_uint64
+from torch_raydata.resume import (
+    ConsumedSet,
+    drop_consumed,
+    hash_strings,
+    ids_as_uint64,
+    merge_states,
+)
 
 HERE = os.path.dirname(__file__)
 
@@ -81,6 +87,55 @@ def test_ten_million_ids_fit_a_checkpoint():
 
 
 # -- on Ray -----------------------------------------------------------------------------------
+# -- merging the ranks' states (no Ray) ------------------------------------------------------
+def _rank_state(ids, epoch=0, batches=2, exact=True):
+    state = {
+        "version": 2,
+        "epoch": epoch,
+        "batches_consumed": batches,
+        "rows_consumed": len(ids),
+        "batch_size": 4,
+        "exact": exact,
+        "world_size": 2,
+        "fingerprint": {
+            "batch_size": 4,
+            "shuffle_seed": 0,
+            "id_column": "id" if exact else None,
+            "columns": None,
+            "num_rows": 100,
+        },
+    }
+    if exact:
+        cs = ConsumedSet()
+        cs.add(ids_as_uint64(np.asarray(ids)))
+        state["consumed"] = cs.encode()
+    return state
+
+
+def test_merge_states_unites_the_ranks_sets():
+    merged = merge_states([_rank_state([0, 5, 9, 2]), _rank_state([7, 1, 3, 4], batches=3)])
+    assert merged["world_size"] == 2 and merged["rows_consumed"] == 8
+    assert merged["batches_consumed"] == 2 and merged["epoch"] == 0
+    assert ConsumedSet.decode(merged["consumed"]).sorted_keys().tolist() == [0, 1, 2, 3, 4, 5, 7, 9]
+    assert merge_states([_rank_state([1])])["world_size"] == 1
+    plain = merge_states([_rank_state([], exact=False), _rank_state([], exact=False, batches=1)])
+    assert "consumed" not in plain and plain["batches_consumed"] == 1
+
+
+@pytest.mark.parametrize(
+    "states, match",
+    [
+        ([_rank_state([1, 2]), _rank_state([3], epoch=1)], "differ in epoch"),
+        ([_rank_state([1, 2]), _rank_state([2, 3])], "1 IDs were consumed on more than one rank"),
+        ([_rank_state([1]), _rank_state([], exact=False)], "differ in exact"),
+        ([], "at least one"),
+    ],
+)
+def test_merge_states_refuses_ranks_that_disagree(states, match):
+    with pytest.raises(ValueError, match=match):
+        merge_states(states)
+
+
 pytestmark_ray = pytest.mark.usefixtures("ray_session")
 
 
@@ -130,6 +185,22 @@ def test_resume_at_an_epoch_boundary_neither_skips_nor_repeats():
     ids = np.concatenate([b["id"].numpy() for b in fresh])
     assert sorted(ids.tolist()) == list(range(1000))
     assert fresh.stats().epoch == 1
+
+
+@pytestmark_ray
+def test_stopping_at_len_without_the_end_of_the_epoch_is_a_finished_epoch():
+    """A loop that takes exactly len() batches (as Lightning does with a sized loader)
+    never sees StopIteration; its epoch is nevertheless over."""
+    loader = _loader()
+    it = iter(loader)
+    last = [next(it)["id"] for _ in range(len(loader))][-1]
+    sd = loader.state_dict()
+    assert sd["epoch"] == 1 and sd["consumed"]["count"] == 0
+    loader.consumer_lag = 1  # ... unless the last batch is not trained on yet
+    sd = loader.state_dict()
+    assert sd["epoch"] == 0 and sd["consumed"]["count"] == sd["rows_consumed"] == 1000 - len(last)
+    assert not set(last.tolist()) & set(ConsumedSet.decode(sd["consumed"]).sorted_keys().tolist())
+    it.close()
 
 
 @pytestmark_ray

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .collate import DefaultCollate
-from .distributed import RankSource
+from .distributed import RankSource, world
 from .pipeline.buffers import BufferPool
 from .pipeline.run import EpochProgress, EpochRun, PipelineConfig
 from .pipeline.source import RayFetcher
@@ -176,7 +176,7 @@ class RayIterableDataset(IterableDataset):
         self._resume_rows = 0
         self.spill_dir: str | None = None
         # Batches the consumer has received but not yet trained on when it saves state
-        # (Lightning's training loop fetches one batch ahead: RayDataModule sets 1).
+        # (Lightning may fetch one batch ahead: RayDataModule sets this per checkpoint).
         self.consumer_lag = 0
         self._lock = threading.Lock()
         self._run_ref: weakref.ref[EpochRun] | None = None
@@ -209,6 +209,9 @@ class RayIterableDataset(IterableDataset):
             run_class = EpochRun
             if getattr(self.transport, "remote_collate", False):  # NixlTransport
                 from .pipeline.remote import RemoteEpochRun as run_class
+            max_batches = self._source.max_batches(
+                self.config.batch_size, self.config.drop_last, total_rows
+            )
             run = run_class(
                 blocks,
                 RayFetcher(),
@@ -220,18 +223,28 @@ class RayIterableDataset(IterableDataset):
                 skip_batches=skip,
                 on_close=blocks.close,
                 record_ids=self.config.id_column is not None,
-                max_batches=self._source.max_batches(
-                    self.config.batch_size, self.config.drop_last, total_rows
-                ),
+                max_batches=max_batches,
                 drop_keys=drop_keys,
             )
             self._run_ref = weakref.ref(run)
             # Kept strongly: a run dropped after `break` is collected, its progress is not.
             self._progress = getattr(run, "progress", None)
+            if self._progress is not None:
+                self._progress.expected_batches = self._epoch_batches(max_batches, total_rows)
             self._last_stats = stats
             if self.progress is not False:
                 self._attach_progress_bar(stats, epoch, skip, total_rows)
             return run
+
+    def _epoch_batches(self, max_batches: int | None, total_rows: int | None) -> int | None:
+        """Batches this epoch yields on this rank, if known before it runs."""
+        if max_batches is not None:
+            return max_batches
+        rows = total_rows if total_rows is not None else self.num_rows()
+        if rows is None or world()[1] > 1 and not self._source.is_shard:
+            return None
+        bs = self.config.batch_size
+        return rows // bs if self.config.drop_last else math.ceil(rows / bs)
 
     def _attach_progress_bar(
         self, stats: StatsRecorder, epoch: int, skip: int, total_rows: int | None
@@ -254,9 +267,9 @@ class RayIterableDataset(IterableDataset):
         """For a resumed epoch: the filter appended to the dataset (run on the cluster,
         fused into its last map task; the ID set goes into the object store once), or the
         keys to drop in stage 3 — for a DataIterator input, which cannot take stages, and
-        for a materialized dataset, where an appended stage would be a task of its own
-        re-writing every block (measured: benchmarks/bench_resume.py); and the epoch's
-        remaining row count."""
+        for a single-process materialized dataset, where an appended stage would be a task
+        of its own re-writing every block (measured: benchmarks/bench_resume.py); and the
+        epoch's remaining row count (whole input)."""
         if self._resume is None or epoch != self._resume_epoch:
             return None, None, None
         import ray
@@ -264,9 +277,15 @@ class RayIterableDataset(IterableDataset):
         from .resume import ConsumedFilter
 
         keys = self._resume.sorted_keys()
-        n = self._source.num_rows()
-        total_rows = n - len(keys) if n is not None else None
-        if self._source.is_shard or not self._source.ends_in_map():
+        # The set is the whole epoch's (merged over ranks): count against the whole input.
+        n = self._source.total_rows()
+        total_rows = max(0, n - len(keys)) if n is not None else None
+        if self._source.is_shard:
+            return None, keys, total_rows
+        # Under torch.distributed the remaining rows must be split afresh (each rank's
+        # equal share of what is left): a filter on the dataset, then a split of its own.
+        # A local drop after the first split would leave the ranks unequal.
+        if not self._source.ends_in_map() and world()[1] == 1:
             return None, keys, total_rows
         keys_ref = ray.put(keys)
         udf = ConsumedFilter(keys_ref, self.config.id_column)
@@ -309,7 +328,7 @@ class RayIterableDataset(IterableDataset):
             "shuffle_seed": c.shuffle_seed,
             "id_column": c.id_column,
             "columns": self._source.column_names(),
-            "num_rows": self._source.num_rows(),
+            "num_rows": self._source.total_rows(),  # the whole input's, not one rank's
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -327,14 +346,14 @@ class RayIterableDataset(IterableDataset):
         non-unique column would make the resume skip rows never trained on): checked here,
         before any state is written. Repeats across ranks are not seen by one rank.
         """
-        from .distributed import world
-
         run = self._progress
         resumed = self._resume if self._resume_epoch is not None else None
-        if run is not None and not run.exhausted:
+        if run is not None and not run.finished(self.consumer_lag):
             epoch = run.epoch
             batches = run.batches_skipped + max(0, run.batches_yielded - self.consumer_lag)
-            rows = run.rows_yielded + (self._resume_rows if epoch == self._resume_epoch else 0)
+            rows = run.rows_consumed(self.consumer_lag) + (
+                self._resume_rows if epoch == self._resume_epoch else 0
+            )
             consumed = run.consumed_set(self.consumer_lag) if self.config.id_column else None
             if consumed is not None and len(consumed) < consumed.added:
                 raise ValueError(

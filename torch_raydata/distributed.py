@@ -45,7 +45,7 @@ import torch
 from .pipeline.source import EpochBlocks, RaySource, split_for_ranks
 from .pipeline.stats import StatsRecorder
 
-__all__ = ["init_ray", "world", "shard", "RankShard", "RankSource", "NAMESPACE"]
+__all__ = ["init_ray", "world", "shard", "gather_state_dict", "RankShard", "RankSource", "NAMESPACE"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,30 @@ def _broadcast(obj: Any, where: str = "a broadcast from rank 0") -> Any:
     box = [obj]
     _collective(where, torch.distributed.broadcast_object_list, box, src=0)
     return box[0]
+
+
+def gather_state_dict(state: dict[str, Any], *, spill_dir: str | None = None) -> dict[str, Any]:
+    """Every rank's ``RayIterableDataset.state_dict()`` merged into one (collective).
+
+    Call it on every rank at the same training step; every rank gets the same merged
+    state, whose consumed-ID set is the union of the ranks' sets. Load it into every rank
+    of the resumed run (any world size: the rest of the epoch is split afresh among the
+    ranks). Single-process: returns ``state`` as is.
+
+        state = trd.distributed.gather_state_dict(ds.state_dict())
+        if dist.get_rank() == 0:
+            torch.save({"model": ..., "loader": state}, path)
+    """
+    from .resume import merge_states
+
+    if world()[1] == 1:
+        return state
+    states: list[Any] = [None] * world()[1]
+    _collective(
+        "gather_state_dict() (every rank saves loader state)",
+        torch.distributed.all_gather_object, states, state,
+    )
+    return merge_states(states, spill_dir=spill_dir)
 
 
 def _gcs_address() -> str:

@@ -83,6 +83,19 @@ def _on_device(batch: Any, device: torch.device) -> bool:
     return True
 
 
+class _ResumableLoader(DataLoader):
+    """The train split's ``DataLoader``. Lightning warns that a mid-epoch checkpoint cannot
+    resume a loader without ``state_dict``/``load_state_dict``; this one resumes exactly,
+    but its state travels in ``RayDataModule.state_dict()`` (gathered over the ranks
+    there), so the loader's own state is empty rather than a second copy of the ID set."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
 class RayDataModule(pl.LightningDataModule):
     """Lightning DataModule whose splits are Ray Datasets, fed by torch_raydata.
 
@@ -162,6 +175,9 @@ class RayDataModule(pl.LightningDataModule):
             self.split_options[split] = opts
         self._datasets: dict[str, RayIterableDataset] = {}
         self._pending_state: dict[str, dict[str, Any]] = {}
+        # Train batches that reached the training step (went through
+        # transfer_batch_to_device) in the current epoch run: (that run's progress, count).
+        self._trained: tuple[Any, int] = (None, 0)
         # Hide the loader hooks of absent splits, so Lightning sees no such split (it
         # checks whether the hook is overridden, as with LightningDataModule.from_datasets).
         for split in SPLITS:
@@ -219,7 +235,7 @@ class RayDataModule(pl.LightningDataModule):
                 )
         ds = RayIterableDataset(data, **self._device_options(self.split_options[split]))
         if split in self._pending_state:
-            ds.load_state_dict(self._pending_state.pop(split))
+            self._apply(ds, split, self._pending_state.pop(split))
         return ds
 
     # -- Lightning hooks -------------------------------------------------------------------
@@ -244,10 +260,13 @@ class RayDataModule(pl.LightningDataModule):
                 raise RuntimeError(f"RayDataModule has no {split} split: pass {split}=... to it")
             self.setup(None)  # used outside a Trainer, e.g. dm.train_dataloader() directly
             ds = self._datasets[split]
+        if split == "train":
+            return _ResumableLoader(ds, batch_size=None)
         return DataLoader(ds, batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
-        """``DataLoader(train dataset, batch_size=None)``: sized when its row count is known."""
+        """``DataLoader(train dataset, batch_size=None)``: sized when its row count is known.
+        Its loader state lives in this DataModule's ``state_dict()``."""
         return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
@@ -274,16 +293,48 @@ class RayDataModule(pl.LightningDataModule):
         Returns:
             The batch on ``device`` — the same object when it already was.
         """
+        trainer = self.trainer
+        if trainer is not None and trainer.training and "train" in self._datasets:
+            # Lightning calls this right before training_step: count what was trained on
+            # (its fetcher may hold a batch more, see state_dict).
+            run = self._datasets["train"]._progress
+            seen_run, count = self._trained
+            self._trained = (run, count + 1 if run is seen_run else 1)
         if _on_device(batch, device):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def state_dict(self) -> dict[str, Any]:
-        """Each built split's ``RayIterableDataset.state_dict()`` (goes into checkpoints)."""
-        return {
-            "version": _STATE_VERSION,
-            "splits": {split: ds.state_dict() for split, ds in self._datasets.items()},
-        }
+        """Each built split's ``RayIterableDataset.state_dict()`` (goes into checkpoints).
+
+        The train split's state counts only batches that reached the training step:
+        Lightning's loop may hold one fetched batch more (it does when the loader has no
+        ``len()``); that batch is not in the state and is yielded again after a resume.
+        Under DDP this is a collective (Lightning calls it on every rank when it saves a
+        checkpoint): the ranks' consumed-ID sets are merged, and every rank returns the
+        same state, which resumes on any number of ranks.
+        """
+        splits = {}
+        for split, ds in self._datasets.items():
+            if split == "train":
+                ds.consumer_lag = self._train_lag(ds)
+                try:
+                    state = ds.state_dict()
+                finally:
+                    ds.consumer_lag = 0
+            else:
+                state = ds.state_dict()
+            splits[split] = distributed.gather_state_dict(state, spill_dir=ds.spill_dir)
+        return {"version": _STATE_VERSION, "splits": splits}
+
+    def _train_lag(self, ds: RayIterableDataset) -> int:
+        """Batches the train split yielded this epoch that were not trained on yet."""
+        run = ds._progress
+        if run is None or self.trainer is None:  # used without a Trainer: nothing held back
+            return 0
+        seen_run, count = self._trained
+        trained = count if run is seen_run else 0
+        return max(0, run.batches_yielded - trained)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the splits' loader state (applied now, or when ``setup()`` builds them).
@@ -298,12 +349,21 @@ class RayDataModule(pl.LightningDataModule):
         for split, state in state_dict.get("splits", {}).items():
             if split not in SPLITS:
                 raise ValueError(f"RayDataModule state has unknown split {split!r}; splits are {SPLITS}")
-            if split != "train":
-                state = {**state, "batches_consumed": 0, "rows_consumed": 0}
+            if split != "train":  # an evaluation pass always runs whole: keep the epoch
+                if not isinstance(state, Mapping) or not isinstance(state.get("epoch"), int):
+                    raise ValueError(f"RayDataModule state of {split!r} has no epoch: {state!r:.200}")
+                state = {"epoch": state["epoch"]}
             if split in self._datasets:
-                self._datasets[split].load_state_dict(state)
+                self._apply(self._datasets[split], split, state)
             else:
                 self._pending_state[split] = state
+
+    @staticmethod
+    def _apply(ds: RayIterableDataset, split: str, state: dict[str, Any]) -> None:
+        if split == "train":
+            ds.load_state_dict(state)
+        else:
+            ds.set_epoch(state["epoch"])
 
     def teardown(self, stage: str | None = None) -> None:
         """Stop the running epochs of the stage's splits (their threads end here)."""

@@ -15,6 +15,7 @@ in, so this runs in unit tests on fake blocks.
 
 from __future__ import annotations
 
+import collections
 import functools
 import time
 from collections.abc import Callable, Iterable
@@ -67,7 +68,23 @@ class EpochProgress:
         self.batches_yielded = 0
         self.rows_yielded = 0
         self.exhausted = False  # the epoch ran to its end (not broken out of)
+        # Batches in the whole epoch (skipped ones included) when known up front: a consumer
+        # that stops at len() never sees the end of the epoch, yet has finished it.
+        self.expected_batches: int | None = None
+        self.recent_rows: collections.deque[int] = collections.deque(maxlen=16)  # per batch
         self.ids: list[np.ndarray] | None = [] if record_ids else None
+
+    def finished(self, lag: int = 0) -> bool:
+        """Every batch of the epoch reached the training step (minus the last ``lag``)."""
+        consumed = self.batches_skipped + max(0, self.batches_yielded - lag)
+        if self.exhausted:
+            return consumed >= self.batches_skipped + self.batches_yielded
+        return self.expected_batches is not None and consumed >= self.expected_batches
+
+    def rows_consumed(self, lag: int = 0) -> int:
+        """Rows yielded, minus those of the last ``lag`` batches (``lag`` <= 16)."""
+        held = list(self.recent_rows)[len(self.recent_rows) - lag :] if lag else []
+        return self.rows_yielded - sum(held)
 
     def consumed_set(self, lag: int = 0):  # type: ignore[no-untyped-def]
         """A resume.ConsumedSet of the IDs yielded, minus the last ``lag`` batches."""
@@ -218,6 +235,7 @@ class EpochRun:
         p = self.progress
         p.batches_yielded += 1
         p.rows_yielded += batch.num_rows
+        p.recent_rows.append(batch.num_rows)
         if p.ids is not None and batch.ids is not None:
             p.ids.append(batch.ids)
         return data
