@@ -21,7 +21,7 @@ def _pairs(tables, rows=None):
 
 
 def _ids(batches):
-    return np.concatenate([b.data.column("id").to_numpy() for b in batches])
+    return np.concatenate([b.table().column("id").to_numpy() for b in batches])
 
 
 def test_batches_span_block_edges_and_keep_every_row():
@@ -36,7 +36,7 @@ def test_slices_are_zero_copy():
     t = make_blocks([100])[0]
     (b,) = list(blocks_to_batches(_pairs([t.slice(10, 50)]), batch_size=50))
     src = t.column("id").chunk(0).buffers()[1].address
-    got = b.data.column("id").chunk(0).buffers()[1].address
+    got = b.table().column("id").chunk(0).buffers()[1].address
     assert got == src  # same Arrow buffer, sliced by offset: no copy in stage 3
 
 
@@ -59,7 +59,35 @@ def test_block_row_slice_is_respected():
 def test_ids_travel_with_the_batch():
     batches = list(blocks_to_batches(_pairs(make_blocks([7, 6])), batch_size=5, id_column="id"))
     for b in batches:
-        assert b.ids.tolist() == b.data.column("id").to_pylist()
+        assert b.ids.tolist() == b.table().column("id").to_pylist()
+
+
+@pytest.mark.parametrize("shuffle", [None, 16])
+@pytest.mark.parametrize("pattern", ["prefix", "scattered"])
+def test_consumed_rows_are_dropped_and_gathered_in_stage_4(pattern, shuffle):
+    """Resume in stage 3: a consumed prefix becomes zero-copy slices; scattered consumed
+    rows are skipped by position and gathered by the collate threads (Batch.rows), never
+    copied out here. Either way every other row comes once, with its ID."""
+    from torch_raydata.resume import ids_as_uint64
+
+    tables = make_blocks([40, 25, 33])
+    consumed = np.arange(30) if pattern == "prefix" else np.arange(0, 98, 3)
+    keys = np.sort(ids_as_uint64(consumed))
+    batches = list(
+        blocks_to_batches(
+            _pairs(tables), batch_size=8, id_column="id", drop_keys=keys,
+            shuffle_buffer_size=shuffle, shuffle_seed=0,
+        )
+    )
+    if pattern == "scattered" or shuffle:
+        assert any(b.rows is not None for b in batches)  # gathered later, not copied here
+    if pattern == "prefix" and not shuffle:
+        assert all(b.rows is None for b in batches)
+    got = _ids(batches)
+    assert sorted(got.tolist()) == sorted(set(range(98)) - set(consumed.tolist()))
+    for b in batches:
+        assert b.ids.tolist() == b.table().column("id").to_pylist()
+        assert b.num_rows == b.table().num_rows
 
 
 def test_unknown_id_column_names_the_columns():

@@ -9,11 +9,13 @@ from __future__ import annotations
 import gc
 import json
 import os
+import pickle
 import subprocess
 import sys
 import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import torch_raydata as trd
@@ -183,3 +185,64 @@ def test_shard_needs_a_dataset():
 
 def test_world_without_process_group():
     assert distributed.world() == (0, 1)
+
+
+# -- exact resume across a SIGKILL, with 2 ranks and then 2 or 1 ------------------------------
+RESUME_SCRIPT = Path(__file__).parent / "scripts" / "ddp_resume.py"
+
+
+def _launch(out: Path, nproc: int, *args: str, expect_kill: bool = False) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    if nproc == 1:
+        cmd = [sys.executable, str(RESUME_SCRIPT), *args]
+    else:
+        logs = out / f"logs-{args[0]}-{nproc}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "--log-dir", str(logs), "--redirects", "3",
+               str(RESUME_SCRIPT), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    logs_text = "".join(
+        f"\n--- {f}:\n{f.read_text()[-4000:]}" for f in sorted(out.rglob("stderr.log"))
+    )
+    if expect_kill:  # torchrun reports the ranks' SIGKILL as a failed run
+        assert proc.returncode != 0 and "Signal 9 (SIGKILL)" in proc.stderr, proc.stderr[-3000:]
+    else:
+        assert proc.returncode == 0, f"{proc.stderr[-3000:]}{logs_text}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_ranks_killed_then_resumed_on_two_or_one_rank_is_exact(tmp_path):
+    """2 ranks, shuffle on, preserve_order off; merged state saved every 4 steps; every
+    rank is SIGKILLed at step 11. Resumed on 2 ranks and (separately) on 1: the rows of
+    the checkpoint's merged set and the rows yielded after it are the dataset, none twice,
+    with equal steps per rank; the next epoch runs in full."""
+    from torch_raydata.resume import ConsumedSet
+
+    _launch(tmp_path, 2, "train", str(tmp_path), "--kill-at", "11", expect_kill=True)
+    ckpt = pickle.loads((tmp_path / "ckpt.pkl").read_bytes())
+    state = ckpt["loader"]
+    assert ckpt["step"] == 8 and state["world_size"] == 2 and state["epoch"] == 0
+    in_ckpt = ConsumedSet.decode(state["consumed"]).sorted_keys().astype(np.int64)
+    trained = [
+        json.loads(line)
+        for r in range(2)
+        for line in (tmp_path / f"train_rank{r}.jsonl").read_text().splitlines()
+    ]
+    assert in_ckpt.tolist() == sorted(i for t in trained if t["step"] <= 8 for i in t["ids"])
+    assert len(in_ckpt) == state["rows_consumed"] == 2 * 8 * 32
+
+    remaining = 2000 - len(in_ckpt)
+    for tag, nproc in (("two", 2), ("one", 1)):
+        _launch(tmp_path, nproc, "resume", str(tmp_path), "--tag", tag)
+        ranks = [json.loads((tmp_path / f"{tag}_rank{r}.json").read_text()) for r in range(nproc)]
+        rest = [r["epochs"][0] for r in ranks]
+        assert {e["epoch"] for e in rest} == {0}
+        assert len({len(e["sizes"]) for e in rest}) == 1  # equal steps per rank
+        assert len(rest[0]["sizes"]) == -(-(remaining // nproc) // 32)
+        both = np.concatenate([in_ckpt, [i for e in rest for i in e["ids"]]])
+        assert len(both) == len(np.unique(both)) == 2000, tag
+        full = [r["epochs"][1] for r in ranks]
+        assert {e["epoch"] for e in full} == {1}
+        assert sorted(i for e in full for i in e["ids"]) == list(range(2000)), tag

@@ -78,6 +78,27 @@ def test_drop_consumed_filters_exactly():
     assert drop_consumed(t, np.empty(0, np.uint64), "id") is t
 
 
+def test_drop_consumed_slices_long_runs_and_gathers_scattered_holes():
+    n = 1000
+    img = np.arange(n * 12, dtype=np.uint8).reshape(n, 12)
+    t = pa.table(
+        {
+            "id": pa.array(np.arange(n)),
+            "x": pa.FixedSizeListArray.from_arrays(pa.array(img.reshape(-1)), 12),
+        }
+    )
+    src = t.column("x").chunk(0).values.buffers()[1].address
+    # A prefix consumed (an epoch cut short without a global shuffle): zero-copy slices.
+    out = drop_consumed(t, ids_as_uint64(np.arange(300)), "id")
+    assert out.column("id").to_pylist() == list(range(300, n))
+    assert out.column("x").chunk(0).values.buffers()[1].address == src
+    # Every other row consumed (a global shuffle upstream): one gather, same values.
+    out = drop_consumed(t, ids_as_uint64(np.arange(0, n, 2)), "id")
+    assert out.column("id").to_pylist() == list(range(1, n, 2))
+    got = np.asarray(out.column("x").combine_chunks().values).reshape(-1, 12)
+    assert np.array_equal(got, img[1::2])
+
+
 def test_ten_million_ids_fit_a_checkpoint():
     rng = np.random.default_rng(0)
     s = ConsumedSet()

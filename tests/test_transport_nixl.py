@@ -64,18 +64,20 @@ def test_plans_give_the_local_batches(kw):
     get = lambda refs: [store[r] for r in refs]  # noqa: E731
     for plan, batch in zip(plans, local, strict=True):
         table, ids = plan.materialize("id", get=get)
-        assert table.equals(batch.data)
+        assert table.equals(batch.table())
         assert np.array_equal(ids, batch.ids)
         assert plan.num_rows == batch.num_rows
 
 
+@pytest.mark.parametrize("scattered", [False, True], ids=["ranges", "scattered"])
 @pytest.mark.parametrize("kw", [{}, {"shuffle_buffer_size": 40, "shuffle_seed": 1}])
-def test_plans_of_a_resumed_epoch_drop_the_consumed_rows_like_the_local_path(kw):
+def test_plans_of_a_resumed_epoch_drop_the_consumed_rows_like_the_local_path(kw, scattered):
     from torch_raydata.pipeline.remote import kept_rows
     from torch_raydata.resume import ids_as_uint64
 
     store, blocks = _store_and_blocks([37, 100, 5, 64], slices={1: (10, 90)})
-    keys = np.sort(ids_as_uint64(np.r_[0:20, 40:45, 137:150, 200:205]))
+    consumed = np.arange(0, 206, 3) if scattered else np.r_[0:20, 40:45, 137:150, 200:205]
+    keys = np.sort(ids_as_uint64(consumed))
     local = list(
         blocks_to_batches(
             ((sb, store[sb.ref]) for sb in blocks),
@@ -97,7 +99,7 @@ def test_plans_of_a_resumed_epoch_drop_the_consumed_rows_like_the_local_path(kw)
     assert len(plans) == len(local)
     for plan, batch in zip(plans, local, strict=True):
         table, ids = plan.materialize("id", get=get)
-        assert table.equals(batch.data) and np.array_equal(ids, batch.ids)
+        assert table.equals(batch.table()) and np.array_equal(ids, batch.ids)
 
 
 def test_plans_need_row_counts():

@@ -272,23 +272,21 @@ class RayIterableDataset(IterableDataset):
         epoch's remaining row count (whole input)."""
         if self._resume is None or epoch != self._resume_epoch:
             return None, None, None
-        import ray
+        from .resume import ConsumedFilter, SharedConsumedSet
 
-        from .resume import ConsumedFilter
-
-        keys = self._resume.sorted_keys()
         # The set is the whole epoch's (merged over ranks): count against the whole input.
         n = self._source.total_rows()
-        total_rows = max(0, n - len(keys)) if n is not None else None
+        total_rows = max(0, n - len(self._resume)) if n is not None else None
+        if len(self._resume) == 0:  # nothing consumed yet: an ordinary epoch
+            return None, None, total_rows
         if self._source.is_shard:
-            return None, keys, total_rows
+            return None, self._resume.bitmap(), total_rows
         # Under torch.distributed the remaining rows must be split afresh (each rank's
         # equal share of what is left): a filter on the dataset, then a split of its own.
         # A local drop after the first split would leave the ranks unequal.
         if not self._source.ends_in_map() and world()[1] == 1:
-            return None, keys, total_rows
-        keys_ref = ray.put(keys)
-        udf = ConsumedFilter(keys_ref, self.config.id_column)
+            return None, self._resume.bitmap(), total_rows
+        udf = ConsumedFilter(SharedConsumedSet.put(self._resume), self.config.id_column)
 
         def transform(ds: Any) -> Any:
             return ds.map_batches(

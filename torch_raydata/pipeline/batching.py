@@ -10,8 +10,10 @@ order (and shuffle) is deterministic for a given block order.
 Local shuffle: a buffer of at least ``shuffle_buffer_size`` rows (plus one batch) is kept;
 each batch is a uniform draw without replacement from the buffer. The buffer is a
 zero-copy concatenation of blocks plus an array of live row positions, so a row is
-copied once (into its batch) rather than on every reshuffle; dead rows are compacted
-away when they outnumber live ones. The generator is seeded with ``(seed, epoch)``:
+copied once (into its batch, by the collate threads) rather than on every reshuffle.
+When dead rows outnumber live ones, blocks with no live row are let go and the few live
+rows of mostly drawn blocks are copied out (``_compact``): at most 1/8 of the rows are
+copied twice, and the rows held stay under 8x the live ones. The generator is seeded with ``(seed, epoch)``:
 a different order each epoch, the same order for the same seed, epoch and block order.
 """
 
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ..collate._take import take_rows
 from .errors import annotate
 from .stats import StatsRecorder
 from .types import Batch, SourceBlock
@@ -86,12 +89,23 @@ class _Batcher:
             )
         self._checked_schema = table.schema
 
-    def make(self, table: pa.Table, row_bytes: float) -> Batch:
-        ids = _ids_of(table, self.id_column) if self.id_column is not None else None
+    def make(
+        self,
+        table: pa.Table,
+        row_bytes: float,
+        rows: np.ndarray | None = None,
+        ids: np.ndarray | None = None,
+    ) -> Batch:
+        """The next batch: ``table``, or (``rows`` given) those rows of it with their ``ids``."""
+        if rows is None and self.id_column is not None:
+            ids = _ids_of(table, self.id_column)
+        num_rows = table.num_rows if rows is None else len(rows)
         # Estimated from the block's size: Table.nbytes on a slice walks every buffer of
         # every column (8.7% of the busy time on a tensor-column workload, profiled).
-        nbytes = int(row_bytes * table.num_rows)
-        batch = Batch(idx=self.idx, data=table, num_rows=table.num_rows, nbytes=nbytes, ids=ids)
+        nbytes = int(row_bytes * num_rows)
+        batch = Batch(
+            idx=self.idx, data=table, num_rows=num_rows, nbytes=nbytes, ids=ids, rows=rows
+        )
         self.idx += 1
         self.stats.buffer(1, nbytes)
         return batch
@@ -108,13 +122,14 @@ def blocks_to_batches(
     id_column: str | None = None,
     stats: StatsRecorder | None = None,
     start_idx: int = 0,
-    drop_keys: np.ndarray | None = None,
+    drop_keys: Any = None,
 ) -> Iterator[Batch]:
     """Cut ``(SourceBlock, block)`` pairs into batches of ``batch_size`` rows.
 
     Every row of the input appears in exactly one batch, except the final partial batch
     when ``drop_last`` (its rows are counted in ``stats.rows_dropped``) and rows whose ID
-    key is in the sorted ``drop_keys`` (resume, when the filter cannot run on the cluster).
+    key is in ``drop_keys`` (a consumed set, see ``resume.consumed_mask``: resume, when the
+    filter cannot run on the cluster).
     """
     if batch_size < 1:
         raise ValueError(f"{batch_size=} must be >= 1")
@@ -135,44 +150,50 @@ def _tables(
     blocks: Iterable[tuple[SourceBlock, Any]],
     b: _Batcher,
     stats: StatsRecorder,
-    drop_keys: np.ndarray | None = None,
-) -> Iterator[tuple[pa.Table, float]]:
-    """Non-empty tables of the stream with their average bytes per row."""
+    drop_keys: Any = None,
+) -> Iterator[tuple[pa.Table, float, np.ndarray | None]]:
+    """Non-empty tables of the stream with their average bytes per row, and the positions
+    of their rows in the stream when that is not all of them (resume: scattered consumed
+    rows are skipped by position, gathered later in stage 4, not copied out here)."""
     for sb, block in blocks:
         table = to_arrow(block)
         row_bytes = table.nbytes / table.num_rows if table.num_rows else 0.0
         if sb.rows is not None:
             start, stop = sb.rows
             table = table.slice(start, stop - start)
+        rows = None
         if drop_keys is not None and b.id_column is not None and table.num_rows:
-            from ..resume import drop_consumed
+            from ..resume import split_consumed
 
             b.check(table)
-            table = drop_consumed(table, drop_keys, b.id_column)
-        if table.num_rows:
+            table, rows = split_consumed(table, drop_keys, b.id_column)
+        if table.num_rows and (rows is None or len(rows)):
             b.check(table)
-            yield table, row_bytes
+            yield table, row_bytes, rows
 
 
 def _sequential(
-    tables: Iterator[tuple[pa.Table, float]], b: _Batcher, stats: StatsRecorder
+    tables: Iterator[tuple[pa.Table, float, np.ndarray | None]], b: _Batcher, stats: StatsRecorder
 ) -> Iterator[Batch]:
-    carry: list[pa.Table] = []
+    # Pieces of the next batch: (zero-copy slice, None) or (whole table, its row positions).
+    carry: list[tuple[pa.Table, np.ndarray | None]] = []
     carry_rows = 0
     row_bytes = 0.0
-    for table, row_bytes in tables:
+    for table, row_bytes, rows in tables:
         offset = 0
-        n = table.num_rows
+        n = table.num_rows if rows is None else len(rows)
         while offset < n:
             t0 = time.perf_counter()
             take = min(b.batch_size - carry_rows, n - offset)
-            carry.append(table.slice(offset, take))  # zero-copy
+            if rows is None:
+                carry.append((table.slice(offset, take), None))  # zero-copy
+            else:
+                carry.append((table, rows[offset : offset + take]))
             carry_rows += take
             offset += take
             batch = None
             if carry_rows == b.batch_size:
-                piece = carry[0] if len(carry) == 1 else pa.concat_tables(carry)  # zero-copy
-                batch = b.make(piece, row_bytes)
+                batch = _carried(carry, b, row_bytes)
                 carry, carry_rows = [], 0
             stats.add_time("batching", time.perf_counter() - t0)
             if batch is not None:
@@ -183,11 +204,56 @@ def _sequential(
         if b.drop_last:
             stats.add_dropped(carry_rows, "drop_last=True (last partial batch)")
         else:
-            yield b.make(pa.concat_tables(carry), row_bytes)
+            yield _carried(carry, b, row_bytes)
+
+
+def _carried(carry: list[tuple[pa.Table, np.ndarray | None]], b: _Batcher, row_bytes: float) -> Batch:
+    """One batch from its pieces: a zero-copy table, plus row positions to gather in stage
+    4 when a piece is a subset of its table."""
+    tables = [t for t, _ in carry]
+    data = tables[0] if len(tables) == 1 else pa.concat_tables(tables)  # zero-copy
+    if all(r is None for _, r in carry):
+        return b.make(data, row_bytes)
+    positions, offset = [], 0
+    for t, r in carry:
+        positions.append((np.arange(t.num_rows) if r is None else r) + offset)
+        offset += t.num_rows
+    rows = np.concatenate(positions)
+    ids = _ids_of(data, b.id_column)[rows] if b.id_column is not None else None
+    return b.make(data, row_bytes, rows=rows, ids=ids)
+
+
+#: A buffered piece (block) with fewer live rows than 1/LIVE_FRACTION of its rows has them
+#: copied out, freeing the piece; fuller pieces stay zero-copy. Bounds the rows held to
+#: LIVE_FRACTION x the live rows (plus one piece), while copying at most 1/LIVE_FRACTION
+#: of the rows a second time.
+LIVE_FRACTION = 8
+
+
+def _compact(pieces: list[pa.Table], live: np.ndarray) -> tuple[list[pa.Table], np.ndarray, int]:
+    """Drop the pieces whose rows were all drawn; copy the few live rows out of mostly
+    drawn ones. Keeps the live rows in stream order (``live`` stays ascending), so the
+    shuffle draws the same rows as before (and as the remote path's plans)."""
+    bounds = np.cumsum([0] + [p.num_rows for p in pieces])
+    which = np.searchsorted(bounds, live, side="right") - 1
+    counts = np.bincount(which, minlength=len(pieces))
+    kept: list[pa.Table] = []
+    positions: list[np.ndarray] = []
+    total = 0
+    for k, piece in enumerate(pieces):
+        if counts[k] == 0:
+            continue
+        local = live[which == k] - bounds[k]
+        if counts[k] * LIVE_FRACTION < piece.num_rows:
+            piece, local = take_rows(piece, local), np.arange(counts[k])
+        kept.append(piece)
+        positions.append(local + total)
+        total += piece.num_rows
+    return kept, np.concatenate(positions) if positions else live[:0], total
 
 
 def _shuffled(
-    tables: Iterator[tuple[pa.Table, float]],
+    tables: Iterator[tuple[pa.Table, float, np.ndarray | None]],
     b: _Batcher,
     buffer_rows: int,
     rng: np.random.Generator,
@@ -198,36 +264,47 @@ def _shuffled(
     total = 0  # rows in concat(pieces)
     row_bytes = 0.0  # running average over the blocks seen
 
+    buffer_ids: np.ndarray | None = None  # id_column of the current buffer, as keys
+
     def draw(buffer: pa.Table, count: int) -> Batch:
         nonlocal live
         pick = rng.choice(len(live), size=count, replace=False)
         rows = live[pick]
         live = np.delete(live, pick)
-        return b.make(buffer.take(pa.array(rows)), row_bytes)  # the batch's gather (one copy)
+        ids = buffer_ids[rows] if buffer_ids is not None else None
+        # The gather (the batch's one copy) runs in stage 4, outside the input lock.
+        return b.make(buffer, row_bytes, rows=rows, ids=ids)
 
-    for table, block_row_bytes in tables:
+    def rebuilt(buffer: pa.Table) -> pa.Table:
+        nonlocal buffer_ids
+        if b.id_column is not None:
+            buffer_ids = _ids_of(buffer, b.id_column)
+        return buffer
+
+    for table, block_row_bytes, kept in tables:
         t0 = time.perf_counter()
         row_bytes = (row_bytes * total + block_row_bytes * table.num_rows) / (
             total + table.num_rows
         )
         pieces.append(table)
-        live = np.concatenate([live, np.arange(total, total + table.num_rows)])
+        fresh = np.arange(total, total + table.num_rows)
+        live = np.concatenate([live, fresh if kept is None else fresh[kept]])
         total += table.num_rows
         stats.add_time("batching", time.perf_counter() - t0)
         if len(live) >= buffer_rows + b.batch_size:
-            buffer = pa.concat_tables(pieces)
+            buffer = rebuilt(pa.concat_tables(pieces))
             while len(live) >= buffer_rows + b.batch_size:
                 t0 = time.perf_counter()
                 batch = draw(buffer, b.batch_size)
                 stats.add_time("batching", time.perf_counter() - t0)
                 yield batch
-            if total - len(live) > len(live):  # compact: more dead rows than live ones
-                buffer = buffer.take(pa.array(np.sort(live)))
-                pieces, total = [buffer], buffer.num_rows
-                live = np.arange(total)
+            if total - len(live) > len(live):  # more dead rows than live ones
+                t0 = time.perf_counter()
+                pieces, live, total = _compact(pieces, live)
+                stats.add_time("batching", time.perf_counter() - t0)
     # Drain: the source is exhausted, emit what is left in random order.
     if len(live):
-        buffer = pa.concat_tables(pieces)
+        buffer = rebuilt(pa.concat_tables(pieces))
         while len(live) >= b.batch_size:
             yield draw(buffer, b.batch_size)
         if len(live):

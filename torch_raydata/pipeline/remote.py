@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ..collate._take import take_rows
 from ..transports.base import Transport
 from .batching import _ids_of, to_arrow
 from .constants import JOIN_TIMEOUT, QUEUE_TIMEOUT
@@ -109,7 +110,7 @@ class BatchPlan:
         parts = [tables[i].slice(start, stop - start) for i, start, stop in self.pieces]
         table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)  # zero-copy
         if self.take is not None:
-            table = table.take(pa.array(self.take))  # the shuffle's gather (one copy)
+            table = take_rows(table, self.take)  # the shuffle's gather (one copy)
         ids = None
         if id_column is not None:
             if id_column not in table.column_names:
@@ -196,11 +197,12 @@ def _plan(idx: int, parts: list[tuple[_Block, int, int]], take: np.ndarray | Non
 
 
 def kept_rows(
-    block: Any, rows: tuple[int, int] | None, keys: np.ndarray, id_column: str
+    block: Any, rows: tuple[int, int] | None, consumed: Any, id_column: str
 ) -> np.ndarray:
-    """Offsets (in the stream's slice of ``block``) of the rows whose ID is not among the
-    sorted ``keys`` — what ``resume.drop_consumed`` keeps. Runs as a Ray task by the block."""
-    from ..resume import ids_as_uint64
+    """Offsets (in the stream's slice of ``block``) of the rows whose ID is not in
+    ``consumed`` (see ``resume.consumed_mask``) — what ``resume.drop_consumed`` keeps.
+    Runs as a Ray task by the block."""
+    from ..resume import consumed_mask, ids_as_uint64
 
     table = to_arrow(block)
     if rows is not None:
@@ -210,12 +212,9 @@ def kept_rows(
             f"id_column={id_column!r} is not a column of the dataset; "
             f"columns are {table.column_names}"
         )
-    if len(keys) == 0:
-        return np.arange(table.num_rows)
-    ids = ids_as_uint64(table.column(id_column))
-    pos = np.searchsorted(keys, ids)
-    pos[pos == len(keys)] = 0
-    return np.flatnonzero(keys[pos] != ids)
+    if table.num_rows == 0:
+        return np.arange(0)
+    return np.flatnonzero(~consumed_mask(ids_as_uint64(table.column(id_column)), consumed))
 
 
 def plan_batches(
@@ -639,16 +638,20 @@ class RemoteEpochRun(EpochRun):
         self._transport.forget([n for _, n in actors])  # type: ignore[attr-defined]
 
 
-def _kept_rows_remotely(keys: np.ndarray, id_column: str) -> Callable[[SourceBlock], np.ndarray]:
+def _kept_rows_remotely(consumed: Any, id_column: str) -> Callable[[SourceBlock], np.ndarray]:
     """``keep_rows`` for plan_batches: a zero-CPU Ray task per block next to it (the ID
     set goes into the object store once per epoch)."""
     import ray
 
-    keys_ref = ray.put(keys)
+    from ..resume import ConsumedSet, SharedConsumedSet
+
+    if not isinstance(consumed, ConsumedSet):
+        consumed = ConsumedSet(consumed)  # a BitMap64 from the dataset's resume plan
+    shared = SharedConsumedSet.put(consumed)
     task = ray.remote(num_cpus=0)(kept_rows)
 
     def keep(sb: SourceBlock) -> np.ndarray:
-        return ray.get(task.remote(sb.ref, sb.rows, keys_ref, id_column))
+        return ray.get(task.remote(sb.ref, sb.rows, shared, id_column))
 
     return keep
 

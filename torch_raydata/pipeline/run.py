@@ -47,7 +47,7 @@ class _Collate:
         # A failure travels as a value in its batch's place, so stage 5 keeps it in order:
         # with preserve_order every batch before it is delivered, then it raises (stage 6).
         try:
-            data = self.fn(batch.data)
+            data = self.fn(batch.table())
             if data is None:
                 raise TypeError(
                     f"collate_fn {self.fn!r} returned None for batch {batch.idx}; "
@@ -55,7 +55,7 @@ class _Collate:
                 )
         except BaseException as e:  # noqa: BLE001 - re-raised on the consumer
             data = ExceptionWrapper.capture(e, f"stage 4 (collate), batch {batch.idx}")
-        return replace(batch, data=data)
+        return replace(batch, data=data, rows=None)
 
 
 class EpochProgress:
@@ -131,7 +131,7 @@ class EpochRun:
         on_close: Callable[[], None] | None = None,
         record_ids: bool = False,
         max_batches: int | None = None,
-        drop_keys: np.ndarray | None = None,
+        drop_keys: Any = None,
         progress: EpochProgress | None = None,
     ) -> None:
         self.config = config

@@ -31,7 +31,9 @@ class Batch:
 
     ``idx`` is its position in the epoch (reordering is buffering by index); ``ids`` the
     values of ``id_column`` for its rows (exact resume); ``data`` a ``pyarrow.Table`` until
-    stage 4 collates it, then whatever the collate_fn returned.
+    stage 4 collates it, then whatever the collate_fn returned. ``rows``: the batch is
+    those rows of ``data`` (a shuffle's draw), gathered in stage 4 by the collate threads
+    rather than in stage 3 under the input lock.
     """
 
     idx: int
@@ -39,3 +41,12 @@ class Batch:
     num_rows: int
     nbytes: int
     ids: np.ndarray | None = None
+    rows: np.ndarray | None = None
+
+    def table(self) -> Any:
+        """The batch's own rows as a table (gathers ``rows`` of ``data`` when set)."""
+        if self.rows is None:
+            return self.data
+        from ..collate._take import take_rows
+
+        return take_rows(self.data, self.rows)

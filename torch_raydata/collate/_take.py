@@ -1,0 +1,92 @@
+"""``take_rows``: Arrow's ``Table.take`` at memory speed for fixed-shape tensor columns.
+
+Arrow takes a row of a fixed_size_list / Ray tensor column by expanding it into one
+index per *value*: measured here on a Ray tensor column of uint8 (3, 64, 64) rows, 10k
+rows of a 20k-row block took 0.6-1.9 s (35-110 MB/s), and a shuffle over such data ran
+at 3-6k rows/s. A row of such a column is one contiguous run of bytes, so a numpy take
+over a (rows, bytes per row) view of the leaf buffer gathers it at memcpy speed. Written
+by hand because neither pyarrow nor Ray offers a row-wise take for these types; every
+other column (primitives, strings, nulls, bools, dictionaries) goes to Arrow's own take,
+which is fast for them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pyarrow as pa
+
+from ._arrow import RAY_FIXED_TENSORS, Plan, _ext_name, _primitive_view, chunk_leaf, plan_column
+
+__all__ = ["take_rows"]
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(name: str, typ: pa.DataType) -> Plan | None:
+    """The column's plan when it has a fixed-width leaf under fixed-shape layers."""
+    try:
+        plan = plan_column(name, typ)
+    except ValueError:
+        return None
+    if plan.kind != "tensor" or not plan.layers or plan.dictionary or plan.np_dtype == np.bool_:
+        return None
+    return plan
+
+
+def take_rows(table: pa.Table, indices: np.ndarray) -> pa.Table:
+    """``table.take(indices)`` (same schema, same values), one memcpy per wide column."""
+    idx = np.asarray(indices, dtype=np.int64)
+    if len(idx) and (idx.min() < 0 or idx.max() >= table.num_rows):
+        raise IndexError(f"take_rows: indices out of range for a table of {table.num_rows} rows")
+    columns = [
+        _take_column(name, col, idx)
+        for name, col in zip(table.column_names, table.columns, strict=True)
+    ]
+    return pa.Table.from_arrays(columns, schema=table.schema)
+
+
+def _take_column(name: str, col: pa.ChunkedArray, idx: np.ndarray) -> pa.ChunkedArray:
+    plan = _plan(name, col.type)
+    if plan is None:
+        return col.take(pa.array(idx))
+    width = math.prod(plan.phys)
+    views = []
+    for chunk in col.chunks:
+        leaf, nulls = chunk_leaf(name, chunk, plan)
+        if leaf is None or nulls:  # nulls: Arrow's take keeps them right
+            return col.take(pa.array(idx))
+        views.append(_primitive_view(leaf, plan.np_dtype).reshape(len(chunk), width))
+    # Fancy indexing, not np.take(out=...): 0.3 ms vs 0.8-1.5 ms for 256 rows of 12 KB here.
+    if len(views) == 1:
+        out = views[0][idx]
+    else:
+        out = np.empty((len(idx), width), dtype=plan.np_dtype)
+        lengths = np.array([len(v) for v in views], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        which = np.searchsorted(starts, idx, side="right") - 1
+        for c in np.unique(which):
+            sel = which == c
+            out[sel] = views[c][idx[sel] - starts[c]]
+    return pa.chunked_array([_rebuild(col.type, out.reshape(-1), len(idx))], type=col.type)
+
+
+def _rebuild(typ: pa.DataType, values: np.ndarray, n: int) -> pa.Array:
+    """An array of ``typ`` with ``n`` rows over the flat leaf ``values`` (no nulls)."""
+    ext = _ext_name(typ)
+    if ext in RAY_FIXED_TENSORS:  # list / large_list storage, a fixed count per row
+        storage_type = typ.storage_type
+        size = math.prod(int(d) for d in typ.shape)
+        child = _rebuild(storage_type.value_type, values, n * size)
+        large = pa.types.is_large_list(storage_type)
+        offsets = pa.array(np.arange(0, (n + 1) * size, size, dtype=np.int64 if large else np.int32))
+        cls = pa.LargeListArray if large else pa.ListArray
+        storage = cls.from_arrays(offsets, child, type=storage_type)
+        return pa.ExtensionArray.from_storage(typ, storage)
+    if ext is not None:  # arrow.fixed_shape_tensor: fixed_size_list storage
+        return pa.ExtensionArray.from_storage(typ, _rebuild(typ.storage_type, values, n))
+    if pa.types.is_fixed_size_list(typ):
+        child = _rebuild(typ.value_type, values, n * typ.list_size)
+        return pa.FixedSizeListArray.from_arrays(child, type=typ)
+    return pa.Array.from_buffers(typ, n, [None, pa.py_buffer(values)])
