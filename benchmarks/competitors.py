@@ -81,8 +81,17 @@ class Trd(Competitor):
         self._cold: trd.RayIterableDataset | None = None
 
     def _build(self) -> trd.RayIterableDataset:
+        shuffle = (
+            {"shuffle_buffer_size": self.wl.shuffle_rows, "shuffle_seed": 0}
+            if self.wl.shuffle_rows
+            else {}
+        )
         return trd.RayIterableDataset(
-            self.wl.dataset, batch_size=BATCH_SIZE, collate_fn=self.wl.trd_collate, **self.options
+            self.wl.dataset,
+            batch_size=BATCH_SIZE,
+            collate_fn=self.wl.trd_collate,
+            **shuffle,
+            **self.options,
         )
 
     def epoch(self) -> Iterator[Any]:
@@ -124,6 +133,7 @@ class RayTorch(Competitor):
                 batch_size=BATCH_SIZE,
                 prefetch_batches=self.prefetch_batches,
                 collate_fn=self.wl.ray_collate,
+                local_shuffle_buffer_size=self.wl.shuffle_rows,
             )
         )
 
@@ -138,7 +148,10 @@ class RayNumpy(Competitor):
     def epoch(self) -> Iterator[Any]:
         inner = iter(
             self.wl.dataset.iter_batches(
-                batch_size=BATCH_SIZE, prefetch_batches=RAY_PREFETCH, batch_format="numpy"
+                batch_size=BATCH_SIZE,
+                prefetch_batches=RAY_PREFETCH,
+                batch_format="numpy",
+                local_shuffle_buffer_size=self.wl.shuffle_rows,
             )
         )
         return _convert(inner, self.wl.numpy_collate or _from_numpy)
@@ -187,6 +200,7 @@ class TorchDataLoader(Competitor):
             # Workers stay up across epochs (no fork per epoch in the timed loop); the cold
             # start, forks included, is what time-to-first-batch measures.
             persistent_workers=self.num_workers > 0,
+            shuffle=bool(self.wl.shuffle_rows),
             **kwargs,
         )
 
@@ -229,9 +243,14 @@ class Memcpy(Competitor):
 
     def epoch(self) -> Iterator[Any]:
         n = len(self.wl.columns[self.wl.id_column])
+        order = np.random.default_rng(0).permutation(n) if self.wl.shuffle_rows else None
         for start in range(0, n, BATCH_SIZE):
             stop = min(n, start + BATCH_SIZE)
             batch = {}
+            if order is not None:  # rows in a random order: a gather, still one copy
+                rows = np.sort(order[start:stop])
+                yield {name: col[rows] for name, col in self.flat.items()}
+                continue
             for name, col in self.flat.items():
                 off = self.offsets.get(name)
                 src = col[start:stop] if off is None else col[off[start] : off[stop]]

@@ -47,6 +47,7 @@ class Workload:
     dl_collate: Callable | None = None  # DataLoader collate_fn; None: default_collate
     item_transform: Callable | None = None  # DataLoader per-item equivalent of map_batches
     consumer_ms: float = 0.0
+    shuffle_rows: int | None = None  # a local shuffle buffer of this many rows (every loader)
     recomputed: bool = False  # Ray re-executes it every epoch: an in-place write cannot leak
     notes: list[str] = field(default_factory=list)
     cleanup: Callable[[], None] | None = None
@@ -178,7 +179,25 @@ def _consumer(base: Workload, step_ms: float) -> Workload:
     )
 
 
-WORKLOADS = ("fixed", "streamed", "tokens", "consumer", "parquet")
+def _shuffled(base: Workload, buffer_rows: int) -> Workload:
+    return Workload(
+        key="shuffled",
+        title=f"6. `fixed` with a local shuffle buffer of {buffer_rows:,} rows",
+        dataset=base.dataset,
+        columns=base.columns,
+        id_column=base.id_column,
+        mutate_column=base.mutate_column,
+        source_bytes=base.source_bytes,
+        shuffle_rows=buffer_rows,
+        notes=[
+            f"trd shuffle_buffer_size={buffer_rows}; Ray local_shuffle_buffer_size={buffer_rows};"
+            " DataLoader shuffle=True (a global permutation); memcpy gathers rows in a random"
+            " order"
+        ],
+    )
+
+
+WORKLOADS = ("fixed", "streamed", "tokens", "consumer", "parquet", "shuffled")
 
 
 def build_workload(
@@ -200,6 +219,8 @@ def build_workload(
         wl = _streamed(build_workload("fixed", rows, blocks, cache))
     elif key == "tokens":
         wl = _tokens(rows, blocks)
+    elif key == "shuffled":
+        wl = _shuffled(build_workload("fixed", rows, blocks, cache), 2048)
     elif key == "consumer":
         wl = _consumer(build_workload("fixed", rows, blocks, cache), step_ms)
     elif key == "parquet":
