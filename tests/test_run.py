@@ -139,3 +139,19 @@ def test_batches_are_dicts_of_tensors():
     (b, *_) = list(_run(make_blocks([16])))
     assert set(b) == {"id", "x"}
     assert b["id"].dtype == torch.int64 and b["x"].dtype == torch.float32
+
+
+@pytest.mark.timeout(60)
+def test_skipping_and_capping_more_batches_than_the_bound_do_not_stall():
+    """The consumer frees a batch's slot at the end of next() (deferred release): the
+    skip-ahead and max_batches paths pull many batches in one call and must free each
+    slot as they go, or a pool bounded at 2 would stall after two."""
+    tables = make_blocks([25] * 8)  # 200 rows, 20 batches of 10
+    blocks, fetcher = source_of(tables)
+    cfg = PipelineConfig(batch_size=10, num_workers=1, prefetch_batches=1)
+    run = EpochRun(blocks, fetcher, DefaultCollate(), LocalTransport(), cfg, skip_batches=12)
+    assert sum(len(b["id"]) for b in run) == 80
+    blocks, fetcher = source_of(tables)
+    run = EpochRun(blocks, fetcher, DefaultCollate(), LocalTransport(), cfg, max_batches=3)
+    assert sum(len(b["id"]) for b in run) == 30
+    assert run.stats.rows_dropped == 170

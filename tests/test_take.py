@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from ray.data._internal.tensor_extensions.arrow import ArrowTensorArray, ArrowTensorType
 
 from torch_raydata.collate._take import take_rows
@@ -79,3 +80,30 @@ def test_nulls_and_repeats_and_empty():
     assert empty.num_rows == 0 and empty.schema == table.schema
     with pytest.raises(IndexError, match="out of range for a table of 4 rows"):
         take_rows(table, np.array([4]))
+
+
+@pytest.mark.parametrize("dtypes", [None, {"v2": torch.float32}])
+def test_default_collate_gather_equals_collate_of_the_take(dtypes):
+    from torch_raydata.collate import DefaultCollate
+    from torch_raydata.pipeline.buffers import BufferPool
+
+    whole = _table(60)
+    table = pa.concat_tables([whole.slice(0, 11), whole.slice(20, 17), whole.slice(41, 12)])
+    idx = np.sort(np.random.default_rng(2).permutation(table.num_rows)[:25])
+    collate = DefaultCollate(dtypes=dtypes, allocator=BufferPool(min_bytes=0))
+    got = collate.gather(table, idx)
+    want = collate(table.take(pa.array(idx)))
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
+        else:
+            assert got[name] == value, name
+
+
+def test_default_collate_gather_reports_nulls_like_collate():
+    from torch_raydata.collate import DefaultCollate
+
+    with_null = pa.array([[1, 2], None, [5, 6]], type=pa.list_(pa.int64(), 2))
+    with pytest.raises(ValueError, match="null"):
+        DefaultCollate().gather(pa.table({"a": with_null}), np.array([0, 1]))

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import pyarrow as pa
 import torch
 
-from torch_raydata.collate._arrow import Allocator, Plan, collate_tensor, plan_column
+from torch_raydata.collate._arrow import (
+    Allocator,
+    Plan,
+    allocate,
+    collate_tensor,
+    plan_column,
+    torch_dtype_of,
+)
+from torch_raydata.collate._take import gather_rows, row_views
 
 __all__ = ["DefaultCollate"]
 
@@ -105,6 +114,26 @@ class DefaultCollate:
             name: self.collate_column(name, column)
             for name, column in zip(table.schema.names, table.columns, strict=True)
         }
+
+    def gather(self, table: pa.Table, rows: np.ndarray) -> dict[str, torch.Tensor | list]:
+        """``self(table.take(rows))`` with one copy: fixed-shape columns are gathered
+        straight from the Arrow buffers into the batch tensors (a shuffle's draw, or the
+        rows a resume keeps). Other columns go through Arrow's take, then collate."""
+        table = self.check_table(table)
+        idx = np.asarray(rows, dtype=np.int64)
+        out: dict[str, torch.Tensor | list] = {}
+        for name, column in zip(table.schema.names, table.columns, strict=True):
+            found = row_views(name, column, wide_only=False)
+            if found is not None:
+                plan, views = found
+                dtype = self.target_dtype(name, plan)
+                if plan.axes is None and dtype == torch_dtype_of(plan.np_dtype):
+                    tensor = allocate(self.allocator, (len(idx), *plan.shape), dtype)
+                    gather_rows(views, idx, tensor.numpy().reshape(len(idx), -1))
+                    out[name] = tensor
+                    continue
+            out[name] = self.collate_column(name, column.take(pa.array(idx)))
+        return out
 
     def check_table(self, table: pa.Table | pa.RecordBatch) -> pa.Table:
         """Validate `table` against this collate's settings; return it as a Table."""

@@ -268,7 +268,9 @@ def _shuffled(
 
     def draw(buffer: pa.Table, count: int) -> Batch:
         nonlocal live
-        pick = rng.choice(len(live), size=count, replace=False)
+        pick = np.sort(rng.choice(len(live), size=count, replace=False))
+        # In buffer order within the batch (the batch is the same uniform draw): the
+        # gather walks each block forwards.
         rows = live[pick]
         live = np.delete(live, pick)
         ids = buffer_ids[rows] if buffer_ids is not None else None

@@ -295,7 +295,7 @@ def _shuffled_plans(
     def draw(count: int) -> BatchPlan:
         nonlocal live, idx
         t0 = time.perf_counter()
-        pick = rng.choice(len(live), size=count, replace=False)
+        pick = np.sort(rng.choice(len(live), size=count, replace=False))  # as batching.py
         rows = live[pick]
         live = np.delete(live, pick)
         which = np.searchsorted(np.asarray(starts), rows, side="right") - 1
@@ -577,6 +577,7 @@ class RemoteEpochRun(EpochRun):
         for st in local:
             st.close()
         self._prefetcher = self._pool = self._final = None
+        self._settle = False  # no local pool to give slots back to
         self.config = config
         self._transport = transport
         self._on_close = on_close

@@ -47,7 +47,11 @@ class _Collate:
         # A failure travels as a value in its batch's place, so stage 5 keeps it in order:
         # with preserve_order every batch before it is delivered, then it raises (stage 6).
         try:
-            data = self.fn(batch.table())
+            gather = getattr(self.fn, "gather", None)
+            if batch.rows is not None and gather is not None:
+                data = gather(batch.data, batch.rows)  # one copy, no intermediate table
+            else:
+                data = self.fn(batch.table())
             if data is None:
                 raise TypeError(
                     f"collate_fn {self.fn!r} returned None for batch {batch.idx}; "
@@ -150,6 +154,7 @@ class EpochRun:
         self._on_close = on_close
         self._closed = False
         self._prefetcher = self._pool = self._final = None
+        self._settle = False
         try:
             # Step 2: prefetch blocks on a background thread.
             self._prefetcher = Prefetcher(
@@ -185,6 +190,11 @@ class EpochRun:
             )
             # Step 5 (optional): restore batch order; its buffer counts against the pool bound.
             upstream: Iterable[Batch] = self._pool
+            # Inline finalize and no reorder: the consumer itself pulls from the pool, and
+            # frees the batch's slot once it is done with next() (see settle()).
+            self._settle = not config.preserve_order and not transport.needs_thread
+            if self._settle:
+                self._pool.defer_releases()
             if config.preserve_order:
                 upstream = restore_order(self._pool, on_emit=self._pool.release, stats=self.stats)
             # Step 6: finalize through the transport.
@@ -213,6 +223,8 @@ class EpochRun:
                 self._pulled += 1
                 if self._skip > 0:  # best-effort resume without id_column: skip ahead
                     self._skip -= 1
+                    if self._settle and self._pool is not None:
+                        self._pool.settle()
                     continue
                 break
         except StopIteration:
@@ -238,6 +250,8 @@ class EpochRun:
         p.recent_rows.append(batch.num_rows)
         if p.ids is not None and batch.ids is not None:
             p.ids.append(batch.ids)
+        if self._settle and self._pool is not None:
+            self._pool.settle()  # last: the worker this wakes runs during the step
         return data
 
     @property
@@ -259,6 +273,8 @@ class EpochRun:
         assert self._final is not None
         rows = 0
         for batch in self._final:
+            if self._settle and self._pool is not None:
+                self._pool.settle()
             self.stats.buffer(-1, -batch.nbytes)
             rows += batch.num_rows
         if rows:

@@ -63,6 +63,8 @@ class ThreadedIterator(Generic[R]):
         if not isinstance(output_buffer_size, int) or output_buffer_size < 1:
             raise ValueError(f"{output_buffer_size=} must be an int >= 1")
         self._manual_release = manual_release
+        self._defer_release = False
+        self._owed = 0
         self._closed = False
         # Workers see only this shared state, never the handle: dropping the handle (break,
         # GC) runs __del__, which stops and joins them.
@@ -88,7 +90,9 @@ class ThreadedIterator(Generic[R]):
             if item is _DONE:
                 self._alive -= 1
                 continue
-            if not self._manual_release:
+            if self._defer_release:
+                self._owed += 1
+            elif not self._manual_release:
                 self._s.slots.release()
             if isinstance(item, ExceptionWrapper):
                 self.close()
@@ -104,6 +108,19 @@ class ThreadedIterator(Generic[R]):
     def release(self) -> None:
         """Give back one slot (only with ``manual_release=True``)."""
         self._s.slots.release()
+
+    def defer_releases(self) -> None:
+        """From now on ``next()`` frees its slot only at :meth:`settle`: the consumer
+        settles after its own bookkeeping, so a worker it wakes does not compete with it
+        for the GIL while it is still inside ``next()`` (measured: the step's wait p95
+        0.96 -> see benchmarks/NOTES.md)."""
+        self._defer_release = True
+
+    def settle(self) -> None:
+        """Free the slots of the items returned since the last call (deferred mode)."""
+        while self._owed:
+            self._owed -= 1
+            self._s.slots.release()
 
     def stop(self) -> None:
         """Ask the workers to stop after their current item; does not wait."""
