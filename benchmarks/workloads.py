@@ -15,7 +15,7 @@ how competitors iterate (``competitors.py``) or what is measured (``measure.py``
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -162,15 +162,16 @@ def _tokens(rows: int, blocks: int, seed: int = 1) -> Workload:
     )
 
 
+def _variant_of_fixed(base: Workload, **changes: Any) -> Workload:
+    """``fixed``'s data and competitors' inputs, with another key, title, step or shuffle."""
+    return replace(base, cleanup=None, **changes)
+
+
 def _consumer(base: Workload, step_ms: float) -> Workload:
-    return Workload(
+    return _variant_of_fixed(
+        base,
         key="consumer",
         title=f"4. `fixed` with a {step_ms:g} ms training step per batch (time.sleep)",
-        dataset=base.dataset,
-        columns=base.columns,
-        id_column=base.id_column,
-        mutate_column=base.mutate_column,
-        source_bytes=base.source_bytes,
         consumer_ms=step_ms,
         notes=[
             "the step sleeps (a GPU-bound step: frees the GIL and the core); "
@@ -180,14 +181,10 @@ def _consumer(base: Workload, step_ms: float) -> Workload:
 
 
 def _shuffled(base: Workload, buffer_rows: int) -> Workload:
-    return Workload(
+    return _variant_of_fixed(
+        base,
         key="shuffled",
         title=f"6. `fixed` with a local shuffle buffer of {buffer_rows:,} rows",
-        dataset=base.dataset,
-        columns=base.columns,
-        id_column=base.id_column,
-        mutate_column=base.mutate_column,
-        source_bytes=base.source_bytes,
         shuffle_rows=buffer_rows,
         notes=[
             f"trd shuffle_buffer_size={buffer_rows}; Ray local_shuffle_buffer_size={buffer_rows};"
