@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=None, help="default 10 (6 with --small)")
     p.add_argument("--batch-size", type=int, default=32, help="per rank (2 ranks: 64 rows per step)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray started here")
+    p.add_argument(
+        "--ckpt-dir", default=None,
+        help="checkpoint every 5 steps here (the ranks' loader states merged into each) and "
+        "resume from its last.ckpt when there is one",
+    )
     args = p.parse_args(argv)
     epochs = args.epochs or (6 if args.small else 10)
 
@@ -93,21 +98,31 @@ def main(argv: list[str] | None = None) -> None:
         num_workers=2,
         shuffle_buffer_size=256,
         shuffle_seed=0,
-        train_options={"num_rows": n_train},  # len() per rank = ceil(floor(n / 2) / batch)
+        # len() per rank = ceil(floor(n / 2) / batch); id_column: exact resume (each rank
+        # records its rows, every checkpoint holds the union, any world size resumes it).
+        train_options={"num_rows": n_train, "id_column": "id"},
     )
+    callbacks, resume_from = [], None
+    if args.ckpt_dir:
+        callbacks.append(pl.callbacks.ModelCheckpoint(
+            dirpath=args.ckpt_dir, every_n_train_steps=5, save_last=True, save_top_k=0
+        ))
+        last = os.path.join(args.ckpt_dir, "last.ckpt")
+        resume_from = last if os.path.exists(last) else None
     trainer = pl.Trainer(
         strategy="ddp",
         accelerator="cpu",
         devices=2,
         max_epochs=epochs,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=bool(args.ckpt_dir),
+        callbacks=callbacks,
         enable_model_summary=False,
         enable_progress_bar=not args.small,
         check_val_every_n_epoch=epochs if args.small else 1,
         num_sanity_val_steps=0 if args.small else 2,
     )
-    trainer.fit(LitDigits(), datamodule=dm)
+    trainer.fit(LitDigits(), datamodule=dm, ckpt_path=resume_from)
 
     rank = trainer.global_rank
     train_stats, val_stats = dm.datasets["train"].stats(), dm.datasets["val"].stats()

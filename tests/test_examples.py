@@ -71,13 +71,13 @@ def test_train_ray_train_small_reaches_accuracy(example, capsys):
 
 
 @pytest.mark.timeout(400)
-def test_train_ddp_small_reaches_accuracy(ray_session):
+def test_train_ddp_small_reaches_accuracy(ray_session, tmp_path):
     pytest.importorskip("lightning")
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env["RAY_ADDRESS"] = ray_session.get_runtime_context().gcs_address
     env.pop("TRD_EXAMPLE_DIGITS_DIR", None)
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "train_ddp.py"), "--small"],
+        [sys.executable, str(EXAMPLES / "train_ddp.py"), "--small", "--ckpt-dir", str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=380,
     )
     out = proc.stdout
@@ -90,3 +90,14 @@ def test_train_ddp_small_reaches_accuracy(ray_session):
     assert "val: 3 batches, 179 rows, 1 dropped" in lines[0], out
     assert lines[1].startswith("[rank 1] train: 23 batches/epoch (len), last epoch 23 batches, 719 rows"), out
     assert "val: 3 batches, 179 rows, 0 dropped" in lines[1], out
+    # Checkpoints every 5 steps under Lightning DDP: RayDataModule.state_dict() gathered
+    # both ranks' sets (a collective in every save). The last one, at step 135 of 138
+    # (6 epochs x 23), is 20 batches into epoch 5 on each rank: 2 x 20 x 32 rows.
+    import torch
+
+    from torch_raydata.resume import ConsumedSet
+
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)["RayDataModule"]
+    train = state["splits"]["train"]
+    assert (train["world_size"], train["epoch"], train["batches_consumed"]) == (2, 5, 20)
+    assert len(ConsumedSet.decode(train["consumed"])) == train["rows_consumed"] == 2 * 20 * 32
