@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-__all__ = ["DigitsFiles", "write_digits", "read_split", "DigitsCNN", "accuracy"]
+__all__ = ["DigitsFiles", "write_digits", "read_split", "DigitsCNN", "accuracy", "checkpointing"]
 
 # The examples import this file from their own directory, which Ray's worker processes do
 # not have on their path: ship its functions (map_batches UDFs, the model) by value.
@@ -117,3 +117,18 @@ class DigitsCNN(torch.nn.Module):
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=1) == labels).float().mean()
+
+
+def checkpointing(ckpt_dir: str | None) -> tuple[list, str | None]:
+    """Lightning callbacks and ``ckpt_path`` for ``--ckpt-dir``: a checkpoint every 5 steps
+    (the RayDataModule's loader state goes into each), resuming from ``last.ckpt`` when
+    the directory has one. ``None``: no checkpoints, a fresh start."""
+    if not ckpt_dir:
+        return [], None
+    import lightning.pytorch as pl
+
+    every = pl.callbacks.ModelCheckpoint(
+        dirpath=ckpt_dir, every_n_train_steps=5, save_last=True, save_top_k=0
+    )
+    last = os.path.join(ckpt_dir, "last.ckpt")
+    return [every], (last if os.path.exists(last) else None)

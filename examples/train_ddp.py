@@ -30,7 +30,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from digits_data import DigitsCNN, accuracy, read_split, write_digits  # noqa: E402
+from digits_data import DigitsCNN, accuracy, checkpointing, read_split, write_digits  # noqa: E402
 
 import torch_raydata as trd  # noqa: E402
 
@@ -102,13 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         # records its rows, every checkpoint holds the union, any world size resumes it).
         train_options={"num_rows": n_train, "id_column": "id"},
     )
-    callbacks, resume_from = [], None
-    if args.ckpt_dir:
-        callbacks.append(pl.callbacks.ModelCheckpoint(
-            dirpath=args.ckpt_dir, every_n_train_steps=5, save_last=True, save_top_k=0
-        ))
-        last = os.path.join(args.ckpt_dir, "last.ckpt")
-        resume_from = last if os.path.exists(last) else None
+    callbacks, resume_from = checkpointing(args.ckpt_dir)
     trainer = pl.Trainer(
         strategy="ddp",
         accelerator="cpu",

@@ -27,7 +27,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import lightning.pytorch as pl  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
-from digits_data import DigitsCNN, accuracy, read_split, write_digits  # noqa: E402
+from digits_data import DigitsCNN, accuracy, checkpointing, read_split, write_digits  # noqa: E402
 
 import torch_raydata as trd  # noqa: E402
 
@@ -89,15 +89,9 @@ def main(argv: list[str] | None = None) -> float:
             train_options={"num_rows": files.train_rows, "id_column": "id"},
             val_options={"num_rows": files.val_rows},
         )
-        callbacks = []
-        resume_from = None
+        callbacks, resume_from = checkpointing(args.ckpt_dir)
         if args.ckpt_dir:
-            callbacks.append(pl.callbacks.ModelCheckpoint(
-                dirpath=args.ckpt_dir, every_n_train_steps=5, save_last=True, save_top_k=0
-            ))
-            last = os.path.join(args.ckpt_dir, "last.ckpt")
-            resume_from = last if os.path.exists(last) else None
-            print(f"resuming from {last}" if resume_from else f"checkpoints in {args.ckpt_dir}")
+            print(f"resuming from {resume_from}" if resume_from else f"checkpoints in {args.ckpt_dir}")
         trainer = pl.Trainer(
             max_epochs=epochs,
             accelerator="cpu",

@@ -223,8 +223,7 @@ class EpochRun:
                 self._pulled += 1
                 if self._skip > 0:  # best-effort resume without id_column: skip ahead
                     self._skip -= 1
-                    if self._settle and self._pool is not None:
-                        self._pool.settle()
+                    self._settle_slot()
                     continue
                 break
         except StopIteration:
@@ -250,9 +249,13 @@ class EpochRun:
         p.recent_rows.append(batch.num_rows)
         if p.ids is not None and batch.ids is not None:
             p.ids.append(batch.ids)
-        if self._settle and self._pool is not None:
-            self._pool.settle()  # last: the worker this wakes runs during the step
+        self._settle_slot()  # last: the worker this wakes runs during the step
         return data
+
+    def _settle_slot(self) -> None:
+        """Free the pool slot of the batch just taken (deferred release, see __init__)."""
+        if self._settle and self._pool is not None:
+            self._pool.settle()
 
     @property
     def finished(self) -> bool:
@@ -273,8 +276,7 @@ class EpochRun:
         assert self._final is not None
         rows = 0
         for batch in self._final:
-            if self._settle and self._pool is not None:
-                self._pool.settle()
+            self._settle_slot()
             self.stats.buffer(-1, -batch.nbytes)
             rows += batch.num_rows
         if rows:
