@@ -32,6 +32,22 @@ def test_batches_span_block_edges_and_keep_every_row():
     assert _ids(batches).tolist() == list(range(20))
 
 
+def test_spans_name_the_block_rows_of_each_batch():
+    """Each batch carries (block, start, stop) spans: the per-block views stage 4 copies
+    from. They must cover exactly the batch's rows, in order, across block edges and
+    block row slices (a DDP shard's part of a block)."""
+    tables = make_blocks([3, 5, 0, 7, 1, 4])
+    pairs = _pairs(tables, rows={3: (2, 6)})
+    batches = list(blocks_to_batches(pairs, batch_size=4))
+    assert sum(b.num_rows for b in batches) == 3 + 5 + 4 + 1 + 4
+    for b in batches:
+        assert b.spans is not None and b.rows is None
+        rebuilt = pa.concat_tables([blk.table.slice(a, z - a) for blk, a, z in b.spans])
+        assert rebuilt.equals(b.data)
+    blocks = {id(blk) for b in batches for blk, _, _ in b.spans}
+    assert len(blocks) == 5  # one BlockViews per non-empty block, shared by its batches
+
+
 def test_slices_are_zero_copy():
     t = make_blocks([100])[0]
     (b,) = list(blocks_to_batches(_pairs([t.slice(10, 50)]), batch_size=50))

@@ -68,3 +68,25 @@ def test_pickles_as_an_empty_pool():
     clone = pickle.loads(pickle.dumps(pool))
     assert clone.free_bytes == 0 and clone.max_free_bytes == 4096
     assert np.asarray(clone((10,), torch.uint8).numpy()).shape == (10,)
+
+
+def test_numpy_allocation_shares_the_pool_and_the_lease():
+    """empty_numpy (DefaultCollate's per-block path) hands out the same leased memory: a
+    tensor made from it keeps it until the tensor and its views die."""
+    pool = BufferPool(min_bytes=0)
+    arr = pool.empty_numpy((4, 8), np.dtype(np.float32))
+    assert arr.shape == (4, 8) and arr.dtype == np.float32 and arr.flags.c_contiguous
+    t = torch.from_numpy(arr)
+    addr = t.data_ptr()
+    row = t[1]
+    del arr, t
+    gc.collect()
+    assert pool.free_bytes == 0  # the row still sees it
+    del row
+    gc.collect()
+    assert pool.free_bytes == 128
+    again = pool((32,), torch.float32)  # the torch-side allocation reuses the same buffer
+    assert again.data_ptr() == addr and pool.hits == 1
+    small = BufferPool(min_bytes=1024)
+    assert small.empty_numpy((2,), np.dtype(np.int64)).shape == (2,)
+    assert small.misses == 0 and small.hits == 0  # below min_bytes: plain np.empty

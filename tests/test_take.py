@@ -107,3 +107,95 @@ def test_default_collate_gather_reports_nulls_like_collate():
     with_null = pa.array([[1, 2], None, [5, 6]], type=pa.list_(pa.int64(), 2))
     with pytest.raises(ValueError, match="null"):
         DefaultCollate().gather(pa.table({"a": with_null}), np.array([0, 1]))
+
+
+def _equal(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert got[name].dtype == value.dtype, name
+            assert got[name].shape == value.shape and torch.equal(got[name], value), name
+        else:
+            assert got[name] == value, name
+
+
+def _with_dates(table: pa.Table) -> pa.Table:
+    n = table.num_rows
+    days = pa.array(np.arange(n, dtype=np.int32), type=pa.date32())
+    return table.append_column("day", days).append_column(
+        "half", pa.array(np.arange(n, dtype=np.float16))
+    )
+
+
+@pytest.mark.parametrize(
+    "dtypes", [None, torch.float32, {"v2": torch.float64, "label": torch.int8}, torch.bfloat16]
+)
+@pytest.mark.parametrize("allocator", ["none", "pool", "hook"])
+def test_collate_spans_equals_collate_of_the_table(dtypes, allocator):
+    """Stage 3's batches (spans of blocks) collate to exactly what the table collates to:
+    spans across block edges, multi-chunk blocks, every column kind, casts, fallbacks."""
+    from torch_raydata.collate import DefaultCollate
+    from torch_raydata.collate._take import BlockViews
+    from torch_raydata.pipeline.buffers import BufferPool
+
+    whole = _with_dates(_table(90))
+    blocks = [
+        BlockViews(whole.slice(0, 30)),  # a slice: offsets on every layer
+        BlockViews(pa.concat_tables([whole.slice(30, 7), whole.slice(37, 23)])),  # 2 chunks
+        BlockViews(whole.slice(60, 30)),
+    ]
+    hooked: list[torch.Tensor] = []
+
+    def hook(shape, dtype):
+        hooked.append(torch.empty(shape, dtype=dtype))
+        return hooked[-1]
+
+    alloc = {"none": None, "pool": BufferPool(min_bytes=0), "hook": hook}[allocator]
+    collate = DefaultCollate(dtypes=dtypes, allocator=alloc)
+    reference = DefaultCollate(dtypes=dtypes)
+    cases = [
+        ((blocks[0], 3, 25),),
+        ((blocks[0], 20, 30), (blocks[1], 0, 30), (blocks[2], 0, 5)),  # both chunk edges
+        ((blocks[1], 5, 9),),  # inside the first chunk
+        ((blocks[1], 6, 8), (blocks[1], 12, 14)),  # two pieces of one block
+    ]
+    for spans in cases:
+        table = pa.concat_tables([blk.table.slice(a, b - a) for blk, a, b in spans])
+        got = collate.collate_spans(table, spans)
+        _equal(got, reference(table))
+        if allocator == "hook":  # every tensor column came from the hook
+            assert any(got["label"] is t for t in hooked)
+
+
+def test_collate_spans_raises_like_collate_for_nulls_and_ragged_columns():
+    from torch_raydata.collate import DefaultCollate
+    from torch_raydata.collate._take import BlockViews
+
+    nulls = pa.table({"a": pa.array([[1, 2], None, [5, 6]], type=pa.list_(pa.int64(), 2))})
+    ragged = pa.table({"a": pa.array([[1], [2, 3], [4]], type=pa.list_(pa.int64()))})
+    for table, match in [(nulls, "null value"), (ragged, "PadCollate")]:
+        with pytest.raises(ValueError, match=match):
+            DefaultCollate().collate_spans(table, ((BlockViews(table), 0, 3),))
+
+
+def test_collate_spans_checks_that_the_spans_cover_the_batch():
+    from torch_raydata.collate import DefaultCollate
+    from torch_raydata.collate._take import BlockViews
+
+    table = pa.table({"x": np.arange(10)})
+    with pytest.raises(AssertionError, match="spans cover 4 rows, the batch has 10"):
+        DefaultCollate().collate_spans(table, ((BlockViews(table), 0, 4),))
+
+
+def test_block_views_are_worked_out_once_per_block(monkeypatch):
+    from torch_raydata.collate import DefaultCollate, _take
+
+    calls = []
+    real = _take.row_views
+    monkeypatch.setattr(_take, "row_views", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    table = _table(40)
+    block = _take.BlockViews(table)
+    collate = DefaultCollate()
+    for start in range(0, 40, 8):
+        collate.collate_spans(table.slice(start, 8), ((block, start, start + 8),))
+    assert sorted(calls) == sorted(table.column_names)  # once per column, not per batch

@@ -158,3 +158,25 @@ def test_fn_runs_concurrently_on_workers():
         2,
         3,
     ]
+
+
+def test_slots_count_and_time_out():
+    from torch_raydata.pipeline.queues import Slots
+
+    slots = Slots(2)
+    assert slots.acquire(timeout=0) and slots.acquire(timeout=0)
+    assert not slots.acquire(timeout=0)
+    assert not slots.acquire(timeout=0.01)
+    slots.release()
+    assert slots.acquire(timeout=0)
+    woke = threading.Event()
+
+    def waiter():
+        if slots.acquire(timeout=10):
+            woke.set()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    slots.release()
+    assert woke.wait(10)
+    t.join()

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from ._arrow import RAY_FIXED_TENSORS, Plan, _ext_name, _primitive_view, chunk_leaf, plan_column
 
-__all__ = ["take_rows", "row_views", "gather_rows"]
+__all__ = ["take_rows", "row_views", "gather_rows", "BlockViews"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -67,6 +67,40 @@ def row_views(
             return None
         views.append(_primitive_view(leaf, plan.np_dtype).reshape(len(chunk), width))
     return plan, views
+
+
+class BlockViews:
+    """One block (an Arrow table) and the zero-copy row views of its columns, each worked
+    out once per block by the first collate thread that asks, not once per batch.
+
+    Walking a column down to its leaf buffer takes a dozen pyarrow calls per chunk, and
+    many of them release and re-take the GIL: per batch, that was the collate threads'
+    largest Python cost after the copy (NOTES.md 15). Stage 3 wraps each block in one of
+    these and sends ``(block, start, stop)`` spans with its batches; two threads filling
+    the same entry at once compute the same value, so no lock is needed.
+    """
+
+    __slots__ = ("table", "_views")
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+        self._views: dict[str, tuple[Plan, list[tuple[int, np.ndarray]]] | None] = {}
+
+    def column(self, name: str) -> tuple[Plan, list[tuple[int, np.ndarray]]] | None:
+        """(plan, [(first row, (rows, values per row) view)] per chunk) of a fixed-width
+        column without nulls; None when the column needs Arrow (see ``row_views``)."""
+        try:
+            return self._views[name]
+        except KeyError:
+            pass
+        found = row_views(name, self.table.column(name), wide_only=False)
+        entry = None
+        if found is not None:
+            plan, views = found
+            starts = np.cumsum([0] + [len(v) for v in views[:-1]]).tolist()
+            entry = (plan, list(zip(starts, views, strict=True)))
+        self._views[name] = entry
+        return entry
 
 
 def gather_rows(views: list[np.ndarray], idx: np.ndarray, out: np.ndarray) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..collate._take import take_rows
+from ..collate._take import BlockViews, take_rows
 from .errors import annotate
 from .stats import StatsRecorder
 from .types import Batch, SourceBlock
@@ -95,6 +95,7 @@ class _Batcher:
         row_bytes: float,
         rows: np.ndarray | None = None,
         ids: np.ndarray | None = None,
+        spans: tuple[tuple[BlockViews, int, int], ...] | None = None,
     ) -> Batch:
         """The next batch: ``table``, or (``rows`` given) those rows of it with their ``ids``."""
         if rows is None and self.id_column is not None:
@@ -104,7 +105,13 @@ class _Batcher:
         # every column (8.7% of the busy time on a tensor-column workload, profiled).
         nbytes = int(row_bytes * num_rows)
         batch = Batch(
-            idx=self.idx, data=table, num_rows=num_rows, nbytes=nbytes, ids=ids, rows=rows
+            idx=self.idx,
+            data=table,
+            num_rows=num_rows,
+            nbytes=nbytes,
+            ids=ids,
+            rows=rows,
+            spans=spans,
         )
         self.idx += 1
         self.stats.buffer(1, nbytes)
@@ -175,20 +182,22 @@ def _tables(
 def _sequential(
     tables: Iterator[tuple[pa.Table, float, np.ndarray | None]], b: _Batcher, stats: StatsRecorder
 ) -> Iterator[Batch]:
-    # Pieces of the next batch: (zero-copy slice, None) or (whole table, its row positions).
-    carry: list[tuple[pa.Table, np.ndarray | None]] = []
+    # Pieces of the next batch: (zero-copy slice, None, its span of the block) or (whole
+    # table, its row positions, None).
+    carry: list[tuple[pa.Table, np.ndarray | None, tuple[BlockViews, int, int] | None]] = []
     carry_rows = 0
     row_bytes = 0.0
     for table, row_bytes, rows in tables:
         offset = 0
         n = table.num_rows if rows is None else len(rows)
+        block = BlockViews(table) if rows is None else None
         while offset < n:
             t0 = time.perf_counter()
             take = min(b.batch_size - carry_rows, n - offset)
-            if rows is None:
-                carry.append((table.slice(offset, take), None))  # zero-copy
+            if block is not None:
+                carry.append((table.slice(offset, take), None, (block, offset, offset + take)))
             else:
-                carry.append((table, rows[offset : offset + take]))
+                carry.append((table, rows[offset : offset + take], None))  # type: ignore[index]
             carry_rows += take
             offset += take
             batch = None
@@ -200,6 +209,7 @@ def _sequential(
                 # Lazily, one at a time: a batch exists (and is counted as buffered) only
                 # once the collate pool asks for it.
                 yield batch
+        del block  # the last batch's spans keep it until collated, no longer
     if carry_rows:
         if b.drop_last:
             stats.add_dropped(carry_rows, "drop_last=True (last partial batch)")
@@ -207,15 +217,19 @@ def _sequential(
             yield _carried(carry, b, row_bytes)
 
 
-def _carried(carry: list[tuple[pa.Table, np.ndarray | None]], b: _Batcher, row_bytes: float) -> Batch:
-    """One batch from its pieces: a zero-copy table, plus row positions to gather in stage
-    4 when a piece is a subset of its table."""
-    tables = [t for t, _ in carry]
+def _carried(
+    carry: list[tuple[pa.Table, np.ndarray | None, tuple[BlockViews, int, int] | None]],
+    b: _Batcher,
+    row_bytes: float,
+) -> Batch:
+    """One batch from its pieces: a zero-copy table with the blocks' spans, or row
+    positions to gather in stage 4 when a piece is a subset of its table."""
+    tables = [t for t, _, _ in carry]
     data = tables[0] if len(tables) == 1 else pa.concat_tables(tables)  # zero-copy
-    if all(r is None for _, r in carry):
-        return b.make(data, row_bytes)
+    if all(r is None for _, r, _ in carry):
+        return b.make(data, row_bytes, spans=tuple(s for _, _, s in carry))  # type: ignore[misc]
     positions, offset = [], 0
-    for t, r in carry:
+    for t, r, _ in carry:
         positions.append((np.arange(t.num_rows) if r is None else r) + offset)
         offset += t.num_rows
     rows = np.concatenate(positions)

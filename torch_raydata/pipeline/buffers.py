@@ -32,25 +32,23 @@ _ITEMSIZE: dict[torch.dtype, int] = {}
 class _Lease:
     """The base object of a pooled array: returns ``raw`` to the pool when collected."""
 
-    __slots__ = ("raw", "pool", "__weakref__")
+    __slots__ = ("raw", "address", "pool", "__array_interface__", "__weakref__")
 
-    def __init__(self, raw: np.ndarray, pool: weakref.ref[BufferPool]) -> None:
+    def __init__(self, raw: np.ndarray, address: int, pool: weakref.ref[BufferPool]) -> None:
         self.raw = raw
+        self.address = address
         self.pool = pool
-
-    @property
-    def __array_interface__(self) -> dict:
-        return {
-            "shape": (self.raw.nbytes,),
+        self.__array_interface__ = {
+            "shape": (raw.nbytes,),
             "typestr": "|u1",
-            "data": (self.raw.ctypes.data, False),
+            "data": (address, False),
             "version": 3,
         }
 
     def __del__(self) -> None:
         pool = self.pool()
         if pool is not None:
-            pool._give_back(self.raw)
+            pool._give_back(self.raw, self.address)
 
 
 class BufferPool:
@@ -66,7 +64,7 @@ class BufferPool:
         self.max_free_bytes = max_free_bytes
         self.min_bytes = min_bytes
         self._lock = threading.Lock()
-        self._free: dict[int, list[np.ndarray]] = {}
+        self._free: dict[int, list[tuple[np.ndarray, int]]] = {}  # nbytes -> (raw, address)
         self._free_bytes = 0
         self._self_ref = weakref.ref(self)
         self.hits = 0
@@ -79,26 +77,40 @@ class BufferPool:
         nbytes = math.prod(shape) * itemsize
         if nbytes < self.min_bytes:
             return torch.empty(shape, dtype=dtype)
+        return torch.from_numpy(self._lease(nbytes)).view(dtype).view(shape)
+
+    allocate = __call__
+
+    def empty_numpy(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """The same memory as a numpy array (``torch.from_numpy`` of it keeps the lease).
+
+        For DefaultCollate's per-block path: numpy's view and reshape hold the GIL, while
+        each torch call releases and re-takes it (a wait for it under contention)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < self.min_bytes:
+            return np.empty(shape, dtype)
+        return self._lease(nbytes).view(dtype).reshape(shape)
+
+    def _lease(self, nbytes: int) -> np.ndarray:
+        """``nbytes`` of uint8 whose base is a lease on a pooled (or new) buffer."""
         with self._lock:
             stack = self._free.get(nbytes)
-            raw = stack.pop() if stack else None
-            if raw is not None:
+            entry = stack.pop() if stack else None
+            if entry is not None:
                 self._free_bytes -= nbytes
                 self.hits += 1
             else:
                 self.misses += 1
-        if raw is None:
+        if entry is None:
             raw = np.empty(nbytes, dtype=np.uint8)
-        flat = np.asarray(_Lease(raw, self._self_ref))  # base is the lease
-        return torch.from_numpy(flat).view(dtype).view(shape)
+            entry = (raw, raw.ctypes.data)
+        return np.asarray(_Lease(entry[0], entry[1], self._self_ref))  # base is the lease
 
-    allocate = __call__
-
-    def _give_back(self, raw: np.ndarray) -> None:
+    def _give_back(self, raw: np.ndarray, address: int) -> None:
         with self._lock:
             if self._free_bytes + raw.nbytes > self.max_free_bytes:
                 return  # let it be freed
-            self._free.setdefault(raw.nbytes, []).append(raw)
+            self._free.setdefault(raw.nbytes, []).append((raw, address))
             self._free_bytes += raw.nbytes
 
     def __reduce__(self):  # type: ignore[no-untyped-def]

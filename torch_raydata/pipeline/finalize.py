@@ -21,13 +21,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import replace
 from typing import Any
 
 from ..transports.base import FetchRequest, Transport
 from .constants import FINALIZE_IN_FLIGHT, JOIN_TIMEOUT, QUEUE_TIMEOUT
 from .errors import ExceptionWrapper
-from .queues import next_item
+from .queues import Slots, next_item
 from .stats import StatsRecorder
 from .types import Batch
 
@@ -55,8 +54,11 @@ class Finalizer:
         self._stop = threading.Event()
         self._done = False
         self._thread: threading.Thread | None = None
+        # The base fetch_multiple just calls fetch: inline, call it directly (no request
+        # object per batch on the training step's thread).
+        self._sync_fetch = type(transport).fetch_multiple is Transport.fetch_multiple
         if transport.needs_thread:
-            self._slots = threading.Semaphore(in_flight)
+            self._slots = Slots(in_flight)
             self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
             self._thread = threading.Thread(target=self._run, name="trd-finalize", daemon=True)
             self._thread.start()
@@ -68,12 +70,15 @@ class Finalizer:
             batch.data.reraise()
         t0 = time.perf_counter()
         try:
-            req = self._transport.fetch_multiple([batch.data])
-            (data,) = self._transport.wait_fetch_complete(req)
+            if self._sync_fetch:
+                batch.data = self._transport.fetch(batch.data)
+            else:
+                req = self._transport.fetch_multiple([batch.data])
+                (batch.data,) = self._transport.wait_fetch_complete(req)
         except BaseException as e:
             ExceptionWrapper.capture(e, f"stage 6 (finalize), batch {batch.idx}").reraise()
         self._stats.add_time("finalize", time.perf_counter() - t0)
-        return replace(batch, data=data)
+        return batch
 
     # -- threaded path --------------------------------------------------------------------
     def _upstream_ready(self) -> bool:
@@ -103,7 +108,8 @@ class Finalizer:
                             while posted:
                                 done, req = posted.popleft()
                                 (data,) = self._transport.wait_fetch_complete(req)
-                                self._out.put(replace(done, data=data))
+                                done.data = data
+                                self._out.put(done)
                             self._out.put(batch.data)
                             return
                         t0 = time.perf_counter()
@@ -132,7 +138,8 @@ class Finalizer:
                         )
                         return
                     self._stats.add_time("finalize", time.perf_counter() - t0)
-                    self._out.put(replace(batch, data=data))
+                    batch.data = data
+                    self._out.put(batch)
                 elif exhausted:
                     return
         except BaseException as e:  # noqa: BLE001 - from the upstream iterator; forwarded

@@ -1,4 +1,5 @@
-"""The one way a stage's consumer takes the next item from its producer thread's queue."""
+"""How stages hand items to each other: the consumer's pull (``next_item``) and the bound
+on items in flight (``Slots``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 from .constants import QUEUE_TIMEOUT
 
-__all__ = ["next_item"]
+__all__ = ["next_item", "Slots"]
 
 
 def next_item(out: queue.SimpleQueue[Any], stop: threading.Event, end: object) -> Any:
@@ -27,3 +28,34 @@ def next_item(out: queue.SimpleQueue[Any], stop: threading.Event, end: object) -
         if item is end:
             raise StopIteration
         return item
+
+
+class Slots:
+    """A counting semaphore whose ``acquire`` and ``release`` run in C: a SimpleQueue of
+    tokens.
+
+    Why not ``threading.Semaphore``: it is a Python ``Condition`` (several Python frames
+    and a lock allocated per wait). On the consumer's path, releasing one slot per batch
+    was 11% of the GIL-held samples of a workload-1 epoch (py-spy --gil, NOTES.md 15),
+    time during which no collate thread can run. ``SimpleQueue.get`` takes a token
+    without touching a lock when one is there, and ``put`` wakes one waiter.
+    """
+
+    __slots__ = ("_tokens",)
+
+    def __init__(self, value: int) -> None:
+        self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
+        for _ in range(value):
+            self._tokens.put(None)
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        """Take a slot; False if none came within ``timeout`` seconds (0: do not wait)."""
+        try:
+            self._tokens.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        return True
+
+    def release(self) -> None:
+        """Give one slot back (wakes one waiting ``acquire``)."""
+        self._tokens.put(None)

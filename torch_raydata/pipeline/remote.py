@@ -68,7 +68,7 @@ from ..transports.base import Transport
 from .batching import _ids_of, to_arrow
 from .constants import JOIN_TIMEOUT, QUEUE_TIMEOUT
 from .errors import ExceptionWrapper
-from .queues import next_item
+from .queues import Slots, next_item
 from .run import EpochRun, PipelineConfig
 from .stats import StatsRecorder
 from .types import Batch, SourceBlock
@@ -349,7 +349,7 @@ class _Shared:
 
     def __init__(self, bound: int, num_actors: int) -> None:
         self.stop = threading.Event()
-        self.slots = threading.Semaphore(bound)
+        self.slots = Slots(bound)
         self.cond = threading.Condition()  # guards submitted, load, planner_done, error
         self.submitted: deque[_Submitted] = deque()
         self.load = [0] * num_actors  # descriptors outstanding per actor

@@ -11,7 +11,7 @@ node protocol for one function. This is ~150 lines with the invariant written do
 
     input iterator --(lock)--> worker 0..N-1: fn(item) --> output queue --> consumer
 
-Invariant (the semaphore ``slots``, initial value ``output_buffer_size``):
+Invariant (the semaphore ``slots``, initial value ``output_buffer_size``; see queues.Slots):
     items taken from the input and not yet released
         = in fn on a worker + waiting in the output queue (+ held downstream, when the
           caller releases manually, e.g. the reorder buffer)
@@ -31,6 +31,7 @@ from typing import Any, Generic, TypeVar
 
 from .constants import JOIN_TIMEOUT, QUEUE_TIMEOUT
 from .errors import ExceptionWrapper
+from .queues import Slots
 
 __all__ = ["iter_threaded", "ThreadedIterator"]
 
@@ -184,7 +185,7 @@ class _PoolState:
         self.lock = threading.Lock()  # guards input and exhausted
         self.exhausted = False
         self.stop = threading.Event()
-        self.slots = threading.Semaphore(bound)
+        self.slots = Slots(bound)
         self.out: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
 

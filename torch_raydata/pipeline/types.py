@@ -33,7 +33,9 @@ class Batch:
     values of ``id_column`` for its rows (exact resume); ``data`` a ``pyarrow.Table`` until
     stage 4 collates it, then whatever the collate_fn returned. ``rows``: the batch is
     those rows of ``data`` (a shuffle's draw), gathered in stage 4 by the collate threads
-    rather than in stage 3 under the input lock.
+    rather than in stage 3 under the input lock. ``spans``: ``data`` is, in order, rows
+    ``[start, stop)`` of each ``(block, start, stop)`` (``collate._take.BlockViews``), so a
+    collate that knows blocks copies from views computed once per block, not per batch.
     """
 
     idx: int
@@ -42,6 +44,7 @@ class Batch:
     nbytes: int
     ids: np.ndarray | None = None
     rows: np.ndarray | None = None
+    spans: tuple[tuple[Any, int, int], ...] | None = None
 
     def table(self) -> Any:
         """The batch's own rows as a table (gathers ``rows`` of ``data`` when set)."""

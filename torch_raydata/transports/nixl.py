@@ -136,14 +136,14 @@ class _DestPool:
         for r in trim:
             self._deregister(r)
 
-    def _give_back(self, raw: np.ndarray) -> None:  # called by a _Lease, from any thread
+    def _give_back(self, raw: np.ndarray, address: int) -> None:  # by a _Lease, any thread
         with self._lock:
             if not self._closed:
                 self._returned.append(raw)
 
     def handout(self, raw: np.ndarray) -> np.ndarray:
         """A flat uint8 view of ``raw`` that returns it here once nothing views it."""
-        return np.asarray(_Lease(raw, self._self_ref))  # type: ignore[arg-type]
+        return np.asarray(_Lease(raw, self.addr(raw), self._self_ref))  # type: ignore[arg-type]
 
     def _deregister(self, raw: Any) -> None:
         entry = self._regs.pop(self.addr(raw), None)
