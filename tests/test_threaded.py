@@ -180,3 +180,16 @@ def test_slots_count_and_time_out():
     slots.release()
     assert woke.wait(10)
     t.join()
+
+
+def test_workers_started_by_the_first_one_are_all_joined_even_when_closed_at_once():
+    """The first worker starts the others; a pool closed while it does so, or whose input
+    is empty, still ends with every worker accounted for and joined (the autouse fixture
+    fails the test on a leftover thread)."""
+    for _ in range(50):
+        it = trd.iter_threaded(range(100), lambda x: x, num_workers=6, output_buffer_size=2)
+        it.close()
+    assert list(trd.iter_threaded([], lambda x: x, num_workers=6, output_buffer_size=2)) == []
+    it = trd.iter_threaded(range(3), lambda x: x, num_workers=6, output_buffer_size=8)
+    assert sorted(it) == [0, 1, 2]
+    assert sum(t.name.startswith("trd-iter_threaded") for t in threading.enumerate()) == 0
