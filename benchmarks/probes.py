@@ -127,10 +127,14 @@ def w4() -> None:
             ready.append(it._pool._s.out.qsize())  # batches waiting when the step asks
             t = time.perf_counter()
             try:
-                next(it)
+                batch = next(it)
             except StopIteration:
                 break
             calls.append((t, time.perf_counter()))
+            # Dropped after the timer, as `for batch in loader` does: freeing a torch
+            # tensor releases the GIL, and a free inside the timed call measured the
+            # GIL handoff it causes, not the loader (NOTES.md 15).
+            del batch
             time.sleep(0.005)  # the training step
     run._Collate.__call__ = inner  # type: ignore[method-assign]
     d = np.array([e - s for s, e in calls])

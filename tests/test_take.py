@@ -199,3 +199,24 @@ def test_block_views_are_worked_out_once_per_block(monkeypatch):
     for start in range(0, 40, 8):
         collate.collate_spans(table.slice(start, 8), ((block, start, start + 8),))
     assert sorted(calls) == sorted(table.column_names)  # once per column, not per batch
+
+
+def test_gather_with_spans_equals_gather_without():
+    """A shuffle's or a resume's batch names its buffer's blocks: the gather reuses their
+    views and must give exactly what it gives from the table alone."""
+    from torch_raydata.collate import DefaultCollate
+    from torch_raydata.collate._take import BlockViews
+    from torch_raydata.pipeline.buffers import BufferPool
+
+    whole = _with_dates(_table(70))
+    blocks = [
+        BlockViews(whole.slice(0, 25)),
+        BlockViews(pa.concat_tables([whole.slice(25, 5), whole.slice(30, 20)])),
+        BlockViews(whole.slice(50, 20)),
+    ]
+    spans = tuple((blk, 0, blk.table.num_rows) for blk in blocks)
+    table = pa.concat_tables([blk.table for blk in blocks])
+    rng = np.random.default_rng(3)
+    for idx in (np.sort(rng.choice(70, 30, replace=False)), rng.permutation(70)[:20]):
+        collate = DefaultCollate(allocator=BufferPool(min_bytes=0))
+        _equal(collate.gather(table, idx, spans), DefaultCollate().gather(table, idx))

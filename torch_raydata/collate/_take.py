@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from ._arrow import RAY_FIXED_TENSORS, Plan, _ext_name, _primitive_view, chunk_leaf, plan_column
 
-__all__ = ["take_rows", "row_views", "gather_rows", "BlockViews"]
+__all__ = ["take_rows", "row_views", "gather_rows", "BlockViews", "span_views"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -101,6 +101,26 @@ class BlockViews:
             entry = (plan, list(zip(starts, views, strict=True)))
         self._views[name] = entry
         return entry
+
+
+def span_views(
+    name: str, spans: tuple[tuple[BlockViews, int, int], ...]
+) -> tuple[Plan, list[np.ndarray]] | None:
+    """``row_views`` of column ``name`` of the table made of rows ``[start, stop)`` of each
+    span's block, in order, from the blocks' cached views; None when a block's column
+    needs Arrow or the column's type differs between blocks."""
+    plan = None
+    views = []
+    for block, start, stop in spans:
+        found = block.column(name)
+        if found is None or (plan is not None and found[0] is not plan and found[0] != plan):
+            return None
+        plan = found[0]
+        for first, view in found[1]:
+            a, b = max(start, first), min(stop, first + len(view))
+            if a < b:
+                views.append(view[a - first : b - first])
+    return (plan, views) if plan is not None else None
 
 
 def gather_rows(views: list[np.ndarray], idx: np.ndarray, out: np.ndarray) -> None:

@@ -20,7 +20,7 @@ from torch_raydata.collate._arrow import (
     plan_column,
     torch_dtype_of,
 )
-from torch_raydata.collate._take import BlockViews, gather_rows, row_views
+from torch_raydata.collate._take import BlockViews, gather_rows, row_views, span_views
 
 __all__ = ["DefaultCollate"]
 
@@ -131,22 +131,32 @@ class DefaultCollate:
             for name, column in zip(table.schema.names, table.columns, strict=True)
         }
 
-    def gather(self, table: pa.Table, rows: np.ndarray) -> dict[str, torch.Tensor | list]:
+    def gather(
+        self,
+        table: pa.Table,
+        rows: np.ndarray,
+        spans: tuple[tuple[BlockViews, int, int], ...] | None = None,
+    ) -> dict[str, torch.Tensor | list]:
         """``self(table.take(rows))`` with one copy: fixed-shape columns are gathered
         straight from the Arrow buffers into the batch tensors (a shuffle's draw, or the
-        rows a resume keeps). Other columns go through Arrow's take, then collate."""
+        rows a resume keeps). Other columns go through Arrow's take, then collate.
+        ``spans``, when given, say which blocks ``table`` is made of (see
+        ``collate_spans``): their views are reused instead of worked out per batch."""
         table = self.check_table(table)
         idx = np.asarray(rows, dtype=np.int64)
         out: dict[str, torch.Tensor | list] = {}
         for name, column in zip(table.schema.names, table.columns, strict=True):
-            found = row_views(name, column, wide_only=False)
+            if spans is not None:
+                found = span_views(name, spans)
+            else:
+                found = row_views(name, column, wide_only=False)
             if found is not None:
                 plan, views = found
                 dtype = self.target_dtype(name, plan)
                 if plan.axes is None and dtype == torch_dtype_of(plan.np_dtype):
-                    tensor = allocate(self.allocator, (len(idx), *plan.shape), dtype)
-                    gather_rows(views, idx, tensor.numpy().reshape(len(idx), -1))
-                    out[name] = tensor
+                    arr, tensor = self._empty(len(idx), plan, dtype)
+                    gather_rows(views, idx, arr.reshape(len(idx), -1))
+                    out[name] = tensor if tensor is not None else torch.from_numpy(arr)
                     continue
             out[name] = self.collate_column(name, column.take(pa.array(idx)))
         return out
@@ -170,39 +180,36 @@ class DefaultCollate:
     def _from_spans(
         self, name: str, spans: tuple[tuple[BlockViews, int, int], ...], n: int
     ) -> torch.Tensor | None:
-        parts = []
-        plan = None
-        for block, start, stop in spans:
-            found = block.column(name)
-            if found is None or (plan is not None and found[0] is not plan and found[0] != plan):
-                return None  # needs Arrow here, or its type changed between blocks
-            plan = found[0]
-            parts.append((found[1], start, stop))
-        assert plan is not None
+        found = span_views(name, spans)
+        if found is None:
+            return None
+        plan, views = found
         dtype = self.target_dtype(name, plan)
-        np_dtype = _numpy_dtype(dtype)
-        if plan.axes is not None or np_dtype is None:
+        if plan.axes is not None or _numpy_dtype(dtype) is None:
             return None  # a permuted Arrow tensor, or bfloat16: the general path
-        shape = (n, *plan.shape)
-        tensor = None
-        if self.allocator is None:
-            arr = np.empty(shape, np_dtype)
-        elif hasattr(self.allocator, "empty_numpy"):  # BufferPool: no torch call
-            arr = self.allocator.empty_numpy(shape, np_dtype)
-        else:
-            tensor = allocate(self.allocator, shape, dtype)
-            arr = tensor.numpy()
+        arr, tensor = self._empty(n, plan, dtype)
         flat = arr.reshape(n, -1)
         pos = 0
-        for chunks, start, stop in parts:
-            for first, view in chunks:
-                a, b = max(start, first), min(stop, first + len(view))
-                if a < b:
-                    np.copyto(flat[pos : pos + b - a], view[a - first : b - first], casting="unsafe")
-                    pos += b - a
+        for view in views:
+            np.copyto(flat[pos : pos + len(view)], view, casting="unsafe")
+            pos += len(view)
         if pos != n:
             raise AssertionError(f"column {name!r}: spans cover {pos} rows, the batch has {n}")
         return tensor if tensor is not None else torch.from_numpy(arr)
+
+    def _empty(
+        self, n: int, plan: Plan, dtype: torch.dtype
+    ) -> tuple[np.ndarray, torch.Tensor | None]:
+        """An uninitialised (n, *plan.shape) output as numpy, and the allocator's tensor
+        when it has to be returned as is (a user hook, e.g. pinned memory)."""
+        shape = (n, *plan.shape)
+        np_dtype = _numpy_dtype(dtype)
+        if self.allocator is None and np_dtype is not None:
+            return np.empty(shape, np_dtype), None
+        if np_dtype is not None and hasattr(self.allocator, "empty_numpy"):
+            return self.allocator.empty_numpy(shape, np_dtype), None  # BufferPool: no torch call
+        tensor = allocate(self.allocator, shape, dtype)
+        return tensor.numpy(), tensor
 
     def check_table(self, table: pa.Table | pa.RecordBatch) -> pa.Table:
         """Validate `table` against this collate's settings; return it as a Table."""

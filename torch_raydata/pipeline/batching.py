@@ -183,21 +183,21 @@ def _sequential(
     tables: Iterator[tuple[pa.Table, float, np.ndarray | None]], b: _Batcher, stats: StatsRecorder
 ) -> Iterator[Batch]:
     # Pieces of the next batch: (zero-copy slice, None, its span of the block) or (whole
-    # table, its row positions, None).
-    carry: list[tuple[pa.Table, np.ndarray | None, tuple[BlockViews, int, int] | None]] = []
+    # table, its row positions to gather, the whole block as a span).
+    carry: list[tuple[pa.Table, np.ndarray | None, tuple[BlockViews, int, int]]] = []
     carry_rows = 0
     row_bytes = 0.0
     for table, row_bytes, rows in tables:
         offset = 0
         n = table.num_rows if rows is None else len(rows)
-        block = BlockViews(table) if rows is None else None
+        block = BlockViews(table)
         while offset < n:
             t0 = time.perf_counter()
             take = min(b.batch_size - carry_rows, n - offset)
-            if block is not None:
+            if rows is None:
                 carry.append((table.slice(offset, take), None, (block, offset, offset + take)))
-            else:
-                carry.append((table, rows[offset : offset + take], None))  # type: ignore[index]
+            else:  # the whole table, and which of its rows
+                carry.append((table, rows[offset : offset + take], (block, 0, table.num_rows)))
             carry_rows += take
             offset += take
             batch = None
@@ -218,23 +218,24 @@ def _sequential(
 
 
 def _carried(
-    carry: list[tuple[pa.Table, np.ndarray | None, tuple[BlockViews, int, int] | None]],
+    carry: list[tuple[pa.Table, np.ndarray | None, tuple[BlockViews, int, int]]],
     b: _Batcher,
     row_bytes: float,
 ) -> Batch:
-    """One batch from its pieces: a zero-copy table with the blocks' spans, or row
+    """One batch from its pieces: a zero-copy table with the blocks' spans, plus row
     positions to gather in stage 4 when a piece is a subset of its table."""
     tables = [t for t, _, _ in carry]
     data = tables[0] if len(tables) == 1 else pa.concat_tables(tables)  # zero-copy
+    spans = tuple(s for _, _, s in carry)
     if all(r is None for _, r, _ in carry):
-        return b.make(data, row_bytes, spans=tuple(s for _, _, s in carry))  # type: ignore[misc]
+        return b.make(data, row_bytes, spans=spans)
     positions, offset = [], 0
     for t, r, _ in carry:
         positions.append((np.arange(t.num_rows) if r is None else r) + offset)
         offset += t.num_rows
     rows = np.concatenate(positions)
     ids = _ids_of(data, b.id_column)[rows] if b.id_column is not None else None
-    return b.make(data, row_bytes, rows=rows, ids=ids)
+    return b.make(data, row_bytes, rows=rows, ids=ids, spans=spans)
 
 
 #: A buffered piece (block) with fewer live rows than 1/LIVE_FRACTION of its rows has them
@@ -244,25 +245,27 @@ def _carried(
 LIVE_FRACTION = 8
 
 
-def _compact(pieces: list[pa.Table], live: np.ndarray) -> tuple[list[pa.Table], np.ndarray, int]:
+def _compact(
+    pieces: list[BlockViews], live: np.ndarray
+) -> tuple[list[BlockViews], np.ndarray, int]:
     """Drop the pieces whose rows were all drawn; copy the few live rows out of mostly
     drawn ones. Keeps the live rows in stream order (``live`` stays ascending), so the
     shuffle draws the same rows as before (and as the remote path's plans)."""
-    bounds = np.cumsum([0] + [p.num_rows for p in pieces])
+    bounds = np.cumsum([0] + [p.table.num_rows for p in pieces])
     which = np.searchsorted(bounds, live, side="right") - 1
     counts = np.bincount(which, minlength=len(pieces))
-    kept: list[pa.Table] = []
+    kept: list[BlockViews] = []
     positions: list[np.ndarray] = []
     total = 0
     for k, piece in enumerate(pieces):
         if counts[k] == 0:
             continue
         local = live[which == k] - bounds[k]
-        if counts[k] * LIVE_FRACTION < piece.num_rows:
-            piece, local = take_rows(piece, local), np.arange(counts[k])
+        if counts[k] * LIVE_FRACTION < piece.table.num_rows:
+            piece, local = BlockViews(take_rows(piece.table, local)), np.arange(counts[k])
         kept.append(piece)
         positions.append(local + total)
-        total += piece.num_rows
+        total += piece.table.num_rows
     return kept, np.concatenate(positions) if positions else live[:0], total
 
 
@@ -273,14 +276,14 @@ def _shuffled(
     rng: np.random.Generator,
     stats: StatsRecorder,
 ) -> Iterator[Batch]:
-    pieces: list[pa.Table] = []  # zero-copy parts of the buffer table
+    pieces: list[BlockViews] = []  # zero-copy parts of the buffer table (blocks)
     live = np.empty(0, dtype=np.int64)  # positions (in concat(pieces)) not yet emitted
     total = 0  # rows in concat(pieces)
     row_bytes = 0.0  # running average over the blocks seen
 
     buffer_ids: np.ndarray | None = None  # id_column of the current buffer, as keys
 
-    def draw(buffer: pa.Table, count: int) -> Batch:
+    def draw(buffer: tuple[pa.Table, tuple[tuple[BlockViews, int, int], ...]], count: int) -> Batch:
         nonlocal live
         pick = np.sort(rng.choice(len(live), size=count, replace=False))
         # In buffer order within the batch (the batch is the same uniform draw): the
@@ -289,26 +292,29 @@ def _shuffled(
         live = np.delete(live, pick)
         ids = buffer_ids[rows] if buffer_ids is not None else None
         # The gather (the batch's one copy) runs in stage 4, outside the input lock.
-        return b.make(buffer, row_bytes, rows=rows, ids=ids)
+        return b.make(buffer[0], row_bytes, rows=rows, ids=ids, spans=buffer[1])
 
-    def rebuilt(buffer: pa.Table) -> pa.Table:
+    def rebuilt() -> tuple[pa.Table, tuple[tuple[BlockViews, int, int], ...]]:
+        """The buffer as one zero-copy table, and its pieces as spans (whose views the
+        gather reuses)."""
         nonlocal buffer_ids
+        table = pa.concat_tables([p.table for p in pieces])
         if b.id_column is not None:
-            buffer_ids = _ids_of(buffer, b.id_column)
-        return buffer
+            buffer_ids = _ids_of(table, b.id_column)
+        return table, tuple((p, 0, p.table.num_rows) for p in pieces)
 
     for table, block_row_bytes, kept in tables:
         t0 = time.perf_counter()
         row_bytes = (row_bytes * total + block_row_bytes * table.num_rows) / (
             total + table.num_rows
         )
-        pieces.append(table)
+        pieces.append(BlockViews(table))
         fresh = np.arange(total, total + table.num_rows)
         live = np.concatenate([live, fresh if kept is None else fresh[kept]])
         total += table.num_rows
         stats.add_time("batching", time.perf_counter() - t0)
         if len(live) >= buffer_rows + b.batch_size:
-            buffer = rebuilt(pa.concat_tables(pieces))
+            buffer = rebuilt()
             while len(live) >= buffer_rows + b.batch_size:
                 t0 = time.perf_counter()
                 batch = draw(buffer, b.batch_size)
@@ -320,7 +326,7 @@ def _shuffled(
                 stats.add_time("batching", time.perf_counter() - t0)
     # Drain: the source is exhausted, emit what is left in random order.
     if len(live):
-        buffer = rebuilt(pa.concat_tables(pieces))
+        buffer = rebuilt()
         while len(live) >= b.batch_size:
             yield draw(buffer, b.batch_size)
         if len(live):

@@ -51,7 +51,8 @@ class _Collate:
         # with preserve_order every batch before it is delivered, then it raises (stage 6).
         try:
             if batch.rows is not None and self.gather is not None:
-                data = self.gather(batch.data, batch.rows)  # one copy, no intermediate table
+                # One copy, no intermediate table; views of the blocks in spans, if known.
+                data = self.gather(batch.data, batch.rows, batch.spans)
             elif batch.spans is not None and self.collate_spans is not None:
                 data = self.collate_spans(batch.data, batch.spans)  # per-block views
             else:
