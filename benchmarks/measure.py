@@ -1,7 +1,7 @@
 """What is measured, identically for every competitor.
 
 Owns: the timed epoch loop (wait around every ``next()``, touching every batch, the
-optional training step), trainer-process CPU time, the RSS sampler, time to first batch
+optional training step), trainer-process CPU time, peak RSS, time to first batch
 from a cold loader, and the batch-ownership check. Does not own which loaders exist
 (``competitors.py``) or how results are summarised (``report.py``).
 
@@ -11,9 +11,9 @@ Definitions (also in README.md):
     time to first   cold loader built + iter() + first next(), in a separate pass
     CPU / 1k rows   getrusage(RUSAGE_SELF) user+sys of THIS process (all its threads) per
                     1,000 rows; Ray tasks and DataLoader workers run in other processes
-    peak RSS        max over 5 ms samples of /proc/self/statm (resident - shared pages,
-                    i.e. private memory; object-store pages mapped in are shared), minus
-                    the value at the start of the epoch
+    peak RSS        max of /proc/self/statm (resident - shared pages, i.e. private
+                    memory; object-store pages mapped in are shared) sampled every 4th
+                    batch by the epoch loop, minus the value at the start of the epoch
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import gc
 import os
 import resource
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["EpochResult", "run_epoch", "time_to_first_batch", "owns_memory", "RssSampler"]
+__all__ = ["EpochResult", "run_epoch", "time_to_first_batch", "owns_memory", "RssPeak"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -41,27 +40,25 @@ def _private_rss() -> int:
     return (int(fields[1]) - int(fields[2])) * _PAGE
 
 
-class RssSampler:
-    """Background thread sampling private RSS every ``interval`` seconds; ``peak`` bytes."""
+class RssPeak:
+    """Peak private RSS, sampled by the epoch loop itself (between batches, outside the
+    timed wait).
 
-    def __init__(self, interval: float = 0.005) -> None:
-        self.interval = interval
+    Not a sampling thread: a Python thread waking every 5 ms takes the GIL from the
+    loader's threads and the training step (it sat in every competitor's wait
+    percentiles, e.g. workload 4's 5 ms step; NOTES.md 15). Memory held by buffered
+    batches persists across batch boundaries, so sampling there sees it."""
+
+    EVERY = 4  # batches between samples (one read of /proc/self/statm is ~10-20 us)
+
+    def __init__(self) -> None:
         self.start_value = _private_rss()
         self.peak = self.start_value
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
-        self._thread.start()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            value = _private_rss()
-            if value > self.peak:
-                self.peak = value
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _private_rss())
+    def sample(self) -> None:
+        value = _private_rss()
+        if value > self.peak:
+            self.peak = value
 
 
 def _cpu_seconds() -> float:
@@ -106,7 +103,7 @@ def run_epoch(
     step = step_ms / 1e3
     waits: list[float] = []
     rows = 0
-    sampler = RssSampler()
+    rss = RssPeak()
     cpu0 = _cpu_seconds()
     start = time.perf_counter()
     it = make_iter()
@@ -118,12 +115,14 @@ def run_epoch(
             break
         waits.append(time.perf_counter() - t0)
         rows += touch(batch, id_column)
+        if len(waits) % RssPeak.EVERY == 0:
+            rss.sample()  # while this batch (and the buffered ones) are held
         del batch
         if step:
             time.sleep(step)
     seconds = time.perf_counter() - start
     cpu = _cpu_seconds() - cpu0
-    sampler.stop()
+    rss.sample()
     arr = np.asarray(waits)
     return EpochResult(
         rows=rows,
@@ -133,8 +132,8 @@ def run_epoch(
         waits=arr,
         # The first wait is measured from the request, the epoch clock from iter().
         first_wait=float(arr[0]) if len(arr) else float("nan"),
-        rss_peak_delta=sampler.peak - sampler.start_value,
-        rss_peak=sampler.peak,
+        rss_peak_delta=rss.peak - rss.start_value,
+        rss_peak=rss.peak,
     )
 
 
