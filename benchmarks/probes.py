@@ -41,10 +41,12 @@ def _dataset() -> tuple[Any, list[Any]]:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     img = np.random.default_rng(0).integers(0, 255, (ROWS, 3, 64, 64), dtype=np.uint8)
     tables = [
-        pa.table({
-            "image": ArrowTensorArray.from_numpy(img[a : a + BLOCK_ROWS]),
-            "label": np.arange(a, a + BLOCK_ROWS),
-        })
+        pa.table(
+            {
+                "image": ArrowTensorArray.from_numpy(img[a : a + BLOCK_ROWS]),
+                "label": np.arange(a, a + BLOCK_ROWS),
+            }
+        )
         for a in range(0, ROWS, BLOCK_ROWS)
     ]
     ds = ray.data.from_arrow(tables).materialize()
@@ -61,7 +63,9 @@ def _rounds(variants: dict[str, Callable[[], Iterator[Any]]], rounds: int, epoch
                     n += len(b["label"])
             rates[name].append(n / (time.perf_counter() - t))
     for name, v in rates.items():
-        print(f"{name:40s} {np.median(v):>10,.0f} rows/s  (rounds: {', '.join(f'{x/1e3:.0f}k' for x in v)})")
+        print(
+            f"{name:40s} {np.median(v):>10,.0f} rows/s  (rounds: {', '.join(f'{x / 1e3:.0f}k' for x in v)})"
+        )
 
 
 def _fake_run(tables: list[Any], workers: int, pool: Any) -> Any:
@@ -72,9 +76,13 @@ def _fake_run(tables: list[Any], workers: int, pool: Any) -> Any:
     from torch_raydata.transports import LocalTransport
 
     store = dict(enumerate(tables))
-    blocks = [SourceBlock(ref=i, size_bytes=t.nbytes, num_rows=t.num_rows) for i, t in store.items()]
+    blocks = [
+        SourceBlock(ref=i, size_bytes=t.nbytes, num_rows=t.num_rows) for i, t in store.items()
+    ]
     config = PipelineConfig(batch_size=BATCH, num_workers=workers, prefetch_batches=4)
-    return EpochRun(iter(blocks), FakeFetcher(store), DefaultCollate(allocator=pool), LocalTransport(), config)
+    return EpochRun(
+        iter(blocks), FakeFetcher(store), DefaultCollate(allocator=pool), LocalTransport(), config
+    )
 
 
 def pipeline() -> None:
@@ -96,7 +104,9 @@ def pipeline() -> None:
             "EpochRun, fake fetcher, w4": lambda: _fake_run(tables, 4, pool),
             "RayIterableDataset w2": lambda: iter(loaders[2]),
             "RayIterableDataset w4": lambda: iter(loaders[4]),
-            "ray iter_torch_batches": lambda: iter(ds.iter_torch_batches(batch_size=BATCH, prefetch_batches=4)),
+            "ray iter_torch_batches": lambda: iter(
+                ds.iter_torch_batches(batch_size=BATCH, prefetch_batches=4)
+            ),
         },
         rounds=5,
         epochs=3,
@@ -138,12 +148,20 @@ def w4() -> None:
             time.sleep(0.005)  # the training step
     run._Collate.__call__ = inner  # type: ignore[method-assign]
     d = np.array([e - s for s, e in calls])
-    print(f"next() from outside: p50 {np.percentile(d, 50) * 1e3:.3f} ms, p95 {np.percentile(d, 95) * 1e3:.3f} ms")
+    print(
+        f"next() from outside: p50 {np.percentile(d, 50) * 1e3:.3f} ms, p95 {np.percentile(d, 95) * 1e3:.3f} ms"
+    )
     slow = [(i, s, e) for i, (s, e) in enumerate(calls) if e - s > 0.0004]
-    print(f"{len(slow)} of {len(calls)} calls > 0.4 ms; batches ready at those calls: {[ready[i] for i, _, _ in slow]}")
+    print(
+        f"{len(slow)} of {len(calls)} calls > 0.4 ms; batches ready at those calls: {[ready[i] for i, _, _ in slow]}"
+    )
     for _, s, e in slow[:10]:
-        hits = [(round((a - s) * 1e3, 2), round((b - s) * 1e3, 2)) for a, b in spans if a < e and b > s]
-        print(f"  {1e3 * (e - s):6.3f} ms; collates overlapping (start, end ms from the call): {hits}")
+        hits = [
+            (round((a - s) * 1e3, 2), round((b - s) * 1e3, 2)) for a, b in spans if a < e and b > s
+        ]
+        print(
+            f"  {1e3 * (e - s):6.3f} ms; collates overlapping (start, end ms from the call): {hits}"
+        )
 
 
 def shuffle() -> None:
@@ -156,7 +174,9 @@ def shuffle() -> None:
         {
             "trd, shuffle buffer 2048": lambda: iter(loader),
             "ray iter_torch_batches, local shuffle 2048": lambda: iter(
-                ds.iter_torch_batches(batch_size=BATCH, prefetch_batches=4, local_shuffle_buffer_size=2048)
+                ds.iter_torch_batches(
+                    batch_size=BATCH, prefetch_batches=4, local_shuffle_buffer_size=2048
+                )
             ),
         },
         rounds=4,
@@ -165,35 +185,53 @@ def shuffle() -> None:
 
 
 def ttfb() -> None:
+    """Cold starts as the harness times them: build the loader, iter(), first next()."""
     import torch_raydata as trd
 
     ds, _ = _dataset()
     gc.freeze()
-    res: dict[str, list[float]] = {"trd": [], "ray iter_torch_batches": []}
+    settings: dict[str, dict[str, int]] = {
+        "trd (default)": {},
+        "trd w2 p8": {"num_workers": 2, "prefetch_batches": 8},
+    }
+    res: dict[str, list[float]] = {name: [] for name in [*settings, "ray iter_torch_batches"]}
+    phases: dict[str, list[tuple[float, float, float]]] = {name: [] for name in settings}
 
-    def first(make: Callable[[], Iterator[Any]]) -> float:
-        t = time.perf_counter()
-        it = make()
-        next(it)
-        d = time.perf_counter() - t
-        for _ in it:  # drain: a cold start cut short poisons the next one (NOTES.md 9)
+    def drain(it: Iterator[Any]) -> None:
+        for _ in it:  # a cold start cut short poisons the next one (NOTES.md 9)
             pass
-        return d
 
     for _ in range(15):
-        loader = trd.RayIterableDataset(ds, batch_size=BATCH)
-        res["trd"].append(first(lambda loader=loader: iter(loader)))
-        loader.close()
-        res["ray iter_torch_batches"].append(
-            first(lambda: iter(ds.iter_torch_batches(batch_size=BATCH, prefetch_batches=4)))
-        )
+        for name, kwargs in settings.items():
+            t0 = time.perf_counter()
+            loader = trd.RayIterableDataset(ds, batch_size=BATCH, **kwargs)
+            t1 = time.perf_counter()
+            it = iter(loader)
+            t2 = time.perf_counter()
+            next(it)
+            t3 = time.perf_counter()
+            res[name].append(t3 - t0)
+            phases[name].append((t1 - t0, t2 - t1, t3 - t2))
+            drain(it)
+            loader.close()
+        t0 = time.perf_counter()
+        it = iter(ds.iter_torch_batches(batch_size=BATCH, prefetch_batches=4))
+        next(it)
+        res["ray iter_torch_batches"].append(time.perf_counter() - t0)
+        drain(it)
     for name, v in res.items():
-        print(f"{name:24s} median {np.median(v[1:]) * 1e3:.1f} ms (first start excluded)")
+        line = f"{name:24s} median {np.median(v[1:]) * 1e3:.1f} ms (first start excluded)"
+        if name in phases:
+            build, start, first = np.median(np.array(phases[name][1:]), axis=0) * 1e3
+            line += f"; build {build:.1f}, iter() {start:.1f}, first next() {first:.1f} ms"
+        print(line)
 
 
 PROBES = {"pipeline": pipeline, "w4": w4, "shuffle": shuffle, "ttfb": ttfb}
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("probe", choices=sorted(PROBES))
     PROBES[p.parse_args().probe]()
