@@ -26,7 +26,7 @@ from typing import Any
 from ..transports.base import FetchRequest, Transport
 from .constants import FINALIZE_IN_FLIGHT, JOIN_TIMEOUT, QUEUE_TIMEOUT
 from .errors import ExceptionWrapper
-from .queues import Slots, next_item
+from .queues import Inbox, Slots
 from .stats import StatsRecorder
 from .types import Batch
 
@@ -60,6 +60,7 @@ class Finalizer:
         if transport.needs_thread:
             self._slots = Slots(in_flight)
             self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
+            self._inbox = Inbox(self._out, self._stop, _END)
             self._thread = threading.Thread(target=self._run, name="trd-finalize", daemon=True)
             self._thread.start()
 
@@ -162,14 +163,11 @@ class Finalizer:
                 self._done = True
                 raise
         try:
-            item = next_item(self._out, self._stop, _END)
-        except StopIteration:
+            item = self._inbox.next()
+        except BaseException:
             self._done = True
             raise
         self._slots.release()
-        if isinstance(item, ExceptionWrapper):
-            self._done = True
-            item.reraise()
         return item
 
     def stop(self) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from .constants import IDLE_WAIT, JOIN_TIMEOUT, QUEUE_TIMEOUT
 from .errors import ExceptionWrapper
-from .queues import next_item
+from .queues import Inbox
 from .stats import StatsRecorder
 from .types import SourceBlock
 
@@ -84,7 +84,7 @@ class Prefetcher:
         self._seen_rows = 0
         self._seen_bytes = 0
         self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._done = False
+        self._inbox = Inbox(self._out, self._stop, _END)
         self._thread = threading.Thread(target=self._run, name="trd-prefetch", daemon=True)
         self._thread.start()
 
@@ -191,16 +191,7 @@ class Prefetcher:
         return self
 
     def __next__(self) -> tuple[SourceBlock, Any]:
-        if self._done:
-            raise StopIteration
-        try:
-            item = next_item(self._out, self._stop, _END)
-        except StopIteration:
-            self._done = True
-            raise
-        if isinstance(item, ExceptionWrapper):
-            self._done = True
-            item.reraise()
+        item = self._inbox.next()
         self._account(-item[0].size_bytes)
         return item
 

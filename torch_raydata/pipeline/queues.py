@@ -8,8 +8,9 @@ import threading
 from typing import Any
 
 from .constants import QUEUE_TIMEOUT
+from .errors import ExceptionWrapper
 
-__all__ = ["next_item", "Slots"]
+__all__ = ["next_item", "Inbox", "Slots"]
 
 
 def next_item(out: queue.SimpleQueue[Any], stop: threading.Event, end: object) -> Any:
@@ -27,6 +28,37 @@ def next_item(out: queue.SimpleQueue[Any], stop: threading.Event, end: object) -
             continue
         if item is end:
             raise StopIteration
+        return item
+
+
+class Inbox:
+    """The consumer's end of a producer thread's queue (prefetch, finalize, NIXL output).
+
+    ``next()`` returns the next item; at the producer's ``end`` sentinel it raises
+    StopIteration, and an exception the producer forwarded (an ExceptionWrapper) is
+    re-raised with its type, message and stage. After either it is ``done``: every later
+    call raises StopIteration without touching the queue.
+    """
+
+    __slots__ = ("out", "stop", "end", "done")
+
+    def __init__(self, out: queue.SimpleQueue[Any], stop: threading.Event, end: object) -> None:
+        self.out = out
+        self.stop = stop
+        self.end = end
+        self.done = False
+
+    def next(self) -> Any:
+        if self.done:
+            raise StopIteration
+        try:
+            item = next_item(self.out, self.stop, self.end)
+        except StopIteration:
+            self.done = True
+            raise
+        if isinstance(item, ExceptionWrapper):
+            self.done = True
+            item.reraise()
         return item
 
 

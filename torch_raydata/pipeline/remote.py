@@ -68,7 +68,7 @@ from ..transports.base import Transport
 from .batching import _ids_of, to_arrow
 from .constants import JOIN_TIMEOUT, QUEUE_TIMEOUT
 from .errors import ExceptionWrapper
-from .queues import Slots, next_item
+from .queues import Inbox, Slots
 from .run import EpochRun, PipelineConfig
 from .stats import StatsRecorder
 from .types import Batch, SourceBlock
@@ -510,23 +510,14 @@ class _Output(_Thread):
 
     def __init__(self, s: _Shared, *args: Any) -> None:
         super().__init__(s, "trd-remote-fetch", _fetch_loop, *args)
-        self._done = False
+        self._inbox = Inbox(s.out, s.stop, _END)
 
     def __iter__(self) -> _Output:
         return self
 
     def __next__(self) -> Batch:
         s = self._s
-        if self._done:
-            raise StopIteration
-        try:
-            item = next_item(s.out, s.stop, _END)
-        except StopIteration:
-            self._done = True
-            raise
-        if isinstance(item, ExceptionWrapper):
-            self._done = True
-            item.reraise()
+        item = self._inbox.next()
         s.slots.release()
         return item
 
