@@ -193,3 +193,23 @@ def test_workers_started_by_the_first_one_are_all_joined_even_when_closed_at_onc
     it = trd.iter_threaded(range(3), lambda x: x, num_workers=6, output_buffer_size=8)
     assert sorted(it) == [0, 1, 2]
     assert sum(t.name.startswith("trd-iter_threaded") for t in threading.enumerate()) == 0
+
+
+def test_a_worker_that_cannot_start_is_an_error_on_the_consumer(monkeypatch):
+    """A failed thread start (e.g. the process's thread limit) must reach the consumer,
+    not leave it waiting for a worker that never ran."""
+    from torch_raydata.pipeline import threaded
+
+    real = threaded._PoolState.start_worker
+
+    def start_worker(self, i, spawner=False):
+        if i >= 2:
+            raise RuntimeError("can't start new thread")
+        real(self, i, spawner)
+
+    monkeypatch.setattr(threaded._PoolState, "start_worker", start_worker)
+    it = trd.iter_threaded(range(1000), lambda x: x, num_workers=4, output_buffer_size=2)
+    with pytest.raises(RuntimeError, match="can't start new thread") as info:
+        for _ in it:
+            pass
+    assert any("starting iter_threaded worker" in n for n in getattr(info.value, "__notes__", []))

@@ -206,11 +206,19 @@ class _PoolState:
         with self.threads_lock:
             n, self.unspawned = self.unspawned, 0
             base = len(self.threads)
+            failed = False
             for k in range(n):
-                if self.stop.is_set() or self.exhausted:
+                if failed or self.stop.is_set() or self.exhausted:
                     self.out.put(_DONE)  # never started: its last message, sent for it
                     continue
-                self.start_worker(base + k)
+                try:
+                    self.start_worker(base + k)
+                except BaseException as e:  # noqa: BLE001 - e.g. "can't start new thread"
+                    # The consumer raises it (and stops the pool) rather than waiting
+                    # for a worker that does not exist.
+                    self.out.put(ExceptionWrapper.capture(e, f"starting {self.stage} worker"))
+                    self.out.put(_DONE)
+                    failed = True
 
 
 def _worker(s: _PoolState, spawner: bool = False) -> None:
