@@ -154,7 +154,7 @@ class DefaultCollate:
                 plan, views = found
                 dtype = self.target_dtype(name, plan)
                 if plan.axes is None and dtype == torch_dtype_of(plan.np_dtype):
-                    arr, tensor = self._empty(len(idx), plan, dtype)
+                    arr, tensor = self._empty(len(idx), plan, dtype, plan.np_dtype)
                     gather_rows(views, idx, arr.reshape(len(idx), -1))
                     out[name] = tensor if tensor is not None else torch.from_numpy(arr)
                     continue
@@ -172,9 +172,11 @@ class DefaultCollate:
         table = self.check_table(table)
         n = table.num_rows
         out: dict[str, torch.Tensor | list] = {}
-        for name, column in zip(table.schema.names, table.columns, strict=True):
+        for i, name in enumerate(table.schema.names):
             tensor = self._from_spans(name, spans, n)
-            out[name] = tensor if tensor is not None else self.collate_column(name, column)
+            # The table's column only when needed: wrapping every column is a pyarrow call
+            # per column and batch, which this path exists to avoid.
+            out[name] = tensor if tensor is not None else self.collate_column(name, table.column(i))
         return out
 
     def _from_spans(
@@ -185,9 +187,10 @@ class DefaultCollate:
             return None
         plan, views = found
         dtype = self.target_dtype(name, plan)
-        if plan.axes is not None or _numpy_dtype(dtype) is None:
+        np_dtype = _numpy_dtype(dtype)
+        if plan.axes is not None or np_dtype is None:
             return None  # a permuted Arrow tensor, or bfloat16: the general path
-        arr, tensor = self._empty(n, plan, dtype)
+        arr, tensor = self._empty(n, plan, dtype, np_dtype)
         flat = arr.reshape(n, -1)
         pos = 0
         for view in views:
@@ -198,15 +201,15 @@ class DefaultCollate:
         return tensor if tensor is not None else torch.from_numpy(arr)
 
     def _empty(
-        self, n: int, plan: Plan, dtype: torch.dtype
+        self, n: int, plan: Plan, dtype: torch.dtype, np_dtype: np.dtype
     ) -> tuple[np.ndarray, torch.Tensor | None]:
-        """An uninitialised (n, *plan.shape) output as numpy, and the allocator's tensor
-        when it has to be returned as is (a user hook, e.g. pinned memory)."""
+        """An uninitialised (n, *plan.shape) output of ``dtype`` (numpy: ``np_dtype``) as
+        numpy, and the allocator's tensor when it has to be returned as is (a user hook,
+        e.g. pinned memory)."""
         shape = (n, *plan.shape)
-        np_dtype = _numpy_dtype(dtype)
-        if self.allocator is None and np_dtype is not None:
+        if self.allocator is None:
             return np.empty(shape, np_dtype), None
-        if np_dtype is not None and hasattr(self.allocator, "empty_numpy"):
+        if hasattr(self.allocator, "empty_numpy"):
             return self.allocator.empty_numpy(shape, np_dtype), None  # BufferPool: no torch call
         tensor = allocate(self.allocator, shape, dtype)
         return tensor.numpy(), tensor
