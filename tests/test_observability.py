@@ -37,7 +37,7 @@ class _Recorder(callbacks.EpochProgressBar):
 @pytest.fixture
 def bars(monkeypatch):
     _Recorder.made = []
-    monkeypatch.setattr(callbacks, "EpochProgressBar", _Recorder)
+    monkeypatch.setattr(trd.dataset, "EpochProgressBar", _Recorder)
     return _Recorder.made
 
 

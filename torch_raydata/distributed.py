@@ -44,6 +44,7 @@ import torch
 
 from .pipeline.source import EpochBlocks, RaySource, split_for_ranks
 from .pipeline.stats import StatsRecorder
+from .resume.merge import merge_states
 
 __all__ = ["init_ray", "world", "shard", "gather_state_dict", "RankShard", "RankSource", "NAMESPACE"]
 
@@ -103,8 +104,6 @@ def gather_state_dict(state: dict[str, Any], *, spill_dir: str | None = None) ->
         if dist.get_rank() == 0:
             torch.save({"model": ..., "loader": state}, path)
     """
-    from .resume import merge_states
-
     if world()[1] == 1:
         return state
     states: list[Any] = [None] * world()[1]

@@ -36,6 +36,7 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess without
 from . import distributed
 from .callbacks import LoaderStatsCallback  # noqa: F401 - re-exported
 from .dataset import RayIterableDataset
+from .kernels.nested import iter_leaves
 from .transports import resolve_transport
 
 __all__ = ["RayDataModule", "SPLITS", "EVAL_DEFAULTS"]
@@ -71,16 +72,10 @@ _LEN_WARNING = r"Your `IterableDataset` has `__len__` defined"
 
 def _on_device(batch: Any, device: torch.device) -> bool:
     """True when every tensor in ``batch`` (dicts, lists, tuples) is already on ``device``."""
-    if isinstance(batch, torch.Tensor):
-        dev = batch.device
-        if dev.type != device.type:
-            return False
-        return device.index is None or dev.index == device.index
-    if isinstance(batch, Mapping):
-        return all(_on_device(v, device) for v in batch.values())
-    if isinstance(batch, (list, tuple)):
-        return all(_on_device(v, device) for v in batch)
-    return True
+    return all(
+        t.device.type == device.type and (device.index is None or t.device.index == device.index)
+        for t in iter_leaves(batch)
+    )
 
 
 class _ResumableLoader(DataLoader):

@@ -63,12 +63,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..collate._take import take_rows
+from ..kernels.ids import check_column, column_ids, consumed_mask, ids_as_uint64
+from ..kernels.take import take_rows
+from ..resume.consumed import ConsumedSet
+from ..resume.filter import SharedConsumedSet
 from ..transports.base import Transport
-from .batching import _ids_of, to_arrow
+from .batching import to_arrow
 from .constants import JOIN_TIMEOUT, QUEUE_TIMEOUT
 from .errors import ExceptionWrapper
-from .queues import Inbox, Slots
+from .queues import Inbox, Slots, drain
 from .run import EpochRun, PipelineConfig
 from .stats import StatsRecorder
 from .types import Batch, SourceBlock
@@ -113,12 +116,7 @@ class BatchPlan:
             table = take_rows(table, self.take)  # the shuffle's gather (one copy)
         ids = None
         if id_column is not None:
-            if id_column not in table.column_names:
-                raise ValueError(
-                    f"id_column={id_column!r} is not a column of the dataset; "
-                    f"columns are {table.column_names}"
-                )
-            ids = _ids_of(table, id_column)
+            ids = column_ids(table, id_column)
         return table, ids
 
 
@@ -200,18 +198,12 @@ def kept_rows(
     block: Any, rows: tuple[int, int] | None, consumed: Any, id_column: str
 ) -> np.ndarray:
     """Offsets (in the stream's slice of ``block``) of the rows whose ID is not in
-    ``consumed`` (see ``resume.consumed_mask``) — what ``resume.drop_consumed`` keeps.
+    ``consumed`` (see ``kernels.ids.consumed_mask``) — what ``resume.drop_consumed`` keeps.
     Runs as a Ray task by the block."""
-    from ..resume import consumed_mask, ids_as_uint64
-
     table = to_arrow(block)
     if rows is not None:
         table = table.slice(rows[0], rows[1] - rows[0])
-    if id_column not in table.column_names:
-        raise ValueError(
-            f"id_column={id_column!r} is not a column of the dataset; "
-            f"columns are {table.column_names}"
-        )
+    check_column(id_column, table.column_names)
     if table.num_rows == 0:
         return np.arange(0)
     return np.flatnonzero(~consumed_mask(ids_as_uint64(table.column(id_column)), consumed))
@@ -523,11 +515,7 @@ class _Output(_Thread):
 
     def close(self) -> None:
         super().close()
-        while True:  # batches nobody will take: their buffers go back to the pool
-            try:
-                self._s.out.get_nowait()
-            except queue.Empty:
-                break
+        drain(self._s.out)  # batches nobody will take: their buffers go back to the pool
 
 
 class _Inline(Transport):
@@ -634,8 +622,6 @@ def _kept_rows_remotely(consumed: Any, id_column: str) -> Callable[[SourceBlock]
     """``keep_rows`` for plan_batches: a zero-CPU Ray task per block next to it (the ID
     set goes into the object store once per epoch)."""
     import ray
-
-    from ..resume import ConsumedSet, SharedConsumedSet
 
     if not isinstance(consumed, ConsumedSet):
         consumed = ConsumedSet(consumed)  # a BitMap64 from the dataset's resume plan

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..resume.consumed import ConsumedSet
 from ..transports.base import Transport
 from .batching import blocks_to_batches
 from .errors import ExceptionWrapper
@@ -100,8 +101,6 @@ class EpochProgress:
 
     def consumed_set(self, lag: int = 0):  # type: ignore[no-untyped-def]
         """A resume.ConsumedSet of the IDs yielded, minus the last ``lag`` batches."""
-        from ..resume import ConsumedSet
-
         out = ConsumedSet()
         ids = self.ids or []
         for keys in ids[: len(ids) - lag] if lag else ids:

@@ -29,9 +29,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
+from .._checks import check_int
 from .constants import JOIN_TIMEOUT, QUEUE_TIMEOUT
 from .errors import ExceptionWrapper
-from .queues import Slots
+from .queues import Slots, drain
 
 __all__ = ["iter_threaded", "ThreadedIterator"]
 
@@ -59,10 +60,8 @@ class ThreadedIterator(Generic[R]):
         manual_release: bool = False,
         on_busy: Callable[[float], None] | None = None,
     ) -> None:
-        if not isinstance(num_workers, int) or num_workers < 1:
-            raise ValueError(f"{num_workers=} must be an int >= 1")
-        if not isinstance(output_buffer_size, int) or output_buffer_size < 1:
-            raise ValueError(f"{output_buffer_size=} must be an int >= 1")
+        num_workers = check_int("num_workers", num_workers, 1)
+        output_buffer_size = check_int("output_buffer_size", output_buffer_size, 1)
         self._manual_release = manual_release
         self._defer_release = False
         self._owed = 0
@@ -151,11 +150,7 @@ class ThreadedIterator(Generic[R]):
         self.join()
         self._alive = 0  # a closed iterator is exhausted
         # Drop results nobody will consume so they free their memory now.
-        while True:
-            try:
-                self._s.out.get_nowait()
-            except queue.Empty:
-                break
+        drain(self._s.out)
         # Let go of the input (stage 3's generator and the blocks it holds): a closed pool
         # that something still references (a traceback frame) must not pin the object store.
         self._s.input = iter(())

@@ -24,12 +24,12 @@ import weakref
 import numpy as np
 import torch
 
-__all__ = ["BufferPool"]
+__all__ = ["BufferPool", "Lease"]
 
 _ITEMSIZE: dict[torch.dtype, int] = {}
 
 
-class _Lease:
+class Lease:
     """The base object of a pooled array: returns ``raw`` to the pool when collected."""
 
     __slots__ = ("raw", "address", "pool", "__array_interface__", "__weakref__")
@@ -104,7 +104,7 @@ class BufferPool:
         if entry is None:
             raw = np.empty(nbytes, dtype=np.uint8)
             entry = (raw, raw.ctypes.data)
-        return np.asarray(_Lease(entry[0], entry[1], self._self_ref))  # base is the lease
+        return np.asarray(Lease(entry[0], entry[1], self._self_ref))  # base is the lease
 
     def _give_back(self, raw: np.ndarray, address: int) -> None:
         with self._lock:
