@@ -292,12 +292,24 @@ class RayDataModule(pl.LightningDataModule):
         if trainer is not None and trainer.training and "train" in self._datasets:
             # Lightning calls this right before training_step: count what was trained on
             # (its fetcher may hold a batch more, see state_dict).
-            run = self._datasets["train"]._progress
+            train = self._datasets["train"]
+            run = train._progress
             seen_run, count = self._trained
             self._trained = (run, count + 1 if run is seen_run else 1)
+            self._prestart_val(train)
         if _on_device(batch, device):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def _prestart_val(self, train: RayIterableDataset) -> None:
+        """Near the end of a train epoch (once the train split has started its next epoch,
+        i.e. its stream has ended or is about to), start the val split's next epoch, so
+        validation does not wait for Ray's executor; the next train epoch is started by
+        the train split itself while validation runs (``prestart``)."""
+        val = self._datasets.get("val")
+        if val is None or not train._next.pending or val._next.pending:
+            return
+        val.start_next_epoch()
 
     def state_dict(self) -> dict[str, Any]:
         """Each built split's ``RayIterableDataset.state_dict()`` (goes into checkpoints).

@@ -44,6 +44,13 @@ def main() -> None:
                 break
     loader.close()
     ray.shutdown()
+    try:  # how the early stops were torn down (absent before the quiet teardown)
+        from torch_raydata.pipeline.source import teardown_counts
+
+        counts = teardown_counts()
+        print(f"teardowns quiet={counts['quiet']} cancelled={counts['cancelled']}")
+    except ImportError:
+        pass
     print(f"OK {rounds}", flush=True)
 
 

@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from .constants import TRAINING_BLOCK_BYTES
+
 __all__ = ["Prestartable", "NextEpoch", "LEAD_MARGIN"]
 
 logger = logging.getLogger(__name__)
@@ -44,7 +46,6 @@ LEAD_MARGIN = 1.5
 class Prestartable(Protocol):
     """What :class:`NextEpoch` needs of a block stream (``source.EpochBlocks``)."""
 
-    observer: Callable[[int, bool], None] | None
     start_seconds: float | None
 
     def release(self) -> None: ...
@@ -62,13 +63,18 @@ class NextEpoch:
         enabled: False turns epoch pipelining off (every epoch starts at ``iter()``).
     """
 
-    def __init__(self, open_stream: Callable[[int | None], Prestartable], *, enabled: bool) -> None:
+    def __init__(self, open_stream: Callable[[int], Prestartable], *, enabled: bool) -> None:
         self._open = open_stream
         self.enabled = enabled
         self._cond = threading.Condition()
         self._slot: Any = None  # None, _OPENING, _DISCARD (discarded while opening), a stream
         self._started_at: float | None = None
         self._closed = False
+        # Measured on streams started at iter(): the executor's start (to its first
+        # block), and the rows of the last epoch that ran to its end.
+        self.start_seconds: float | None = None
+        self.last_rows: int | None = None
+        self.row_bytes: float | None = None  # bytes per row of the last watched stream
         self.started = 0  # streams prestarted so far
         self.used = 0  # of those, claimed by an epoch
         self.discarded = 0  # torn down unused (close, a loaded state, ...)
@@ -78,27 +84,36 @@ class NextEpoch:
         self,
         stream: Prestartable,
         *,
+        prestarted: bool,
         expected_rows: int | None,
-        start_seconds: float | None,
-        hold_bytes: Callable[[], int | None],
-    ) -> None:
-        """Listen to the running epoch's ``stream``; start the next epoch in time.
+        window_rows: int,
+    ) -> Callable[[int, bool], None] | None:
+        """An observer for the running epoch's ``stream`` (``observer(rows, done)``, called
+        on the prefetch thread) that starts the next epoch in time; None when disabled.
 
-        ``expected_rows``: rows the running epoch will have (None: unknown, then the
-        next epoch starts when the stream ends); ``start_seconds``: the last measured
-        executor start (None: use this epoch's, once its first block came);
-        ``hold_bytes``: the byte hold for the next epoch, asked when it starts.
+        ``prestarted``: the stream was itself prestarted (its start was hidden, so it
+        does not measure the executor start); ``expected_rows``: rows the epoch will have
+        (None: unknown; then the last full epoch's count, or the end of the stream);
+        ``window_rows``: the prefetch window, in rows, that the next epoch's hold admits.
         """
         if not self.enabled:
-            return
+            return None
+        expected = expected_rows if expected_rows is not None else self.last_rows
         first: list[tuple[float, int]] = []  # (time, rows) at the first block seen
+        nbytes = [0]
 
-        def observe(rows: int, done: bool) -> None:
-            if done:
-                self.start(hold_bytes())
+        def observe(rows: int, done: bool, size_bytes: int = 0) -> None:
+            nbytes[0] += size_bytes
+            if rows and nbytes[0]:
+                self.row_bytes = nbytes[0] / rows
+            if done:  # the whole stream (watched streams carry no resume filter)
+                self.last_rows = rows
+                self.start(self.hold_for(window_rows))
                 return
-            lead = start_seconds if start_seconds is not None else stream.start_seconds
-            if expected_rows is None or lead is None or self._slot is not None:
+            if not prestarted and self.start_seconds is None:
+                self.start_seconds = stream.start_seconds
+            lead = self.start_seconds
+            if expected is None or lead is None or self._slot is not None:
                 return
             now = time.perf_counter()
             if not first:
@@ -108,12 +123,19 @@ class NextEpoch:
             if rows <= rows_first or now <= t_first:
                 return
             rate = (rows - rows_first) / (now - t_first)  # rows/s the stream delivers
-            if max(0, expected_rows - rows) / rate <= lead * LEAD_MARGIN:
-                self.start(hold_bytes())
+            if max(0, expected - rows) / rate <= lead * LEAD_MARGIN:
+                self.start(self.hold_for(window_rows))
 
-        stream.observer = observe
+        return observe
 
-    def start(self, hold_bytes: int | None) -> None:
+    def hold_for(self, window_rows: int) -> int:
+        """The byte hold for a prestarted stream: ``window_rows`` rows at the last measured
+        row size (one training-sized block before any row was measured)."""
+        if self.row_bytes is None:
+            return TRAINING_BLOCK_BYTES
+        return max(1, int(window_rows * self.row_bytes))
+
+    def start(self, hold_bytes: int) -> None:
         """Start the next epoch's stream now, unless one is held or this is closed."""
         with self._cond:
             if self._closed or self._slot is not None or not self.enabled:

@@ -124,8 +124,9 @@ class EpochBlocks:
     waiting for its first output) or :meth:`from_iterator` (a DataIterator we do not own:
     Ray's own protocol, which waits for the first bundle).
 
-    ``observer(rows_so_far, done)``, if set, is called on the iterating thread after each
-    block and once at the end (the prestart of the next epoch listens here).
+    ``observer(rows_so_far, done, size_bytes)``, if set, is called on the iterating thread
+    after each block and once at the end (the prestart of the next epoch listens here);
+    ``on_first_block(t)`` once, when the first block comes.
     """
 
     def __init__(
@@ -146,7 +147,8 @@ class EpochBlocks:
         self.opened_at = time.perf_counter()
         self.first_block_at: float | None = None
         self.rows = 0
-        self.observer: Callable[[int, bool], None] | None = None
+        self.observer: Callable[..., None] | None = None
+        self.on_first_block: Callable[[float], None] | None = None
 
     @classmethod
     def start(cls, ds: Dataset, *, hold_bytes: int | None = None) -> EpochBlocks:
@@ -194,10 +196,12 @@ class EpochBlocks:
             for sb in _slices(bundle):
                 if self.first_block_at is None:
                     self.first_block_at = time.perf_counter()
+                    if self.on_first_block is not None:
+                        self.on_first_block(self.first_block_at)
                 self.rows += sb.num_rows or 0
-                yield sb
                 if observer is not None:
-                    observer(self.rows, False)
+                    observer(self.rows, False, sb.size_bytes)
+                yield sb
         self.exhausted = True
         if observer is not None:
             observer(self.rows, True)
@@ -210,6 +214,16 @@ class EpochBlocks:
         executor, self._executor = self._executor, None
         # Drop the bundles not yet consumed (their block refs) even if this object is kept.
         self._bundles = iter(())
+        if executor is not None and executor is threading.current_thread():
+            # Garbage collection can run a finalizer (a dataset's, closing its prestarted
+            # stream) on the executor's own thread, which cannot join itself.
+            threading.Thread(
+                target=self._shutdown, args=(executor,), name="trd-source-teardown", daemon=True
+            ).start()
+            return
+        self._shutdown(executor)
+
+    def _shutdown(self, executor: Any) -> None:
         try:
             if self._hold is not None and executor is not None and not self.exhausted:
                 _quiesce(executor, self._hold)
