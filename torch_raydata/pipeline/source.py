@@ -140,8 +140,8 @@ class RaySource:
             if transform is None and isinstance(self.data, MaterializedDataset):
                 # Materialized: Ray serves the cached bundle without starting an executor
                 # (nothing to corrupt, see below; and a copy would cost a full executor
-                # start per epoch: +25-55% rows/s, first batch 58 -> 22 ms, measured in
-                # benchmarks/NOTES.md). Its block order is fixed, so preserve_order holds.
+                # start per epoch: measured +25-55% rows/s, first batch 58 -> 22 ms). Its
+                # block order is fixed, so preserve_order holds.
                 return EpochBlocks(self.data.iterator())
             ds = self.data if transform is None else transform(self.data)
             # Otherwise an epoch-private copy (own execution cache and context). Ray's
