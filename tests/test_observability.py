@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import torch_raydata as trd
-from torch_raydata import callbacks, distributed
+from torch_raydata import callbacks
+from torch_raydata.distributed import cluster
 
 ray_session = pytest.mark.usefixtures("ray_session")
 
@@ -199,7 +200,7 @@ def test_import_torch_raydata_needs_no_lightning_and_reads_the_straggler_thresho
 
 # -- straggler log line ----------------------------------------------------------------------
 def test_a_rank_waiting_at_a_collective_logs_one_line_naming_it(caplog, monkeypatch):
-    monkeypatch.setattr(distributed, "STRAGGLER_SECONDS", 0.01)
+    monkeypatch.setattr(cluster, "STRAGGLER_SECONDS", 0.01)
     late = threading.Event()  # the other ranks: never arrive here, so the wait times out
 
     def collective(x, *, src):
@@ -207,15 +208,15 @@ def test_a_rank_waiting_at_a_collective_logs_one_line_naming_it(caplog, monkeypa
         return x, src
 
     with caplog.at_level(logging.WARNING, logger="torch_raydata.distributed"):
-        assert distributed._collective("shard() (test)", collective, 1, src=0) == (1, 0)
+        assert cluster.collective("shard() (test)", collective, 1, src=0) == (1, 0)
     (record,) = caplog.records
     assert record.levelno == logging.WARNING
     assert record.getMessage().startswith("torch_raydata: rank 0 waited ")
     assert record.getMessage().endswith(" s for the other ranks at shard() (test)")
 
     caplog.clear()
-    monkeypatch.setattr(distributed, "STRAGGLER_SECONDS", 60.0)
+    monkeypatch.setattr(cluster, "STRAGGLER_SECONDS", 60.0)
     with caplog.at_level(logging.WARNING, logger="torch_raydata.distributed"):
-        distributed._collective("shard() (test)", lambda: None)
+        cluster.collective("shard() (test)", lambda: None)
     assert caplog.records == []  # a prompt collective logs nothing
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import threading
 import time
 import weakref
@@ -24,6 +23,7 @@ from .collate import DefaultCollate
 from .distributed import RankSource, world
 from .kernels.ids import check_column
 from .memory.buffers import BufferPool
+from .pipeline.batching import num_batches
 from .pipeline.prestart import NextEpoch
 from .pipeline.progress_bar import EpochProgressBar
 from .pipeline.remote import RemoteEpochRun
@@ -139,7 +139,7 @@ class RayIterableDataset(IterableDataset):
         if id_column is not None and not isinstance(id_column, str):
             raise ValueError(f"id_column={id_column!r} must be a column name (str) or None")
         # Under torch.distributed a Dataset is split across the ranks at the first epoch
-        # (distributed.py); a DataIterator (e.g. a Ray Train shard) is used as is.
+        # (distributed/sharding.py); a DataIterator (e.g. a Ray Train shard) is used as is.
         self._source = RankSource(dataset, preserve_order=bool(preserve_order), num_rows=num_rows)
         names = self._source.column_names()
         if id_column is not None and names is not None:
@@ -237,7 +237,7 @@ class RayIterableDataset(IterableDataset):
                 self._progress.expected_batches = self._epoch_batches(max_batches, total_rows)
             self._last_stats = stats
             if self.progress is not False:
-                self._attach_progress_bar(stats, epoch, skip, total_rows)
+                self._attach_progress_bar(stats, epoch, skip, max_batches, total_rows)
             return run
 
     def _open_epoch(self, stats: StatsRecorder, transform: Any, total_rows: int | None) -> Any:
@@ -271,19 +271,21 @@ class RayIterableDataset(IterableDataset):
         rows = total_rows if total_rows is not None else self.num_rows()
         if rows is None or world()[1] > 1 and not self._source.is_shard:
             return None
-        bs = self.config.batch_size
-        return rows // bs if self.config.drop_last else math.ceil(rows / bs)
+        return num_batches(rows, self.config.batch_size, self.config.drop_last)
 
     def _attach_progress_bar(
-        self, stats: StatsRecorder, epoch: int, skip: int, total_rows: int | None
+        self,
+        stats: StatsRecorder,
+        epoch: int,
+        skip: int,
+        max_batches: int | None,
+        total_rows: int | None,
     ) -> None:
         """A tqdm bar listening to this epoch's stats (closed when the epoch finishes)."""
-        bs, drop_last = self.config.batch_size, self.config.drop_last
-        total = self._source.max_batches(bs, drop_last, total_rows)
+        total = max_batches
         if total is None:
             rows = total_rows if total_rows is not None else self.num_rows()
-            if rows is not None:
-                total = rows // bs if drop_last else math.ceil(rows / bs)
+            total = num_batches(rows, self.config.batch_size, self.config.drop_last)
         if total is not None:
             total = max(0, total - skip)  # skipped batches (best-effort resume) never show
         options = self.progress if isinstance(self.progress, dict) else {}
@@ -297,8 +299,7 @@ class RayIterableDataset(IterableDataset):
                 "(e.g. after a filter, or for a DataIterator shard); materialize() it to know, "
                 "or pass num_rows= when you know it"
             )
-        bs = self.config.batch_size
-        return rows // bs if self.config.drop_last else math.ceil(rows / bs)
+        return num_batches(rows, self.config.batch_size, self.config.drop_last)
 
     def num_rows(self) -> int | None:
         """Rows per epoch if known without executing the dataset, else None."""

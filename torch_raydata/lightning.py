@@ -7,7 +7,7 @@ finalize already put on the training device; the loaders' state in checkpoints; 
 every running epoch when a stage ends or fails.
 
 Does not own the pipeline (``dataset.py``) nor the split across DDP ranks
-(``distributed.py``: a Dataset is split at its first epoch; ``setup()`` only attaches
+(``torch_raydata.distributed``: a Dataset is split at its first epoch; ``setup()`` only attaches
 every rank to the same Ray cluster first).
 
 Importing this module needs Lightning (``pip install 'torch_raydata[lightning]'``);

@@ -75,7 +75,8 @@ class BlockViews:
 
     Walking a column down to its leaf buffer takes a dozen pyarrow calls per chunk, and
     many of them release and re-take the GIL: per batch, that was the collate threads'
-    largest Python cost after the copy (NOTES.md 15). Stage 3 wraps each block in one of
+    largest Python cost after the copy (py-spy --gil on an epoch of 3x64x64 uint8 rows:
+    21% of the GIL-held samples in ``DefaultCollate``'s per-batch pyarrow calls). Stage 3 wraps each block in one of
     these and sends ``(block, start, stop)`` spans with its batches; two threads filling
     the same entry at once compute the same value, so no lock is needed.
     """

@@ -32,7 +32,15 @@ from .errors import annotate
 from .stats import StatsRecorder
 from .types import Batch, SourceBlock
 
-__all__ = ["blocks_to_batches", "to_arrow"]
+__all__ = ["blocks_to_batches", "num_batches", "to_arrow"]
+
+
+def num_batches(rows: int | None, batch_size: int, drop_last: bool) -> int | None:
+    """Batches stage 3 makes of ``rows`` rows (None: unknown): ``ceil(rows / batch_size)``,
+    ``floor`` with ``drop_last``, whatever the block boundaries and the shuffle."""
+    if rows is None:
+        return None
+    return rows // batch_size if drop_last else -(-rows // batch_size)
 
 
 def to_arrow(block: Any) -> pa.Table:

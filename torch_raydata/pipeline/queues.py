@@ -85,7 +85,7 @@ class Slots:
 
     Why not ``threading.Semaphore``: it is a Python ``Condition`` (several Python frames
     and a lock allocated per wait). On the consumer's path, releasing one slot per batch
-    was 11% of the GIL-held samples of a workload-1 epoch (py-spy --gil, NOTES.md 15),
+    was 11% of the GIL-held samples of an epoch of 3x64x64 uint8 rows (py-spy --gil),
     time during which no collate thread can run. ``SimpleQueue.get`` takes a token
     without touching a lock when one is there, and ``put`` wakes one waiter.
     """

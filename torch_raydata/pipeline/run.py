@@ -154,7 +154,7 @@ class EpochRun:
         self.progress = (
             progress if progress is not None else EpochProgress(epoch, skip_batches, record_ids)
         )
-        # Equal steps across ranks (distributed.py): exactly this many batches per epoch,
+        # Equal steps across ranks (distributed/sharding.py): exactly this many batches per epoch,
         # counting skipped ones; extra batches are dropped and counted, too few raise.
         self._max_batches = max_batches
         self._pulled = 0

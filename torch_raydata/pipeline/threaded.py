@@ -72,7 +72,8 @@ class ThreadedIterator(Generic[R]):
         self._alive = num_workers  # workers that have not sent _DONE (consumer-side count)
         # One worker starts here and starts the others: the consumer does not wait for N
         # thread starts (each Thread.start waits for the new thread to run: 1.75 of 4.4 ms
-        # to the first batch, NOTES.md 15); they overlap the first block's fetch instead.
+        # to the first batch were five thread starts); they overlap the first block's fetch
+        # instead (measured: iter() 2.08 -> 0.79 ms).
         with self._s.threads_lock:
             self._s.unspawned = num_workers - 1
             self._s.start_worker(0, spawner=True)
@@ -112,8 +113,9 @@ class ThreadedIterator(Generic[R]):
     def defer_releases(self) -> None:
         """From now on ``next()`` frees its slot only at :meth:`settle`: the consumer
         settles after its own bookkeeping, so a worker it wakes does not compete with it
-        for the GIL while it is still inside ``next()`` (measured: the step's wait p95
-        0.96 -> see benchmarks/NOTES.md)."""
+        for the GIL while it is still inside ``next()`` (measured with a 5 ms training
+        step: the p95 of the wait inside ``next()`` went from 0.11 to 0.054 ms with 4
+        workers, from 0.074 to 0.043 ms with 2)."""
         self._defer_release = True
 
     def settle(self) -> None:
