@@ -21,11 +21,12 @@ import torch
 import torch_raydata as trd
 from torch_raydata.collate import DefaultCollate
 from torch_raydata.pipeline.batching import blocks_to_batches
-from torch_raydata.pipeline.remote import RemoteCollateError, plan_batches
 from torch_raydata.pipeline.types import SourceBlock
 from torch_raydata.transports import NixlTransport, resolve_transport
-from torch_raydata.transports._nixl_worker import CollateWorker
 from torch_raydata.transports.nixl import NixlTransferError
+from torch_raydata.transports.nixl.epoch import RemoteCollateError
+from torch_raydata.transports.nixl.plan import plan_batches
+from torch_raydata.transports.nixl.worker import CollateWorker
 
 from .fakes import make_blocks
 
@@ -72,8 +73,8 @@ def test_plans_give_the_local_batches(kw):
 @pytest.mark.parametrize("scattered", [False, True], ids=["ranges", "scattered"])
 @pytest.mark.parametrize("kw", [{}, {"shuffle_buffer_size": 40, "shuffle_seed": 1}])
 def test_plans_of_a_resumed_epoch_drop_the_consumed_rows_like_the_local_path(kw, scattered):
-    from torch_raydata.pipeline.remote import kept_rows
     from torch_raydata.resume import ids_as_uint64
+    from torch_raydata.transports.nixl.plan import kept_rows
 
     store, blocks = _store_and_blocks([37, 100, 5, 64], slices={1: (10, 90)})
     consumed = np.arange(0, 206, 3) if scattered else np.r_[0:20, 40:45, 137:150, 200:205]

@@ -208,7 +208,7 @@ class RayIterableDataset(IterableDataset):
                 blocks = self._source.open(stats)
             run_class = EpochRun
             if getattr(self.transport, "remote_collate", False):  # NixlTransport
-                from .pipeline.remote import RemoteEpochRun as run_class
+                from .transports.nixl.epoch import RemoteEpochRun as run_class
             max_batches = self._source.max_batches(
                 self.config.batch_size, self.config.drop_last, total_rows
             )

@@ -1,7 +1,7 @@
 """The collate actor of the NIXL transport: collate next to the data, into registered memory.
 
 Owns, in one Ray actor process: a NIXL agent, a pool of registered source buffers
-("slabs"), and running the collate_fn so its output lands in a slab. ``pipeline/remote.py``
+("slabs"), and running the collate_fn so its output lands in a slab. ``epoch.py``
 makes this class a Ray actor and calls :meth:`CollateWorker.collate` with a batch plan;
 the trainer's :class:`~torch_raydata.transports.nixl.NixlTransport` READs the slab.
 
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._nixl_common import (
+from .common import (
     RemoteBatch,
     TensorSpec,
     align,
@@ -77,7 +77,7 @@ class _Slab:
 def with_allocator(fn: Any, allocator: Any) -> Any:
     """A copy of ``fn`` that allocates its output tensors with ``allocator``, when ``fn`` is
     one of ours (DefaultCollate, PadCollate); any other callable is returned as is."""
-    from ..collate import DefaultCollate, PadCollate
+    from ...collate import DefaultCollate, PadCollate
 
     if isinstance(fn, DefaultCollate):
         fn = copy.copy(fn)
