@@ -249,6 +249,15 @@ def test_a_read_nixl_refuses_is_an_error_naming_the_batch(ends):
     assert ok["id"].tolist() == list(range(10))
 
 
+def test_nixl_is_the_remote_collate_transport():
+    from torch_raydata.transports import LocalTransport, RemoteCollate
+    from torch_raydata.transports.nixl.epoch import RemoteEpochRun
+
+    transport = NixlTransport()
+    assert isinstance(transport, RemoteCollate) and not isinstance(LocalTransport(), RemoteCollate)
+    assert transport.epoch_class() is RemoteEpochRun  # what RayIterableDataset runs with it
+
+
 def test_missing_extra_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "nixl._api", None)  # `import nixl._api` now fails
     with pytest.raises(ImportError, match=r"pip install 'torch_raydata\[nixl\]'"):
@@ -433,7 +442,7 @@ def test_read_from_an_actor_that_died_after_collating_names_the_batch(rows):
     from torch_raydata.pipeline.source import RaySource
 
     transport = NixlTransport(num_actors=1, xfer_timeout=10)
-    [(actor, _name)] = transport.spawn_workers(DefaultCollate(), id_column=None, max_slabs=4)
+    [(actor, _name)] = transport.acquire_workers(DefaultCollate(), id_column=None, max_slabs=4)
     blocks = RaySource(rows).open()
     try:
         plan = next(plan_batches(iter(blocks), batch_size=16))

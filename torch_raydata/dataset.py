@@ -26,7 +26,7 @@ from .pipeline.buffers import BufferPool
 from .pipeline.run import EpochProgress, EpochRun, PipelineConfig
 from .pipeline.source import RayFetcher
 from .pipeline.stats import LoaderStats, StatsRecorder
-from .transports import Transport, resolve_transport
+from .transports import RemoteCollate, Transport, resolve_transport
 
 __all__ = ["RayIterableDataset"]
 
@@ -207,8 +207,8 @@ class RayIterableDataset(IterableDataset):
             else:
                 blocks = self._source.open(stats)
             run_class = EpochRun
-            if getattr(self.transport, "remote_collate", False):  # NixlTransport
-                from .transports.nixl.epoch import RemoteEpochRun as run_class
+            if isinstance(self.transport, RemoteCollate):  # collate next to the data (nixl)
+                run_class = self.transport.epoch_class()
             max_batches = self._source.max_batches(
                 self.config.batch_size, self.config.drop_last, total_rows
             )

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .base import FetchRequest, Transport
+from .base import FetchRequest, RemoteCollate, Transport
 from .cuda import CudaTransport
 from .local import LocalTransport
 from .nixl import NixlTransport
@@ -20,6 +20,7 @@ from .nixl import NixlTransport
 __all__ = [
     "Transport",
     "FetchRequest",
+    "RemoteCollate",
     "LocalTransport",
     "CudaTransport",
     "NixlTransport",

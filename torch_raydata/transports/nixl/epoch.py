@@ -1,7 +1,7 @@
 """The remote epoch: format/collate in Ray actors next to the data, READs into the trainer.
 
-Used instead of :class:`~torch_raydata.pipeline.run.EpochRun` when the transport asks for
-it (``transport.remote_collate``: :class:`~torch_raydata.transports.nixl.NixlTransport`).
+Used instead of :class:`~torch_raydata.pipeline.run.EpochRun` when the transport collates
+remotely (``transports.base.RemoteCollate``: :class:`~torch_raydata.transports.nixl.NixlTransport`).
 The trainer process then never resolves a block and never runs the collate_fn: that CPU
 work moves to a small pool of collate actors (Ray #50128, #63910). Same consumer contract
 as EpochRun (a subclass: skip-ahead, ``max_batches``, row IDs, stats, close on break/GC).
@@ -68,7 +68,7 @@ from ...pipeline.queues import Inbox, Slots
 from ...pipeline.run import EpochRun, PipelineConfig
 from ...pipeline.stats import StatsRecorder
 from ...pipeline.types import Batch, SourceBlock
-from ..base import Transport
+from ..base import RemoteCollate, Transport
 from .plan import BatchPlan, kept_rows, plan_batches
 
 __all__ = ["RemoteEpochRun", "RemoteCollateError"]
@@ -286,7 +286,7 @@ class RemoteEpochRun(EpochRun):
     """One epoch with collate in Ray actors; see the module docstring.
 
     Same arguments as :class:`EpochRun`; ``fetcher`` is unused (the actors resolve the
-    blocks) and ``transport`` must have ``remote_collate`` (NixlTransport).
+    blocks) and ``transport`` must be a ``RemoteCollate`` (NixlTransport).
     """
 
     def __init__(
@@ -294,11 +294,11 @@ class RemoteEpochRun(EpochRun):
         blocks: Iterable[SourceBlock],
         fetcher: Any,
         collate_fn: Callable[[Any], Any],
-        transport: Any,  # a Transport with remote_collate (NixlTransport)
+        transport: RemoteCollate,
         config: PipelineConfig,
         **kwargs: Any,
     ) -> None:
-        if not getattr(transport, "remote_collate", False):
+        if not isinstance(transport, RemoteCollate):
             raise TypeError(f"{transport!r} does not collate remotely; use EpochRun")
         drop_keys = kwargs.pop("drop_keys", None)
         on_close = kwargs.pop("on_close", None)
@@ -323,7 +323,7 @@ class RemoteEpochRun(EpochRun):
         epoch = self.epoch
         try:
             bound = config.prefetch_batches + transport.in_flight
-            self._actors = transport.spawn_workers(
+            self._actors = transport.acquire_workers(
                 collate_fn, id_column=config.id_column, max_slabs=bound + 2
             )
             handles = [a for a, _ in self._actors]
@@ -358,7 +358,6 @@ class RemoteEpochRun(EpochRun):
         if self._closed:
             return
         super().close()  # stops and joins both threads, then shuts the source down
-        import ray
 
         refs: list[Any] = []
         if self._shared is not None:  # drop block and descriptor references now
@@ -367,13 +366,8 @@ class RemoteEpochRun(EpochRun):
                 self._shared.submitted.clear()
             self._shared = None
         actors, self._actors = self._actors, []
-        for handle, _ in actors:
-            try:
-                ray.kill(handle, no_restart=True)
-            except Exception:  # noqa: BLE001 - already dead is fine
-                pass
+        self._transport.release_workers(actors, reusable=False)
         _settle(refs)
-        self._transport.forget([n for _, n in actors])  # type: ignore[attr-defined]
 
 
 def _kept_rows_remotely(consumed: Any, id_column: str) -> Callable[[SourceBlock], np.ndarray]:

@@ -94,8 +94,6 @@ class NixlTransport(Transport):
     """
 
     needs_thread = True
-    #: Tells RayIterableDataset to run the remote epoch (epoch.py).
-    remote_collate = True
 
     def __init__(
         self,
@@ -172,11 +170,31 @@ class NixlTransport(Transport):
         assert self._pool is not None
         return self._pool
 
-    def spawn_workers(
+    # -- RemoteCollate (transports.base) ----------------------------------------------------
+    def epoch_class(self) -> Any:
+        """The remote epoch (``epoch.py``), imported when the first epoch starts: it composes
+        pipeline stages, which import ``transports.base`` (importing it with this module
+        would close an import cycle)."""
+        from .epoch import RemoteEpochRun
+
+        return RemoteEpochRun
+
+    def release_workers(self, workers: list[tuple[Any, str]], *, reusable: bool) -> None:
+        """Kill the epoch's collate actors and disconnect from their agents."""
+        import ray
+
+        for handle, _ in workers:
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception:  # noqa: BLE001 - already dead is fine
+                pass
+        self.forget([name for _, name in workers])
+
+    def acquire_workers(
         self, collate_fn: Any, *, id_column: str | None, max_slabs: int
     ) -> list[tuple[Any, str]]:
         """Start ``num_actors`` collate actors; returns ``(handle, agent name)`` pairs.
-        The caller (the remote epoch) owns them and kills them when it ends."""
+        The caller (the remote epoch) hands them back with :meth:`release_workers`."""
         import ray
 
         from .worker import CollateWorker
