@@ -3,8 +3,9 @@
 Used instead of :class:`~torch_raydata.pipeline.run.EpochRun` when the transport collates
 remotely (``transports.base.RemoteCollate``: :class:`~torch_raydata.transports.nixl.NixlTransport`).
 The trainer process then never resolves a block and never runs the collate_fn: that CPU
-work moves to a small pool of collate actors (Ray #50128, #63910). Same consumer contract
-as EpochRun (a subclass: skip-ahead, ``max_batches``, row IDs, stats, close on break/GC).
+work moves to a small pool of collate actors (Ray #50128, #63910). The consumer's side is
+the local epoch's (``pipeline.consumer.EpochConsumer``: skip-ahead, ``max_batches``, row
+IDs, stats, close on break/GC); only the chain of stages differs.
 
     [plan thread]     stage 1  block refs + row counts from the source (metadata only)
                       stage 3  plan each batch: (block ref, start, stop) pieces cut from the
@@ -57,18 +58,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ...pipeline.constants import JOIN_TIMEOUT, QUEUE_TIMEOUT
+from ...pipeline.consumer import EpochConsumer, EpochProgress
 from ...pipeline.errors import ExceptionWrapper
 from ...pipeline.queues import Inbox, Slots
-from ...pipeline.run import EpochRun, PipelineConfig
+from ...pipeline.run import PipelineConfig
 from ...pipeline.stats import StatsRecorder
 from ...pipeline.types import Batch, SourceBlock
-from ..base import RemoteCollate, Transport
+from ..base import RemoteCollate
 from .plan import BatchPlan, kept_rows, plan_batches
 
 __all__ = ["RemoteEpochRun", "RemoteCollateError"]
@@ -90,8 +92,8 @@ class _Submitted:
 
 
 class _Shared:
-    """What the plan and fetch threads share. Holds no reference to the run object, so
-    dropping the iterator reaches ``EpochRun.__del__`` and stops them."""
+    """What the plan and fetch threads share. Holds no reference to the epoch object, so
+    dropping the iterator reaches ``EpochConsumer.__del__`` and stops them."""
 
     def __init__(self, bound: int, num_actors: int) -> None:
         self.stop = threading.Event()
@@ -233,7 +235,7 @@ def _fetch_loop(
 
 
 class _Thread:
-    """A named daemon thread over ``_Shared`` with EpochRun's stage protocol (stop/close)."""
+    """A named daemon thread over ``_Shared`` with a stage's stop/close protocol."""
 
     def __init__(self, s: _Shared, name: str, target: Callable[..., None], *args: Any) -> None:
         self._s = s
@@ -252,7 +254,7 @@ class _Thread:
 
 
 class _Output(_Thread):
-    """The fetch thread and the consumer's end of its output queue (EpochRun's ``_final``)."""
+    """The fetch thread and the consumer's end of its output queue (the chain's last stage)."""
 
     def __init__(self, s: _Shared, *args: Any) -> None:
         super().__init__(s, "trd-remote-fetch", _fetch_loop, *args)
@@ -276,17 +278,13 @@ class _Output(_Thread):
                 break
 
 
-class _Inline(Transport):
-    """Stands in for the transport while EpochRun.__init__ builds its (unused) local stages."""
-
-    needs_thread = False
-
-
-class RemoteEpochRun(EpochRun):
+class RemoteEpochRun(EpochConsumer):
     """One epoch with collate in Ray actors; see the module docstring.
 
-    Same arguments as :class:`EpochRun`; ``fetcher`` is unused (the actors resolve the
-    blocks) and ``transport`` must be a ``RemoteCollate`` (NixlTransport).
+    Same arguments as :class:`~torch_raydata.pipeline.run.EpochRun`; ``fetcher`` is
+    unused (the actors resolve the blocks) and ``transport`` must be a ``RemoteCollate``
+    (NixlTransport). The consumer's side (counting, IDs, skip-ahead, ``max_batches``,
+    closing) is :class:`~torch_raydata.pipeline.consumer.EpochConsumer`'s.
     """
 
     def __init__(
@@ -296,31 +294,34 @@ class RemoteEpochRun(EpochRun):
         collate_fn: Callable[[Any], Any],
         transport: RemoteCollate,
         config: PipelineConfig,
-        **kwargs: Any,
+        *,
+        epoch: int = 0,
+        stats: StatsRecorder | None = None,
+        skip_batches: int = 0,
+        on_close: Callable[[], None] | None = None,
+        record_ids: bool = False,
+        max_batches: int | None = None,
+        drop_keys: Any = None,
+        progress: EpochProgress | None = None,
     ) -> None:
         if not isinstance(transport, RemoteCollate):
             raise TypeError(f"{transport!r} does not collate remotely; use EpochRun")
-        drop_keys = kwargs.pop("drop_keys", None)
-        on_close = kwargs.pop("on_close", None)
-        # EpochRun.__init__ sets up the consumer's state (counters, IDs, progress, stats);
-        # the local stages it builds run over an empty stream (they end at once) and are
-        # replaced by the remote ones below.
         super().__init__(
-            (), fetcher, collate_fn, _Inline(), replace(config, num_workers=1), **kwargs
+            epoch=epoch,
+            stats=stats,
+            skip_batches=skip_batches,
+            record_ids=record_ids,
+            max_batches=max_batches,
+            progress=progress,
+            on_consume=transport.on_consume,  # type: ignore[attr-defined]
         )
-        local = [st for st in (self._final, self._pool, self._prefetcher) if st is not None]
-        for st in local:
-            st.stop()
-        for st in local:
-            st.close()
-        self._prefetcher = self._pool = self._final = None
-        self._settle = False  # no local pool to give slots back to
         self.config = config
         self._transport = transport
         self._on_close = on_close
         self._actors: list[tuple[Any, str]] = []
         self._shared: _Shared | None = None
-        epoch = self.epoch
+        self._planner: _Thread | None = None
+        self._output: _Output | None = None
         try:
             bound = config.prefetch_batches + transport.in_flight
             self._actors = transport.acquire_workers(
@@ -343,22 +344,31 @@ class RemoteEpochRun(EpochRun):
                 keep_rows=keep_rows,
             )
             # Steps 1-3 (plan thread) and 5-6 (fetch thread); see the module docstring.
-            self._prefetcher = _Thread(s, "trd-remote-plan", _plan_loop, plans, handles)  # type: ignore[assignment]
-            self._final = _Output(s, transport, names, config.preserve_order, self.stats)  # type: ignore[assignment]
+            self._planner = _Thread(s, "trd-remote-plan", _plan_loop, plans, handles)
+            self._output = _Output(s, transport, names, config.preserve_order, self.stats)
+            self._batches = self._output
         except BaseException:
             self.close()
             raise
 
     @property
     def actors(self) -> list[Any]:
-        """Handles of this epoch's collate actors (killed when the epoch closes)."""
+        """Handles of this epoch's collate actors (handed back when the epoch closes)."""
         return [a for a, _ in self._actors]
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        super().close()  # stops and joins both threads, then shuts the source down
-
+    def _shutdown(self) -> None:
+        """Stop both threads, join them (fetch first), release stage 1 before joining the
+        plan thread (it may wait on the source), then hand the actors back."""
+        threads = [t for t in (self._output, self._planner) if t is not None]
+        for t in threads:
+            t.stop()
+        for t in threads:
+            if t is self._planner and self._on_close is not None:
+                self._on_close()
+            t.close()
+        if self._planner is None and self._on_close is not None:
+            self._on_close()
+        self._output = self._planner = self._on_close = None
         refs: list[Any] = []
         if self._shared is not None:  # drop block and descriptor references now
             with self._shared.cond:
