@@ -44,6 +44,24 @@ def _store_and_blocks(sizes, slices=None):
     return store, blocks
 
 
+def _local_and_planned(sizes, slices, **kw):
+    """Stage 3's batches and the remote plans of the same blocks, as (table, ids) pairs."""
+    store, blocks = _store_and_blocks(sizes, slices)
+    local = list(
+        blocks_to_batches(
+            ((sb, store[sb.ref]) for sb in blocks), batch_size=16, id_column="id", **kw
+        )
+    )
+    plans = list(plan_batches(blocks, batch_size=16, **kw))
+    assert [p.idx for p in plans] == [b.idx for b in local]
+    assert [p.num_rows for p in plans] == [b.num_rows for b in local]
+    get = lambda refs: [store[r] for r in refs]  # noqa: E731
+    return [(b.table(), b.ids) for b in local], [p.materialize("id", get=get) for p in plans]
+
+
+_SIZES, _SLICES = [37, 0, 100, 5, 64, 81], {2: (10, 90), 4: (3, 64)}
+
+
 @pytest.mark.parametrize(
     "kw",
     [
@@ -54,20 +72,31 @@ def _store_and_blocks(sizes, slices=None):
     ],
 )
 def test_plans_give_the_local_batches(kw):
-    store, blocks = _store_and_blocks([37, 0, 100, 5, 64, 81], slices={2: (10, 90), 4: (3, 64)})
-    local = list(
-        blocks_to_batches(
-            ((sb, store[sb.ref]) for sb in blocks), batch_size=16, id_column="id", **kw
-        )
-    )
-    plans = list(plan_batches(blocks, batch_size=16, **kw))
-    assert [p.idx for p in plans] == [b.idx for b in local]
-    get = lambda refs: [store[r] for r in refs]  # noqa: E731
-    for plan, batch in zip(plans, local, strict=True):
-        table, ids = plan.materialize("id", get=get)
-        assert table.equals(batch.table())
-        assert np.array_equal(ids, batch.ids)
-        assert plan.num_rows == batch.num_rows
+    local, planned = _local_and_planned(_SIZES, _SLICES, **kw)
+    for (want, want_ids), (table, ids) in zip(local, planned, strict=True):
+        assert table.equals(want)
+        assert np.array_equal(ids, want_ids)
+
+
+def test_one_shuffle_draw_serves_both_paths(monkeypatch):
+    """The plans have no draw of their own: replacing stage 3's draw (here by one that
+    takes the newest rows first) changes both paths alike, so they still agree."""
+    from torch_raydata.pipeline.batching import ShuffleDraw
+
+    kw = {"shuffle_buffer_size": 50, "shuffle_seed": 3}
+    seeded, _ = _local_and_planned(_SIZES, _SLICES, **kw)
+
+    def newest_first(self, count):
+        rows, self.live = self.live[len(self.live) - count :], self.live[: len(self.live) - count]
+        return rows
+
+    monkeypatch.setattr(ShuffleDraw, "draw", newest_first)
+    local, planned = _local_and_planned(_SIZES, _SLICES, **kw)
+    assert [t.column("id").to_pylist() for t, _ in local] != [
+        t.column("id").to_pylist() for t, _ in seeded
+    ]  # the replaced draw took effect ...
+    for (want, want_ids), (table, ids) in zip(local, planned, strict=True):
+        assert table.equals(want) and np.array_equal(ids, want_ids)  # ... on both paths
 
 
 @pytest.mark.parametrize("scattered", [False, True], ids=["ranges", "scattered"])

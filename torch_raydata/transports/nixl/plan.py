@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from ...collate._take import take_rows
-from ...pipeline.batching import _ids_of, to_arrow
+from ...pipeline.batching import ShuffleDraw, _ids_of, to_arrow
 from ...pipeline.stats import StatsRecorder
 from ...pipeline.types import SourceBlock
 
@@ -182,8 +182,8 @@ def plan_batches(
     stats = stats if stats is not None else StatsRecorder()
     stream = _blocks(blocks, stats, keep_rows)
     if shuffle_buffer_size:
-        rng = np.random.default_rng(None if shuffle_seed is None else [shuffle_seed, epoch])
-        yield from _shuffled_plans(stream, batch_size, drop_last, shuffle_buffer_size, rng, stats)
+        draws = ShuffleDraw(shuffle_seed, epoch, shuffle_buffer_size, batch_size)
+        yield from _shuffled_plans(stream, drop_last, draws, stats)
     else:
         yield from _sequential_plans(stream, batch_size, drop_last, stats)
 
@@ -218,28 +218,20 @@ def _sequential_plans(
 
 
 def _shuffled_plans(
-    stream: Iterator[_Block],
-    batch_size: int,
-    drop_last: bool,
-    buffer_rows: int,
-    rng: np.random.Generator,
-    stats: StatsRecorder,
+    stream: Iterator[_Block], drop_last: bool, draws: ShuffleDraw, stats: StatsRecorder
 ) -> Iterator[BatchPlan]:
-    # The local path's draw (batching._shuffled) on global row positions: ``live`` stays in
-    # ascending order there too (its compaction keeps the order), so the same generator
-    # calls pick the same rows.
+    # Stage 3's own draw (batching.ShuffleDraw), on positions in the concatenation of the
+    # planned rows: the same generator calls on the same number of live rows, in the same
+    # order, pick the same rows as the local path.
     blocks: list[_Block] = []
     starts: list[int] = []
-    live = np.empty(0, dtype=np.int64)
     total = 0
     idx = 0
 
     def draw(count: int) -> BatchPlan:
-        nonlocal live, idx
+        nonlocal idx
         t0 = time.perf_counter()
-        pick = np.sort(rng.choice(len(live), size=count, replace=False))  # as batching.py
-        rows = live[pick]
-        live = np.delete(live, pick)
+        rows = draws.draw(count)
         which = np.searchsorted(np.asarray(starts), rows, side="right") - 1
         take = np.empty(count, dtype=np.int64)
         parts = []
@@ -264,14 +256,14 @@ def _shuffled_plans(
     for blk in stream:
         blocks.append(blk)
         starts.append(total)
-        live = np.concatenate([live, np.arange(total, total + blk.rows)])
+        draws.add(np.arange(total, total + blk.rows))
         total += blk.rows
-        while len(live) >= buffer_rows + batch_size:
-            yield draw(batch_size)
-    while len(live) >= batch_size:
-        yield draw(batch_size)
-    if len(live):
+        while draws.full():
+            yield draw(draws.batch_size)
+    while len(draws) >= draws.batch_size:
+        yield draw(draws.batch_size)
+    if len(draws):
         if drop_last:
-            stats.add_dropped(len(live), "drop_last=True (last partial batch)")
+            stats.add_dropped(len(draws), "drop_last=True (last partial batch)")
         else:
-            yield draw(len(live))
+            yield draw(len(draws))
