@@ -379,39 +379,91 @@ def test_epoch_bytes_equal_local_with_reads_in_flight_and_cleanup(rows):
     st = ds.stats()
     assert st.rows == 3300 and st.batches == 207 and st.buffered_batches == 0
     assert st.stage_seconds["collate"] > 0  # measured in the actors
-    # The exhausted epoch killed its actors and forgot their agents.
-    assert run.actors == [] and transport._loaded == {}
-    assert _dead(actors)
+    # The exhausted epoch handed its actors back: kept for the next epoch.
+    assert run.actors == [] and transport.live_actors == 2 and ds.stats().collate_actors == 2
     del got, local, a, b
     gc.collect()
     pool = transport.pool
     assert pool.free_buffers == pool.registered  # every destination buffer came back
-    ds.close()
+    ds.close()  # kills the actors and forgets their agents
+    assert transport.live_actors == 0 and transport._loaded == {}
+    assert _dead(actors)
 
 
-def test_shuffle_ids_and_drop_last_match_the_local_path_and_break_releases_actors(rows):
+def _pids(actors):
+    import ray
+
+    return [ray.get(a.stats.remote())["pid"] for a in actors]
+
+
+def test_shuffle_ids_and_drop_last_match_the_local_path_and_break_leaves_actors_reusable(rows):
     kw = dict(
         batch_size=50, shuffle_buffer_size=700, shuffle_seed=5, drop_last=True, id_column="id"
     )
-    local = list(trd.RayIterableDataset(rows, preserve_order=True, **kw))
+    local_ds = trd.RayIterableDataset(rows, preserve_order=True, **kw)
+    local = list(local_ds)
     ds = trd.RayIterableDataset(rows, preserve_order=True, transport="nixl", **kw)
     got = list(ds)
     assert len(got) == len(local) == 66
     for a, b in zip(local, got, strict=True):
         _assert_same(a, b)
-    # Break early: closing the iterator kills the actors at once.
+    # Break early (epoch 1), with plans, descriptors and READs still in flight ...
     run = iter(ds)
     actors = list(run.actors)
     for i, _batch in enumerate(run):
         if i == 2:
             break
     run.close()
-    assert run.actors == [] and ds.transport._loaded == {}
-    assert _dead(actors)
-    del _batch, got, local, a, b
+    assert run.actors == [] and ds.transport.live_actors == 2
+    del _batch, got, a, b
     gc.collect()
     assert ds.transport.pool.free_buffers == ds.transport.pool.registered
+    # ... then a whole epoch (2) on the same actors gives exactly the local path's batches.
+    run = iter(ds)
+    assert run.actors == actors
+    again = list(run)
+    local_ds.set_epoch(2)
+    local = list(local_ds)
+    assert len(again) == len(local) == 66
+    for a, b in zip(local, again, strict=True):
+        _assert_same(a, b)
+    del again, a, b
+    gc.collect()
+    import ray
+
+    for actor in actors:  # nothing of the broken epoch is left busy in the actors
+        st = ray.get(actor.stats.remote())
+        deadline = time.monotonic() + 10  # the last READs' notifications may be on the wire
+        while st["busy"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+            st = ray.get(actor.stats.remote())
+        assert st["busy"] == 0, st
     ds.close()
+    local_ds.close()
+    assert _dead(actors)
+
+
+def test_actors_live_across_epochs_and_die_with_the_dataset(rows):
+    ds = trd.RayIterableDataset(rows, batch_size=256, transport="nixl")
+    seen = []
+    for _ in range(3):
+        run = iter(ds)
+        seen.append((list(run.actors), _pids(run.actors)))
+        assert sum(len(b["id"]) for b in run) == 3300
+    (actors, pids), *later = seen
+    assert all(a == actors and p == pids for a, p in later)  # started once, by epoch 0
+    assert ds.stats().collate_actors == ds.transport.live_actors == 2
+    ds.close()
+    assert ds.transport.live_actors == 0
+    assert _dead(actors)
+    # Without close(): the dataset's garbage collection kills them (weakref.finalize).
+    ds = trd.RayIterableDataset(rows, batch_size=256, transport="nixl")
+    run = iter(ds)
+    actors = list(run.actors)
+    next(run)
+    del ds, run
+    gc.collect()
+    assert _dead(actors)
 
 
 @pytest.mark.timeout(120)
@@ -430,6 +482,7 @@ def test_actor_killed_mid_epoch_is_an_error_naming_the_batch(rows):
             pass
     assert "trd-collate-" in str(info.value)  # names the actor (agent) too
     assert run.finished and run.actors == []
+    assert ds.transport.live_actors == 0  # a failed epoch's actors are not reused
     assert _dead(actors)
     ds.close()
 

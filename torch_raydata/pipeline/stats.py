@@ -47,6 +47,8 @@ class LoaderStats:
     peak_buffered_bytes: int
     blocks: int
     notes: tuple[str, ...] = field(default=())
+    #: Remote collate actors working for this epoch (transport='nixl'; kept across epochs).
+    collate_actors: int = 0
 
     @property
     def rows_per_second(self) -> float:
@@ -90,6 +92,7 @@ class StatsRecorder:
         self._peak_bytes = 0
         self._notes: list[str] = []
         self._listeners: list[Any] = []
+        self.collate_actors = 0  # set by the remote epoch
 
     def add_listener(self, listener: Any) -> None:
         """Call ``listener.on_batch(rows, wait_s)`` after each batch delivered (consumer
@@ -178,4 +181,5 @@ class StatsRecorder:
                 peak_buffered_bytes=self._peak_bytes,
                 blocks=self.blocks,
                 notes=tuple(self._notes),
+                collate_actors=self.collate_actors,
             )

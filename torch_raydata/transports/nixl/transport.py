@@ -3,9 +3,10 @@
 With ``transport="nixl"`` the trainer process never ``ray.get``-s a block and never runs
 the collate_fn: ``RayIterableDataset`` runs the *remote* epoch (``epoch.py``),
 which plans batches from block metadata and sends each plan to a small pool of collate
-actors (``worker.py``). An actor collates next to the data into memory registered
-with its NIXL agent and returns a small :class:`RemoteBatch` descriptor. This module is the
-trainer's end:
+actors (``worker.py``), started by the first epoch and kept until this transport closes
+or is garbage-collected (``actors.py``). An actor collates next to the data into memory
+registered with its NIXL agent and returns a small :class:`RemoteBatch` descriptor. This
+module is the trainer's end:
 
 * one NIXL agent (created on first use, UCX backend) and a pool of registered destination
   buffers (DRAM on CPU runs; VRAM for a CUDA device);
@@ -47,6 +48,7 @@ import numpy as np
 import torch
 
 from ..base import FetchRequest, Transport
+from .actors import CollateActors
 from .common import RemoteBatch, import_nixl, release_message, unflatten_payload
 from .pool import DestPool
 
@@ -78,7 +80,7 @@ class NixlTransport(Transport):
 
     Args:
         device: None/"cpu" (DRAM destinations) or a CUDA device (VRAM destinations).
-        num_actors: collate actors per epoch.
+        num_actors: collate actors (started by the first epoch, kept for the next ones).
         actor_num_cpus: CPUs each actor reserves in Ray's scheduler (small, so the actors
             never starve the Dataset's own tasks).
         in_flight: READs posted together (one per batch) before waiting on them; also the
@@ -149,6 +151,8 @@ class NixlTransport(Transport):
         self.reads_posted = 0
         self.reads_done = 0
         self.bytes_read = 0
+        # Killed on close() or when this transport is garbage-collected.
+        self._actors = CollateActors(self)
 
     # -- agent -----------------------------------------------------------------------------
     @property
@@ -179,52 +183,22 @@ class NixlTransport(Transport):
 
         return RemoteEpochRun
 
-    def release_workers(self, workers: list[tuple[Any, str]], *, reusable: bool) -> None:
-        """Kill the epoch's collate actors and disconnect from their agents."""
-        import ray
-
-        for handle, _ in workers:
-            try:
-                ray.kill(handle, no_restart=True)
-            except Exception:  # noqa: BLE001 - already dead is fine
-                pass
-        self.forget([name for _, name in workers])
-
     def acquire_workers(
         self, collate_fn: Any, *, id_column: str | None, max_slabs: int
     ) -> list[tuple[Any, str]]:
-        """Start ``num_actors`` collate actors; returns ``(handle, agent name)`` pairs.
-        The caller (the remote epoch) hands them back with :meth:`release_workers`."""
-        import ray
+        """``num_actors`` collate actors for one epoch, ``(handle, agent name)`` pairs:
+        started by the first epoch, the same ones for the next epochs (``actors.py``)."""
+        return self._actors.acquire(collate_fn, id_column=id_column, max_slabs=max_slabs)
 
-        from .worker import CollateWorker
+    def release_workers(self, workers: list[tuple[Any, str]], *, reusable: bool) -> None:
+        """The epoch is over: keep its actors for the next one, or (``reusable=False``: one
+        failed) kill them and disconnect from their agents."""
+        self.forget(self._actors.release(workers, reusable=reusable))
 
-        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        cls = ray.remote(CollateWorker)
-        options = {"num_cpus": self.actor_num_cpus, "max_restarts": 0} | self.actor_options
-        out: list[tuple[Any, str]] = []
-        try:
-            for i in range(self.num_actors):
-                name = f"trd-collate-{tag}-{i}"
-                handle = cls.options(**options).remote(
-                    name,
-                    collate_fn,
-                    id_column=id_column,
-                    backends=self.backends,
-                    max_slabs=max_slabs,
-                    notif_timeout=self.xfer_timeout,
-                )
-                out.append((handle, name))
-        except BaseException as e:
-            for handle, _ in out:
-                ray.kill(handle, no_restart=True)
-            if isinstance(e, TypeError) and "serialize" in str(e):
-                raise TypeError(
-                    f"collate_fn={collate_fn!r} must be picklable: with transport='nixl' it "
-                    f"runs in Ray actors ({str(e).splitlines()[0]})"
-                ) from e
-            raise
-        return out
+    @property
+    def live_actors(self) -> int:
+        """Collate actors alive (idle between epochs, or working for one)."""
+        return self._actors.live
 
     def forget(self, agent_names: list[str]) -> None:
         """Disconnect from remote agents (their actors are gone or going)."""
@@ -410,6 +384,9 @@ class NixlTransport(Transport):
             self._release_sources(request.handle or [])
 
     def close(self) -> None:
+        """Kill every collate actor, disconnect from their agents, deregister the buffers
+        (a later epoch starts afresh)."""
+        self.forget(self._actors.close())
         with self._lock:
             if self._agent is None:
                 return
@@ -422,12 +399,13 @@ class NixlTransport(Transport):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_lock=None, _agent=None, _pool=None, _loaded={}, _stuck=[])
+        state.update(_lock=None, _agent=None, _pool=None, _loaded={}, _stuck=[], _actors=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
+        self._actors = CollateActors(self)  # a copy starts its own
 
     def __repr__(self) -> str:
         return (
