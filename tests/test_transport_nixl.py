@@ -245,6 +245,27 @@ def test_handed_out_batches_own_their_memory_until_dropped(ends):
     assert int(third["id"][0]) == 128 and int(second["id"][0]) == 64
 
 
+def test_pad_collate_in_an_actor_allocates_from_its_slabs_and_stays_the_same_collate():
+    from torch_raydata.collate import PadCollate
+    from torch_raydata.transports.nixl.worker import with_allocator
+
+    shapes = []
+
+    def allocator(shape, dtype):
+        shapes.append(tuple(shape))
+        return torch.empty(shape, dtype=dtype)
+
+    pad = PadCollate(["tok"], pad_value=-1, max_length=3, dtypes={"tok": torch.int32})
+    mine = with_allocator(pad, allocator)
+    table = pa.table({"tok": [[1, 2, 3, 4], [5]], "id": [0, 1]})
+    got, want = mine(table), pad(table)
+    assert repr(mine) == repr(pad).replace("allocator=None", f"allocator={allocator!r}")
+    assert "allocator=None" in repr(pad)  # the original is untouched
+    assert (2, 3) in shapes  # the padded values (and mask) came from the allocator
+    for k in want:
+        assert torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype, k
+
+
 def test_user_collate_fn_output_is_packed_and_copy_mode():
     def collate(table):  # plain tensors, a non-contiguous one, nesting and a scalar
         x = torch.tensor(table.column("x").to_numpy()).reshape(-1, 2)

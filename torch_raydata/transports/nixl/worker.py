@@ -83,9 +83,15 @@ def with_allocator(fn: Any, allocator: Any) -> Any:
     if isinstance(fn, DefaultCollate):
         fn = copy.copy(fn)
         fn.allocator = allocator
-    elif isinstance(fn, PadCollate) and isinstance(getattr(fn, "_default", None), DefaultCollate):
-        fn = copy.copy(fn)
-        fn._default = with_allocator(fn._default, allocator)
+    elif type(fn) is PadCollate:  # a subclass may take other arguments: used as is
+        fn = PadCollate(
+            fn.columns,
+            fn.pad_value,
+            fn.max_length,
+            fn.pad_to_multiple_of,
+            dtypes=fn.dtypes,
+            allocator=allocator,
+        )
     return fn
 
 
