@@ -155,3 +155,34 @@ def test_skipping_and_capping_more_batches_than_the_bound_do_not_stall():
     run = EpochRun(blocks, fetcher, DefaultCollate(), LocalTransport(), cfg, max_batches=3)
     assert sum(len(b["id"]) for b in run) == 30
     assert run.stats.rows_dropped == 170
+
+
+def test_the_consumer_takes_any_chain_of_stages():
+    """EpochConsumer is the training step's side of every epoch (local and remote): over a
+    plain iterator it skips, caps, counts, records IDs and closes its stages once."""
+    from torch_raydata.pipeline.consumer import EpochConsumer
+    from torch_raydata.pipeline.types import Batch
+
+    class Chain(EpochConsumer):
+        def __init__(self, n, **kw):
+            super().__init__(**kw)
+            self.shutdowns = 0
+            self._batches = iter(
+                [Batch(i, f"b{i}", 10, 100, ids=np.arange(10 * i, 10 * i + 10)) for i in range(n)]
+            )
+
+        def _shutdown(self):
+            self.shutdowns += 1
+
+    run = Chain(6, skip_batches=1, max_batches=4, record_ids=True)
+    assert list(run) == ["b1", "b2", "b3"]  # one skipped, capped at 4 pulled, 2 dropped
+    assert run.finished and run.shutdowns == 1 and run.progress.exhausted
+    assert run.batches_yielded == 3 and run.rows_yielded == 30
+    assert run.consumed_ids().tolist() == list(range(10, 40))
+    assert run.stats.rows_dropped == 20 and run.stats.snapshot(0).batches == 3
+    run.close()
+    assert run.shutdowns == 1
+    short = Chain(2, max_batches=3)
+    with pytest.raises(RuntimeError, match=r"ended after 2 batches .* max_batches=3"):
+        list(short)
+    assert short.shutdowns == 1 and not short.progress.exhausted

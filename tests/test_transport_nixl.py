@@ -21,11 +21,12 @@ import torch
 import torch_raydata as trd
 from torch_raydata.collate import DefaultCollate
 from torch_raydata.pipeline.batching import blocks_to_batches
-from torch_raydata.pipeline.remote import RemoteCollateError, plan_batches
 from torch_raydata.pipeline.types import SourceBlock
 from torch_raydata.transports import NixlTransport, resolve_transport
-from torch_raydata.transports._nixl_worker import CollateWorker
 from torch_raydata.transports.nixl import NixlTransferError
+from torch_raydata.transports.nixl.epoch import RemoteCollateError
+from torch_raydata.transports.nixl.plan import plan_batches
+from torch_raydata.transports.nixl.worker import CollateWorker
 
 from .fakes import make_blocks
 
@@ -43,6 +44,24 @@ def _store_and_blocks(sizes, slices=None):
     return store, blocks
 
 
+def _local_and_planned(sizes, slices, **kw):
+    """Stage 3's batches and the remote plans of the same blocks, as (table, ids) pairs."""
+    store, blocks = _store_and_blocks(sizes, slices)
+    local = list(
+        blocks_to_batches(
+            ((sb, store[sb.ref]) for sb in blocks), batch_size=16, id_column="id", **kw
+        )
+    )
+    plans = list(plan_batches(blocks, batch_size=16, **kw))
+    assert [p.idx for p in plans] == [b.idx for b in local]
+    assert [p.num_rows for p in plans] == [b.num_rows for b in local]
+    get = lambda refs: [store[r] for r in refs]  # noqa: E731
+    return [(b.table(), b.ids) for b in local], [p.materialize("id", get=get) for p in plans]
+
+
+_SIZES, _SLICES = [37, 0, 100, 5, 64, 81], {2: (10, 90), 4: (3, 64)}
+
+
 @pytest.mark.parametrize(
     "kw",
     [
@@ -53,27 +72,38 @@ def _store_and_blocks(sizes, slices=None):
     ],
 )
 def test_plans_give_the_local_batches(kw):
-    store, blocks = _store_and_blocks([37, 0, 100, 5, 64, 81], slices={2: (10, 90), 4: (3, 64)})
-    local = list(
-        blocks_to_batches(
-            ((sb, store[sb.ref]) for sb in blocks), batch_size=16, id_column="id", **kw
-        )
-    )
-    plans = list(plan_batches(blocks, batch_size=16, **kw))
-    assert [p.idx for p in plans] == [b.idx for b in local]
-    get = lambda refs: [store[r] for r in refs]  # noqa: E731
-    for plan, batch in zip(plans, local, strict=True):
-        table, ids = plan.materialize("id", get=get)
-        assert table.equals(batch.table())
-        assert np.array_equal(ids, batch.ids)
-        assert plan.num_rows == batch.num_rows
+    local, planned = _local_and_planned(_SIZES, _SLICES, **kw)
+    for (want, want_ids), (table, ids) in zip(local, planned, strict=True):
+        assert table.equals(want)
+        assert np.array_equal(ids, want_ids)
+
+
+def test_one_shuffle_draw_serves_both_paths(monkeypatch):
+    """The plans have no draw of their own: replacing stage 3's draw (here by one that
+    takes the newest rows first) changes both paths alike, so they still agree."""
+    from torch_raydata.pipeline.batching import ShuffleDraw
+
+    kw = {"shuffle_buffer_size": 50, "shuffle_seed": 3}
+    seeded, _ = _local_and_planned(_SIZES, _SLICES, **kw)
+
+    def newest_first(self, count):
+        rows, self.live = self.live[len(self.live) - count :], self.live[: len(self.live) - count]
+        return rows
+
+    monkeypatch.setattr(ShuffleDraw, "draw", newest_first)
+    local, planned = _local_and_planned(_SIZES, _SLICES, **kw)
+    assert [t.column("id").to_pylist() for t, _ in local] != [
+        t.column("id").to_pylist() for t, _ in seeded
+    ]  # the replaced draw took effect ...
+    for (want, want_ids), (table, ids) in zip(local, planned, strict=True):
+        assert table.equals(want) and np.array_equal(ids, want_ids)  # ... on both paths
 
 
 @pytest.mark.parametrize("scattered", [False, True], ids=["ranges", "scattered"])
 @pytest.mark.parametrize("kw", [{}, {"shuffle_buffer_size": 40, "shuffle_seed": 1}])
 def test_plans_of_a_resumed_epoch_drop_the_consumed_rows_like_the_local_path(kw, scattered):
-    from torch_raydata.pipeline.remote import kept_rows
     from torch_raydata.resume import ids_as_uint64
+    from torch_raydata.transports.nixl.plan import kept_rows
 
     store, blocks = _store_and_blocks([37, 100, 5, 64], slices={1: (10, 90)})
     consumed = np.arange(0, 206, 3) if scattered else np.r_[0:20, 40:45, 137:150, 200:205]
@@ -215,6 +245,27 @@ def test_handed_out_batches_own_their_memory_until_dropped(ends):
     assert int(third["id"][0]) == 128 and int(second["id"][0]) == 64
 
 
+def test_pad_collate_in_an_actor_allocates_from_its_slabs_and_stays_the_same_collate():
+    from torch_raydata.collate import PadCollate
+    from torch_raydata.transports.nixl.worker import with_allocator
+
+    shapes = []
+
+    def allocator(shape, dtype):
+        shapes.append(tuple(shape))
+        return torch.empty(shape, dtype=dtype)
+
+    pad = PadCollate(["tok"], pad_value=-1, max_length=3, dtypes={"tok": torch.int32})
+    mine = with_allocator(pad, allocator)
+    table = pa.table({"tok": [[1, 2, 3, 4], [5]], "id": [0, 1]})
+    got, want = mine(table), pad(table)
+    assert repr(mine) == repr(pad).replace("allocator=None", f"allocator={allocator!r}")
+    assert "allocator=None" in repr(pad)  # the original is untouched
+    assert (2, 3) in shapes  # the padded values (and mask) came from the allocator
+    for k in want:
+        assert torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype, k
+
+
 def test_user_collate_fn_output_is_packed_and_copy_mode():
     def collate(table):  # plain tensors, a non-contiguous one, nesting and a scalar
         x = torch.tensor(table.column("x").to_numpy()).reshape(-1, 2)
@@ -246,6 +297,15 @@ def test_a_read_nixl_refuses_is_an_error_naming_the_batch(ends):
     assert transport.pool.free_buffers == transport.pool.registered  # buffer released
     (ok,) = transport.wait_fetch_complete(transport.fetch_multiple([desc]))  # still usable
     assert ok["id"].tolist() == list(range(10))
+
+
+def test_nixl_is_the_remote_collate_transport():
+    from torch_raydata.transports import LocalTransport, RemoteCollate
+    from torch_raydata.transports.nixl.epoch import RemoteEpochRun
+
+    transport = NixlTransport()
+    assert isinstance(transport, RemoteCollate) and not isinstance(LocalTransport(), RemoteCollate)
+    assert transport.epoch_class() is RemoteEpochRun  # what RayIterableDataset runs with it
 
 
 def test_missing_extra_names_it(monkeypatch):
@@ -340,39 +400,91 @@ def test_epoch_bytes_equal_local_with_reads_in_flight_and_cleanup(rows):
     st = ds.stats()
     assert st.rows == 3300 and st.batches == 207 and st.buffered_batches == 0
     assert st.stage_seconds["collate"] > 0  # measured in the actors
-    # The exhausted epoch killed its actors and forgot their agents.
-    assert run.actors == [] and transport._loaded == {}
-    assert _dead(actors)
+    # The exhausted epoch handed its actors back: kept for the next epoch.
+    assert run.actors == [] and transport.live_actors == 2 and ds.stats().collate_actors == 2
     del got, local, a, b
     gc.collect()
     pool = transport.pool
     assert pool.free_buffers == pool.registered  # every destination buffer came back
-    ds.close()
+    ds.close()  # kills the actors and forgets their agents
+    assert transport.live_actors == 0 and transport._loaded == {}
+    assert _dead(actors)
 
 
-def test_shuffle_ids_and_drop_last_match_the_local_path_and_break_releases_actors(rows):
+def _pids(actors):
+    import ray
+
+    return [ray.get(a.stats.remote())["pid"] for a in actors]
+
+
+def test_shuffle_ids_and_drop_last_match_the_local_path_and_break_leaves_actors_reusable(rows):
     kw = dict(
         batch_size=50, shuffle_buffer_size=700, shuffle_seed=5, drop_last=True, id_column="id"
     )
-    local = list(trd.RayIterableDataset(rows, preserve_order=True, **kw))
+    local_ds = trd.RayIterableDataset(rows, preserve_order=True, **kw)
+    local = list(local_ds)
     ds = trd.RayIterableDataset(rows, preserve_order=True, transport="nixl", **kw)
     got = list(ds)
     assert len(got) == len(local) == 66
     for a, b in zip(local, got, strict=True):
         _assert_same(a, b)
-    # Break early: closing the iterator kills the actors at once.
+    # Break early (epoch 1), with plans, descriptors and READs still in flight ...
     run = iter(ds)
     actors = list(run.actors)
     for i, _batch in enumerate(run):
         if i == 2:
             break
     run.close()
-    assert run.actors == [] and ds.transport._loaded == {}
-    assert _dead(actors)
-    del _batch, got, local, a, b
+    assert run.actors == [] and ds.transport.live_actors == 2
+    del _batch, got, a, b
     gc.collect()
     assert ds.transport.pool.free_buffers == ds.transport.pool.registered
+    # ... then a whole epoch (2) on the same actors gives exactly the local path's batches.
+    run = iter(ds)
+    assert run.actors == actors
+    again = list(run)
+    local_ds.set_epoch(2)
+    local = list(local_ds)
+    assert len(again) == len(local) == 66
+    for a, b in zip(local, again, strict=True):
+        _assert_same(a, b)
+    del again, a, b
+    gc.collect()
+    import ray
+
+    for actor in actors:  # nothing of the broken epoch is left busy in the actors
+        st = ray.get(actor.stats.remote())
+        deadline = time.monotonic() + 10  # the last READs' notifications may be on the wire
+        while st["busy"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+            st = ray.get(actor.stats.remote())
+        assert st["busy"] == 0, st
     ds.close()
+    local_ds.close()
+    assert _dead(actors)
+
+
+def test_actors_live_across_epochs_and_die_with_the_dataset(rows):
+    ds = trd.RayIterableDataset(rows, batch_size=256, transport="nixl")
+    seen = []
+    for _ in range(3):
+        run = iter(ds)
+        seen.append((list(run.actors), _pids(run.actors)))
+        assert sum(len(b["id"]) for b in run) == 3300
+    (actors, pids), *later = seen
+    assert all(a == actors and p == pids for a, p in later)  # started once, by epoch 0
+    assert ds.stats().collate_actors == ds.transport.live_actors == 2
+    ds.close()
+    assert ds.transport.live_actors == 0
+    assert _dead(actors)
+    # Without close(): the dataset's garbage collection kills them (weakref.finalize).
+    ds = trd.RayIterableDataset(rows, batch_size=256, transport="nixl")
+    run = iter(ds)
+    actors = list(run.actors)
+    next(run)
+    del ds, run
+    gc.collect()
+    assert _dead(actors)
 
 
 @pytest.mark.timeout(120)
@@ -391,6 +503,7 @@ def test_actor_killed_mid_epoch_is_an_error_naming_the_batch(rows):
             pass
     assert "trd-collate-" in str(info.value)  # names the actor (agent) too
     assert run.finished and run.actors == []
+    assert ds.transport.live_actors == 0  # a failed epoch's actors are not reused
     assert _dead(actors)
     ds.close()
 
@@ -432,7 +545,7 @@ def test_read_from_an_actor_that_died_after_collating_names_the_batch(rows):
     from torch_raydata.pipeline.source import RaySource
 
     transport = NixlTransport(num_actors=1, xfer_timeout=10)
-    [(actor, _name)] = transport.spawn_workers(DefaultCollate(), id_column=None, max_slabs=4)
+    [(actor, _name)] = transport.acquire_workers(DefaultCollate(), id_column=None, max_slabs=4)
     blocks = RaySource(rows).open()
     try:
         plan = next(plan_batches(iter(blocks), batch_size=16))

@@ -26,12 +26,11 @@ from .memory.buffers import BufferPool
 from .pipeline.batching import num_batches
 from .pipeline.prestart import NextEpoch
 from .pipeline.progress_bar import EpochProgressBar
-from .pipeline.remote import RemoteEpochRun
 from .pipeline.run import EpochProgress, EpochRun, PipelineConfig
 from .pipeline.source import EpochBlocks, RayFetcher, RaySource
 from .pipeline.stats import LoaderStats, StatsRecorder
 from .resume import ResumeState, fingerprint
-from .transports import Transport, resolve_transport
+from .transports import RemoteCollate, Transport, resolve_transport
 
 __all__ = ["RayIterableDataset"]
 
@@ -211,8 +210,8 @@ class RayIterableDataset(IterableDataset):
             total_rows = plan.total_rows
             blocks = self._open_epoch(stats, plan.transform, total_rows)
             run_class = EpochRun
-            if getattr(self.transport, "remote_collate", False):  # NixlTransport
-                run_class = RemoteEpochRun
+            if isinstance(self.transport, RemoteCollate):  # collate next to the data (nixl)
+                run_class = self.transport.epoch_class()
             max_batches = self._source.max_batches(
                 self.config.batch_size, self.config.drop_last, total_rows
             )

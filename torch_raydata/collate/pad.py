@@ -77,6 +77,11 @@ class PadCollate:
         self.pad_to_multiple_of = check_int("pad_to_multiple_of", pad_to_multiple_of, 1, allow_none=True)
         self._default = DefaultCollate(dtypes, allocator=allocator)
 
+    @property
+    def dtypes(self) -> torch.dtype | dict[str, torch.dtype] | None:
+        """The ``dtypes`` given (validated), e.g. to build a copy with another allocator."""
+        return self._default.dtypes
+
     def __repr__(self) -> str:
         return (
             f"PadCollate(columns={self.columns!r}, pad_value={self.pad_value!r}, "

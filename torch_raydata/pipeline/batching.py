@@ -32,7 +32,7 @@ from .errors import annotate
 from .stats import StatsRecorder
 from .types import Batch, SourceBlock
 
-__all__ = ["blocks_to_batches", "num_batches", "to_arrow"]
+__all__ = ["ShuffleDraw", "blocks_to_batches", "num_batches", "to_arrow"]
 
 
 def num_batches(rows: int | None, batch_size: int, drop_last: bool) -> int | None:
@@ -57,6 +57,44 @@ def to_arrow(block: Any) -> pa.Table:
         f"stage 3 (batching) got a block of type {type(block).__name__}; expected a "
         "pyarrow.Table or pandas.DataFrame (a Ray Data block)"
     )
+
+
+class ShuffleDraw:
+    """The local shuffle's draw: one seeded generator per epoch and one way to pick a batch.
+
+    Shared by stage 3 (below) and the remote epoch's plans (``transports/nixl/plan.py``),
+    so both paths give the same batches for the same block order: they differ only in
+    what a position stands for (a row of the buffered blocks here, of the planned rows
+    there). ``live`` holds the positions not drawn yet, in stream order; a caller appends
+    each block's rows with :meth:`add` and may renumber them if it keeps their order
+    (``_compact``). Seeded with ``(seed, epoch)``: a new order each epoch, the same order
+    for the same seed, epoch and block order (no seed: a fresh order every time).
+    """
+
+    def __init__(self, seed: int | None, epoch: int, buffer_rows: int, batch_size: int) -> None:
+        self.rng = np.random.default_rng(None if seed is None else [seed, epoch])
+        self.buffer_rows = buffer_rows
+        self.batch_size = batch_size
+        self.live = np.empty(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    def add(self, positions: np.ndarray) -> None:
+        """A block's rows joined the buffer (positions after every live one)."""
+        self.live = np.concatenate([self.live, positions])
+
+    def full(self) -> bool:
+        """The buffer holds ``buffer_rows`` beyond a batch: draw while the stream flows."""
+        return len(self.live) >= self.buffer_rows + self.batch_size
+
+    def draw(self, count: int) -> np.ndarray:
+        """``count`` live positions drawn uniformly without replacement, ascending (so a
+        gather walks each block forwards; the batch is the same draw); they leave ``live``."""
+        pick = np.sort(self.rng.choice(len(self.live), size=count, replace=False))
+        rows = self.live[pick]
+        self.live = np.delete(self.live, pick)
+        return rows
 
 
 class _Batcher:
@@ -138,8 +176,8 @@ def blocks_to_batches(
     tables = _tables(blocks, b, stats, drop_keys)
     try:
         if shuffle_buffer_size:
-            rng = np.random.default_rng(None if shuffle_seed is None else [shuffle_seed, epoch])
-            yield from _shuffled(tables, b, shuffle_buffer_size, rng, stats)
+            draws = ShuffleDraw(shuffle_seed, epoch, shuffle_buffer_size, batch_size)
+            yield from _shuffled(tables, b, draws, stats)
         else:
             yield from _sequential(tables, b, stats)
     except Exception as e:  # name this stage (an error from stage 2 keeps its own note)
@@ -263,24 +301,17 @@ def _compact(
 def _shuffled(
     tables: Iterator[tuple[pa.Table, float, np.ndarray | None]],
     b: _Batcher,
-    buffer_rows: int,
-    rng: np.random.Generator,
+    draws: ShuffleDraw,
     stats: StatsRecorder,
 ) -> Iterator[Batch]:
     pieces: list[BlockViews] = []  # zero-copy parts of the buffer table (blocks)
-    live = np.empty(0, dtype=np.int64)  # positions (in concat(pieces)) not yet emitted
-    total = 0  # rows in concat(pieces)
+    total = 0  # rows in concat(pieces); draws.live: positions in it not yet emitted
     row_bytes = 0.0  # running average over the blocks seen
 
     buffer_ids: np.ndarray | None = None  # id_column of the current buffer, as keys
 
     def draw(buffer: tuple[pa.Table, tuple[tuple[BlockViews, int, int], ...]], count: int) -> Batch:
-        nonlocal live
-        pick = np.sort(rng.choice(len(live), size=count, replace=False))
-        # In buffer order within the batch (the batch is the same uniform draw): the
-        # gather walks each block forwards.
-        rows = live[pick]
-        live = np.delete(live, pick)
+        rows = draws.draw(count)
         ids = buffer_ids[rows] if buffer_ids is not None else None
         # The gather (the batch's one copy) runs in stage 4, outside the input lock.
         return b.make(buffer[0], row_bytes, rows=rows, ids=ids, spans=buffer[1])
@@ -301,27 +332,27 @@ def _shuffled(
         )
         pieces.append(BlockViews(table))
         fresh = np.arange(total, total + table.num_rows)
-        live = np.concatenate([live, fresh if kept is None else fresh[kept]])
+        draws.add(fresh if kept is None else fresh[kept])
         total += table.num_rows
         stats.add_time("batching", time.perf_counter() - t0)
-        if len(live) >= buffer_rows + b.batch_size:
+        if draws.full():
             buffer = rebuilt()
-            while len(live) >= buffer_rows + b.batch_size:
+            while draws.full():
                 t0 = time.perf_counter()
                 batch = draw(buffer, b.batch_size)
                 stats.add_time("batching", time.perf_counter() - t0)
                 yield batch
-            if total - len(live) > len(live):  # more dead rows than live ones
+            if total - len(draws) > len(draws):  # more dead rows than live ones
                 t0 = time.perf_counter()
-                pieces, live, total = _compact(pieces, live)
+                pieces, draws.live, total = _compact(pieces, draws.live)
                 stats.add_time("batching", time.perf_counter() - t0)
     # Drain: the source is exhausted, emit what is left in random order.
-    if len(live):
+    if len(draws):
         buffer = rebuilt()
-        while len(live) >= b.batch_size:
+        while len(draws) >= b.batch_size:
             yield draw(buffer, b.batch_size)
-        if len(live):
+        if len(draws):
             if b.drop_last:
-                stats.add_dropped(len(live), "drop_last=True (last partial batch)")
+                stats.add_dropped(len(draws), "drop_last=True (last partial batch)")
             else:
-                yield draw(buffer, len(live))
+                yield draw(buffer, len(draws))

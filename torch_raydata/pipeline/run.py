@@ -1,9 +1,10 @@
-"""One epoch of the pipeline: stages 2-6 wired together, and the consumer's bookkeeping.
+"""One epoch of the pipeline: stages 2-6 wired together.
 
-Owns: building the stages for an epoch, the training step's side (wait time per batch,
-rows and IDs yielded), and shutting every thread down when the epoch ends, breaks, is
-garbage-collected or fails. Ray-free: stage 1's block stream and the fetcher are passed
-in, so this runs in unit tests on fake blocks.
+Owns: building the stages for an epoch and shutting every thread down when the epoch
+ends, breaks, is garbage-collected or fails. The training step's side (wait time per
+batch, rows and IDs yielded, skip-ahead, ``max_batches``) is ``consumer.py``'s.
+Ray-free: stage 1's block stream and the fetcher are passed in, so this runs in unit
+tests on fake blocks.
 
     [prefetch thread]   stage 2  blocks in flight (bytes-bounded), in stream order
     [collate workers]   stage 3  batching, under the pool's input lock (sequential)
@@ -15,18 +16,14 @@ in, so this runs in unit tests on fake blocks.
 
 from __future__ import annotations
 
-import collections
 import functools
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from ..resume.consumed import ConsumedSet
 from ..transports.base import Transport
 from .batching import blocks_to_batches
+from .consumer import EpochConsumer, EpochProgress
 from .errors import ExceptionWrapper
 from .finalize import Finalizer
 from .prefetch import Fetcher, Prefetcher
@@ -71,43 +68,6 @@ class _Collate:
         return batch
 
 
-class EpochProgress:
-    """What the training step has received this epoch. Owned by the dataset, so it
-    outlives an EpochRun dropped after a ``break`` (state_dict still needs it)."""
-
-    def __init__(self, epoch: int, batches_skipped: int = 0, record_ids: bool = False) -> None:
-        self.epoch = epoch
-        self.batches_skipped = batches_skipped  # best-effort resume: counted as consumed
-        self.batches_yielded = 0
-        self.rows_yielded = 0
-        self.exhausted = False  # the epoch ran to its end (not broken out of)
-        # Batches in the whole epoch (skipped ones included) when known up front: a consumer
-        # that stops at len() never sees the end of the epoch, yet has finished it.
-        self.expected_batches: int | None = None
-        self.recent_rows: collections.deque[int] = collections.deque(maxlen=16)  # per batch
-        self.ids: list[np.ndarray] | None = [] if record_ids else None
-
-    def finished(self, lag: int = 0) -> bool:
-        """Every batch of the epoch reached the training step (minus the last ``lag``)."""
-        consumed = self.batches_skipped + max(0, self.batches_yielded - lag)
-        if self.exhausted:
-            return consumed >= self.batches_skipped + self.batches_yielded
-        return self.expected_batches is not None and consumed >= self.expected_batches
-
-    def rows_consumed(self, lag: int = 0) -> int:
-        """Rows yielded, minus those of the last ``lag`` batches (``lag`` <= 16)."""
-        held = list(self.recent_rows)[len(self.recent_rows) - lag :] if lag else []
-        return self.rows_yielded - sum(held)
-
-    def consumed_set(self, lag: int = 0):  # type: ignore[no-untyped-def]
-        """A resume.ConsumedSet of the IDs yielded, minus the last ``lag`` batches."""
-        out = ConsumedSet()
-        ids = self.ids or []
-        for keys in ids[: len(ids) - lag] if lag else ids:
-            out.add(keys)
-        return out
-
-
 @dataclass(frozen=True)
 class PipelineConfig:
     batch_size: int = 256
@@ -125,8 +85,10 @@ class PipelineConfig:
         return self.num_workers + self.prefetch_batches
 
 
-class EpochRun:
-    """Iterator over one epoch's batch payloads (what the training step receives)."""
+class EpochRun(EpochConsumer):
+    """One local epoch: stages 2-6 over stage 1's block stream, consumed by the training
+    step through :class:`~torch_raydata.pipeline.consumer.EpochConsumer` (which owns the
+    counting, IDs, skip-ahead, ``max_batches`` and closing)."""
 
     def __init__(
         self,
@@ -145,21 +107,17 @@ class EpochRun:
         drop_keys: Any = None,
         progress: EpochProgress | None = None,
     ) -> None:
-        self.config = config
-        self.epoch = epoch
-        self.stats = stats if stats is not None else StatsRecorder(epoch)
-        self.stats.start(time.perf_counter())
-        self._transport = transport
-        self._skip = skip_batches
-        self.progress = (
-            progress if progress is not None else EpochProgress(epoch, skip_batches, record_ids)
+        super().__init__(
+            epoch=epoch,
+            stats=stats,
+            skip_batches=skip_batches,
+            record_ids=record_ids,
+            max_batches=max_batches,
+            progress=progress,
+            on_consume=transport.on_consume,
         )
-        # Equal steps across ranks (distributed/sharding.py): exactly this many batches per epoch,
-        # counting skipped ones; extra batches are dropped and counted, too few raise.
-        self._max_batches = max_batches
-        self._pulled = 0
+        self.config = config
         self._on_close = on_close
-        self._closed = False
         self._prefetcher = self._pool = self._final = None
         self._settle = False
         try:
@@ -198,111 +156,25 @@ class EpochRun:
             # Step 5 (optional): restore batch order; its buffer counts against the pool bound.
             upstream: Iterable[Batch] = self._pool
             # Inline finalize and no reorder: the consumer itself pulls from the pool, and
-            # frees the batch's slot once it is done with next() (see settle()).
+            # frees the batch's slot once it is done with next() (see _settle_slot()).
             self._settle = not config.preserve_order and not transport.needs_thread
             if self._settle:
                 self._pool.defer_releases()
             if config.preserve_order:
                 upstream = restore_order(self._pool, on_emit=self._pool.release, stats=self.stats)
-            # Step 6: finalize through the transport.
-            self._final = Finalizer(upstream, transport, stats=self.stats)
+            # Step 6: finalize through the transport; the consumer pulls from it.
+            self._final = self._batches = Finalizer(upstream, transport, stats=self.stats)
         except BaseException:
             self.close()
             raise
-
-    # -- consumer ---------------------------------------------------------------------------
-    def __iter__(self) -> EpochRun:
-        return self
-
-    def __next__(self) -> Any:
-        if self._closed:
-            raise StopIteration
-        assert self._final is not None
-        try:
-            while True:
-                if self._max_batches is not None and self._pulled >= self._max_batches:
-                    self._drop_rest()
-                    raise StopIteration
-                t0 = time.perf_counter()
-                batch = next(self._final)
-                now = time.perf_counter()
-                self.stats.buffer(-1, -batch.nbytes)
-                self._pulled += 1
-                if self._skip > 0:  # best-effort resume without id_column: skip ahead
-                    self._skip -= 1
-                    self._settle_slot()
-                    continue
-                break
-        except StopIteration:
-            short = self._max_batches is not None and self._pulled < self._max_batches
-            self.progress.exhausted = not short
-            self.close()
-            if short:
-                raise RuntimeError(
-                    f"this rank's data ended after {self._pulled} batches in epoch "
-                    f"{self.epoch}, but max_batches={self._max_batches} (every rank must run "
-                    "the same number of steps, or DDP hangs): the row count given or known "
-                    "for the dataset (num_rows) is larger than what this rank received"
-                ) from None
-            raise
-        except BaseException:
-            self.close()
-            raise
-        data = self._transport.on_consume(batch.data)  # on the training step's thread
-        self.stats.delivered(batch.num_rows, now - t0, now)
-        p = self.progress
-        p.batches_yielded += 1
-        p.rows_yielded += batch.num_rows
-        p.recent_rows.append(batch.num_rows)
-        if p.ids is not None and batch.ids is not None:
-            p.ids.append(batch.ids)
-        self._settle_slot()  # last: the worker this wakes runs during the step
-        return data
 
     def _settle_slot(self) -> None:
         """Free the pool slot of the batch just taken (deferred release, see __init__)."""
         if self._settle and self._pool is not None:
             self._pool.settle()
 
-    @property
-    def finished(self) -> bool:
-        """Closed (exhausted, broken out of, or failed)."""
-        return self._closed
-
-    @property
-    def batches_yielded(self) -> int:
-        return self.progress.batches_yielded
-
-    @property
-    def rows_yielded(self) -> int:
-        return self.progress.rows_yielded
-
-    def _drop_rest(self) -> None:
-        """``max_batches`` reached: drain the rest of the epoch so its rows are counted
-        (and Ray's split sees this shard finish), then close."""
-        assert self._final is not None
-        rows = 0
-        for batch in self._final:
-            self._settle_slot()
-            self.stats.buffer(-1, -batch.nbytes)
-            rows += batch.num_rows
-        if rows:
-            self.stats.add_dropped(
-                rows, f"max_batches={self._max_batches} (equal steps across ranks)"
-            )
-        self.close()
-
-    def consumed_ids(self) -> np.ndarray:
-        """IDs of every row yielded to the training step so far this epoch."""
-        if not self.progress.ids:
-            return np.empty(0, dtype=np.uint64)
-        return np.concatenate(self.progress.ids)
-
-    def close(self) -> None:
+    def _shutdown(self) -> None:
         """Stop every stage, then join them (downstream first), then release stage 1."""
-        if self._closed:
-            return
-        self._closed = True
         stages = [s for s in (self._final, self._pool, self._prefetcher) if s is not None]
         for s in stages:
             s.stop()
@@ -314,14 +186,4 @@ class EpochRun:
             s.close()
         if self._prefetcher is None and self._on_close is not None:
             self._on_close()
-        # A closed run may be kept alive (by the caller, or by the frames of a traceback it
-        # raised): it must not keep the stages, stage 1's executor or their blocks.
         self._prefetcher = self._pool = self._final = self._on_close = None
-        self.stats.finish(time.perf_counter())
-        self.stats.clear_buffered()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - never raise from __del__
-            pass

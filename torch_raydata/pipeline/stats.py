@@ -61,6 +61,8 @@ class LoaderStats:
     prestart_lead_seconds: float | None = None
     next_epoch_prestarted: bool = False
     next_epoch_bytes: int = 0
+    #: Remote collate actors working for this epoch (transport='nixl'; kept across epochs).
+    collate_actors: int = 0
 
     @property
     def rows_per_second(self) -> float:
@@ -117,6 +119,7 @@ class StatsRecorder:
         self._peak_bytes = 0
         self._notes: list[str] = []
         self._listeners: list[Any] = []
+        self.collate_actors = 0  # set by the remote epoch
 
     def add_listener(self, listener: Any) -> None:
         """Call ``listener.on_batch(rows, wait_s)`` after each batch delivered (consumer
@@ -220,4 +223,5 @@ class StatsRecorder:
                 epoch_start_seconds=self._first_block,
                 prestarted=self._prestart_lead is not None,
                 prestart_lead_seconds=self._prestart_lead,
+                collate_actors=self.collate_actors,
             )

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._checks import resolve_device
-from .base import FetchRequest, Transport
+from .base import FetchRequest, RemoteCollate, Transport
 from .cuda import CudaTransport
 from .local import LocalTransport
 from .nixl import NixlTransport
@@ -19,6 +19,7 @@ from .nixl import NixlTransport
 __all__ = [
     "Transport",
     "FetchRequest",
+    "RemoteCollate",
     "LocalTransport",
     "CudaTransport",
     "NixlTransport",

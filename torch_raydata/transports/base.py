@@ -7,16 +7,21 @@ simple transport overrides only ``fetch``.
 
 A transport sees batch *payloads* (whatever the collate_fn returned, typically a dict of
 tensors), never the pipeline's bookkeeping.
+
+A transport that also *collates* (next to the data, in workers of its own) declares
+:class:`RemoteCollate`: the dataset then runs the transport's own epoch instead of the
+local stages 2-6.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Transport", "FetchRequest"]
+__all__ = ["Transport", "FetchRequest", "RemoteCollate"]
 
 
 @dataclass
@@ -75,3 +80,45 @@ class Transport:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self.device})"
+
+
+@runtime_checkable
+class RemoteCollate(Protocol):
+    """A :class:`Transport` whose collate_fn runs in remote workers next to the data
+    (:class:`~torch_raydata.transports.NixlTransport`).
+
+    ``RayIterableDataset`` checks ``isinstance(transport, RemoteCollate)`` and runs
+    ``transport.epoch_class()`` (same arguments as ``pipeline.run.EpochRun``) instead of
+    the local stages 2-6. These are the members that epoch calls on the transport.
+    """
+
+    #: Transfers posted together; also the batches the epoch collects before posting.
+    in_flight: int
+
+    def epoch_class(self) -> Callable[..., Any]:
+        """The epoch to run: ``(blocks, fetcher, collate_fn, transport, config, **kw)``."""
+        ...
+
+    def acquire_workers(
+        self, collate_fn: Callable[[Any], Any], *, id_column: str | None, max_slabs: int
+    ) -> list[tuple[Any, str]]:
+        """Workers for one epoch, as ``(handle, name)`` pairs; the epoch hands them back
+        with :meth:`release_workers` when it ends."""
+        ...
+
+    def release_workers(self, workers: list[tuple[Any, str]], *, reusable: bool) -> None:
+        """The epoch is over: keep ``workers`` for the next one (``reusable``: they hold no
+        work of this epoch any more) or stop them (a worker failed)."""
+        ...
+
+    def fetch_multiple(self, batches: list[Any]) -> FetchRequest:
+        """Post the transfers of the workers' batch descriptors (see :class:`Transport`)."""
+        ...
+
+    def wait_fetch_complete(self, request: FetchRequest, timeout: float | None = None) -> list[Any]:
+        """Wait for ``request``'s transfers (see :class:`Transport`)."""
+        ...
+
+    def abort(self, request: FetchRequest) -> None:
+        """Cancel ``request``'s transfers that have not completed and free their buffers."""
+        ...

@@ -4,7 +4,7 @@ Owns: importing ``nixl`` (an optional extra) with an error that names the extra;
 :class:`RemoteBatch` descriptor a collate actor returns through Ray (small: names, offsets,
 shapes, non-tensor values inline; the tensor bytes stay in the actor's registered memory
 until the trainer READs them); and turning a collated payload into ``(skeleton, tensors)``
-and back. Does not own memory (``_nixl_worker.py`` on the actor, ``nixl.py`` on the trainer).
+and back. Does not own memory (``worker.py`` on the actor, ``pool.py`` on the trainer).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..kernels.nested import map_leaves
+from ...kernels.nested import map_leaves
 
 __all__ = [
     "ALIGN",

@@ -1,11 +1,12 @@
 """NixlTransport: remote collate in Ray actors, one-sided NIXL READs into the trainer.
 
 With ``transport="nixl"`` the trainer process never ``ray.get``-s a block and never runs
-the collate_fn: ``RayIterableDataset`` runs the *remote* epoch (``pipeline/remote.py``),
+the collate_fn: ``RayIterableDataset`` runs the *remote* epoch (``epoch.py``),
 which plans batches from block metadata and sends each plan to a small pool of collate
-actors (``_nixl_worker.py``). An actor collates next to the data into memory registered
-with its NIXL agent and returns a small :class:`RemoteBatch` descriptor. This module is the
-trainer's end:
+actors (``worker.py``), started by the first epoch and kept until this transport closes
+or is garbage-collected (``actors.py``). An actor collates next to the data into memory
+registered with its NIXL agent and returns a small :class:`RemoteBatch` descriptor. This
+module is the trainer's end:
 
 * one NIXL agent (created on first use, UCX backend) and a pool of registered destination
   buffers (DRAM on CPU runs; VRAM for a CUDA device);
@@ -40,23 +41,22 @@ import os
 import threading
 import time
 import uuid
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .._checks import check_int, resolve_device
-from ..memory.buffers import Lease
-from ._nixl_common import RemoteBatch, align, import_nixl, release_message, unflatten_payload
-from .base import FetchRequest, Transport
+from ..._checks import check_int, resolve_device
+from ..base import FetchRequest, Transport
+from .actors import CollateActors
+from .common import RemoteBatch, import_nixl, release_message, unflatten_payload
+from .pool import DestPool
 
 __all__ = ["NixlTransport", "NixlTransferError"]
 
 logger = logging.getLogger(__name__)
 
-_QUANTUM = 1 << 16  # destination buffers are sized in 64 KiB steps
 _SPIN = 2e-5  # first sleep between polls of a posted READ; doubles up to _MAX_SPIN
 _MAX_SPIN = 1e-3
 
@@ -75,112 +75,13 @@ class _Xfer:
     release: bool = False  # the source slab may be reused: tell its actor
 
 
-class _DestPool:
-    """Registered destination buffers, reused best-fit; see the module docstring.
-
-    Buffers come back through :meth:`release` (copy mode, or after an error) or through a
-    lease when the last tensor viewing one is collected; lease returns are only queued
-    (any thread) and taken in on the next :meth:`acquire` (the fetch thread).
-    """
-
-    def __init__(self, agent: Any, device: torch.device, max_free_bytes: int) -> None:
-        self._agent = agent
-        self.device = device
-        self.mem = "VRAM" if device.type == "cuda" else "DRAM"
-        self.dev_id = (device.index or 0) if device.type == "cuda" else 0
-        self.max_free_bytes = max_free_bytes
-        self._lock = threading.Lock()
-        self._free: list[Any] = []
-        self._returned: list[Any] = []
-        self._regs: dict[int, tuple[Any, Any]] = {}  # address -> (buffer, registration)
-        self._self_ref = weakref.ref(self)
-        self._closed = False
-        self.registrations = 0
-
-    @staticmethod
-    def addr(raw: Any) -> int:
-        return int(raw.ctypes.data) if isinstance(raw, np.ndarray) else int(raw.data_ptr())
-
-    @staticmethod
-    def size(raw: Any) -> int:
-        return int(raw.nbytes) if isinstance(raw, np.ndarray) else int(raw.numel())
-
-    def acquire(self, nbytes: int) -> Any:
-        with self._lock:
-            self._free.extend(self._returned)
-            self._returned.clear()
-            fits = [i for i, r in enumerate(self._free) if self.size(r) >= nbytes]
-            if fits:  # best fit (by position: `==` on arrays compares elements)
-                return self._free.pop(min(fits, key=lambda i: self.size(self._free[i])))
-        size = max(_QUANTUM, align(nbytes, _QUANTUM))
-        raw: Any
-        if self.mem == "DRAM":
-            raw = np.empty(size, dtype=np.uint8)
-        else:
-            raw = torch.empty(size, dtype=torch.uint8, device=self.device)
-        reg = self._agent.register_memory([(self.addr(raw), size, self.dev_id, "")], self.mem)
-        self._regs[self.addr(raw)] = (raw, reg)
-        self.registrations += 1
-        return raw
-
-    def release(self, raw: Any) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._free.append(raw)
-            extra = sum(self.size(r) for r in self._free) - self.max_free_bytes
-            trim = []
-            self._free.sort(key=self.size)
-            while extra > 0 and self._free:
-                trim.append(self._free.pop(0))  # smallest first
-                extra -= self.size(trim[-1])
-        for r in trim:
-            self._deregister(r)
-
-    def _give_back(self, raw: np.ndarray, address: int) -> None:  # by a Lease, any thread
-        with self._lock:
-            if not self._closed:
-                self._returned.append(raw)
-
-    def handout(self, raw: np.ndarray) -> np.ndarray:
-        """A flat uint8 view of ``raw`` that returns it here once nothing views it."""
-        return np.asarray(Lease(raw, self.addr(raw), self._self_ref))  # type: ignore[arg-type]
-
-    def _deregister(self, raw: Any) -> None:
-        entry = self._regs.pop(self.addr(raw), None)
-        if entry is not None:
-            self._agent.deregister_memory(entry[1])
-
-    @property
-    def free_buffers(self) -> int:
-        return len(self._free) + len(self._returned)
-
-    @property
-    def registered(self) -> int:
-        return len(self._regs)
-
-    def close(self) -> None:
-        """Deregister every buffer. Tensors still viewing one stay valid (numpy owns the
-        memory); their leases return to a closed pool and are dropped."""
-        with self._lock:
-            self._closed = True
-            self._free.clear()
-            self._returned.clear()
-            regs = list(self._regs.values())
-            self._regs.clear()
-        for _raw, reg in regs:
-            try:
-                self._agent.deregister_memory(reg)
-            except Exception:  # noqa: BLE001 - best effort at shutdown
-                logger.warning("torch_raydata: NIXL deregister failed", exc_info=True)
-
 
 class NixlTransport(Transport):
     """Trainer end of remote collate over NIXL; see the module docstring.
 
     Args:
         device: None/"cpu" (DRAM destinations) or a CUDA device (VRAM destinations).
-        num_actors: collate actors per epoch.
+        num_actors: collate actors (started by the first epoch, kept for the next ones).
         actor_num_cpus: CPUs each actor reserves in Ray's scheduler (small, so the actors
             never starve the Dataset's own tasks).
         in_flight: READs posted together (one per batch) before waiting on them; also the
@@ -196,8 +97,6 @@ class NixlTransport(Transport):
     """
 
     needs_thread = True
-    #: Tells RayIterableDataset to run the remote epoch (pipeline/remote.py).
-    remote_collate = True
 
     def __init__(
         self,
@@ -237,12 +136,14 @@ class NixlTransport(Transport):
         self.actor_options = dict(actor_options or {})
         self._lock = threading.RLock()
         self._agent: Any = None
-        self._pool: _DestPool | None = None
+        self._pool: DestPool | None = None
         self._loaded: dict[str, int] = {}  # remote agent -> metadata version loaded
         self._stuck: list[Any] = []  # buffers whose READ could not be cancelled
         self.reads_posted = 0
         self.reads_done = 0
         self.bytes_read = 0
+        # Killed on close() or when this transport is garbage-collected.
+        self._actors = CollateActors(self)
 
     # -- agent -----------------------------------------------------------------------------
     @property
@@ -255,50 +156,40 @@ class NixlTransport(Transport):
                 # and this agent only initiates READs, which polling them progresses.
                 config = nixl_agent_config(enable_prog_thread=False, backends=list(self.backends))
                 self._agent = nixl_agent(name, config)
-                self._pool = _DestPool(self._agent, self.device, self.max_free_bytes)
+                self._pool = DestPool(self._agent, self.device, self.max_free_bytes)
             return self._agent
 
     @property
-    def pool(self) -> _DestPool:
+    def pool(self) -> DestPool:
         self.agent  # noqa: B018 - creates the pool with the agent
         assert self._pool is not None
         return self._pool
 
-    def spawn_workers(
+    # -- RemoteCollate (transports.base) ----------------------------------------------------
+    def epoch_class(self) -> Any:
+        """The remote epoch (``epoch.py``), imported when the first epoch starts: it composes
+        pipeline stages, which import ``transports.base`` (importing it with this module
+        would close an import cycle)."""
+        from .epoch import RemoteEpochRun
+
+        return RemoteEpochRun
+
+    def acquire_workers(
         self, collate_fn: Any, *, id_column: str | None, max_slabs: int
     ) -> list[tuple[Any, str]]:
-        """Start ``num_actors`` collate actors; returns ``(handle, agent name)`` pairs.
-        The caller (the remote epoch) owns them and kills them when it ends."""
-        import ray
+        """``num_actors`` collate actors for one epoch, ``(handle, agent name)`` pairs:
+        started by the first epoch, the same ones for the next epochs (``actors.py``)."""
+        return self._actors.acquire(collate_fn, id_column=id_column, max_slabs=max_slabs)
 
-        from ._nixl_worker import CollateWorker
+    def release_workers(self, workers: list[tuple[Any, str]], *, reusable: bool) -> None:
+        """The epoch is over: keep its actors for the next one, or (``reusable=False``: one
+        failed) kill them and disconnect from their agents."""
+        self.forget(self._actors.release(workers, reusable=reusable))
 
-        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        cls = ray.remote(CollateWorker)
-        options = {"num_cpus": self.actor_num_cpus, "max_restarts": 0} | self.actor_options
-        out: list[tuple[Any, str]] = []
-        try:
-            for i in range(self.num_actors):
-                name = f"trd-collate-{tag}-{i}"
-                handle = cls.options(**options).remote(
-                    name,
-                    collate_fn,
-                    id_column=id_column,
-                    backends=self.backends,
-                    max_slabs=max_slabs,
-                    notif_timeout=self.xfer_timeout,
-                )
-                out.append((handle, name))
-        except BaseException as e:
-            for handle, _ in out:
-                ray.kill(handle, no_restart=True)
-            if isinstance(e, TypeError) and "serialize" in str(e):
-                raise TypeError(
-                    f"collate_fn={collate_fn!r} must be picklable: with transport='nixl' it "
-                    f"runs in Ray actors ({str(e).splitlines()[0]})"
-                ) from e
-            raise
-        return out
+    @property
+    def live_actors(self) -> int:
+        """Collate actors alive (idle between epochs, or working for one)."""
+        return self._actors.live
 
     def forget(self, agent_names: list[str]) -> None:
         """Disconnect from remote agents (their actors are gone or going)."""
@@ -484,6 +375,9 @@ class NixlTransport(Transport):
             self._release_sources(request.handle or [])
 
     def close(self) -> None:
+        """Kill every collate actor, disconnect from their agents, deregister the buffers
+        (a later epoch starts afresh)."""
+        self.forget(self._actors.close())
         with self._lock:
             if self._agent is None:
                 return
@@ -496,12 +390,13 @@ class NixlTransport(Transport):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_lock=None, _agent=None, _pool=None, _loaded={}, _stuck=[])
+        state.update(_lock=None, _agent=None, _pool=None, _loaded={}, _stuck=[], _actors=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
+        self._actors = CollateActors(self)  # a copy starts its own
 
     def __repr__(self) -> str:
         return (

@@ -1,7 +1,7 @@
 """The collate actor of the NIXL transport: collate next to the data, into registered memory.
 
 Owns, in one Ray actor process: a NIXL agent, a pool of registered source buffers
-("slabs"), and running the collate_fn so its output lands in a slab. ``pipeline/remote.py``
+("slabs"), and running the collate_fn so its output lands in a slab. ``epoch.py``
 makes this class a Ray actor and calls :meth:`CollateWorker.collate` with a batch plan;
 the trainer's :class:`~torch_raydata.transports.nixl.NixlTransport` READs the slab.
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._nixl_common import (
+from .common import (
     RemoteBatch,
     TensorSpec,
     align,
@@ -77,14 +78,20 @@ class _Slab:
 def with_allocator(fn: Any, allocator: Any) -> Any:
     """A copy of ``fn`` that allocates its output tensors with ``allocator``, when ``fn`` is
     one of ours (DefaultCollate, PadCollate); any other callable is returned as is."""
-    from ..collate import DefaultCollate, PadCollate
+    from ...collate import DefaultCollate, PadCollate
 
     if isinstance(fn, DefaultCollate):
         fn = copy.copy(fn)
         fn.allocator = allocator
-    elif isinstance(fn, PadCollate) and isinstance(getattr(fn, "_default", None), DefaultCollate):
-        fn = copy.copy(fn)
-        fn._default = with_allocator(fn._default, allocator)
+    elif type(fn) is PadCollate:  # a subclass may take other arguments: used as is
+        fn = PadCollate(
+            fn.columns,
+            fn.pad_value,
+            fn.max_length,
+            fn.pad_to_multiple_of,
+            dtypes=fn.dtypes,
+            allocator=allocator,
+        )
     return fn
 
 
@@ -133,6 +140,7 @@ class CollateWorker:
         self._cur: _Slab | None = None  # slab the allocator bump-allocates from
         self._used = 0
         self.allocations = 0  # slabs registered over the actor's life
+        self.generation = 0  # the epoch whose plans this actor collates (see _begin)
         self._progress = threading.Thread(
             target=self._progress_loop, name="trd-nixl-progress", daemon=True
         )
@@ -281,8 +289,29 @@ class CollateWorker:
         nbytes = max((s.offset + s.nbytes for s in specs if s is not None), default=0)
         return slab, [s for s in specs if s is not None], nbytes
 
+    # -- epochs ----------------------------------------------------------------------------
+    def _begin(self, generation: int) -> bool:
+        """Whether a call of epoch ``generation`` should run. The actor outlives epochs: the
+        first call of a newer epoch frees every slab (the trainer closed the older epochs
+        first, so none of their READs is still posted, and an abandoned batch's slab would
+        otherwise stay busy for good); a call of an older epoch is skipped (a plan that
+        epoch's close left queued; Ray runs one caller's calls in order, so only if not)."""
+        if generation == self.generation:
+            return True
+        if generation < self.generation:
+            return False
+        with self._cond:
+            for slab in self._slabs.values():
+                slab.busy = False
+            self._cond.notify_all()
+        self.generation = generation
+        return True
+
     # -- one batch -------------------------------------------------------------------------
-    def collate(self, plan: Any) -> RemoteBatch:
+    def collate(self, plan: Any, generation: int = 0) -> RemoteBatch | None:
+        """Collate ``plan`` into a slab; None for a plan of an epoch already over."""
+        if not self._begin(generation):
+            return None
         t0 = time.perf_counter()
         table, ids = plan.materialize(self.id_column)
         slab = self._reserve(self._expected)
@@ -331,4 +360,6 @@ class CollateWorker:
                 "slabs": len(self._slabs),
                 "busy": sum(s.busy for s in self._slabs.values()),
                 "allocations": self.allocations,
+                "generation": self.generation,
+                "pid": os.getpid(),
             }
