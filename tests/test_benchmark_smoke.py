@@ -2,7 +2,8 @@
 
 Runs ``python -m benchmarks.bench --smoke`` in a subprocess (its own small Ray, so the
 session's Ray and thread-leak checks are untouched). Asserts that the harness ran and
-wrote its table, JSON and plot with every workload x competitor — nothing about speed.
+wrote its table, JSON and plot with every workload x competitor, workload 7 (image
+ingest, each competitor in its own process) included — nothing about speed.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def smoke_run(tmp_path_factory):
         env=env,
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=290,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     return out, proc.stdout
@@ -41,7 +42,7 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_reports_every_competitor_and_workload(smoke_run):
     from benchmarks.competitors import COMPETITORS, LABELS
-    from benchmarks.workloads import WORKLOADS
+    from benchmarks.workloads import WORKLOADS  # 1-6; workload 7 is checked below
 
     out, stdout = smoke_run
     payload = json.loads((out / "results.json").read_text())
@@ -64,3 +65,37 @@ def test_smoke_reports_every_competitor_and_workload(smoke_run):
     assert "| goal |" in table
     assert (out / "bench.png").stat().st_size > 0
     assert {g["setting"] for g in payload["goals"]} == {"trd", "trd_best"}
+
+
+def test_smoke_reports_w7_for_every_competitor(smoke_run):
+    from benchmarks import ingest
+
+    out, stdout = smoke_run
+    w7 = json.loads((out / "results.json").read_text())["w7"]
+    cfg = w7["config"]
+    assert set(w7["results"]) == set(ingest.COMPETITORS)
+    for key, r in w7["results"].items():
+        epochs = r["epochs"]
+        assert len(epochs) == cfg["epochs"] >= 2, key  # later-epoch figures exist
+        for e in epochs:
+            assert e["rows"] == cfg["images"], (key, e)  # every row, every epoch
+            assert e["batches"] == -(-cfg["images"] // cfg["batch_size"]), (key, e)
+            assert 0 <= e["first_batch_s"] <= e["wall_s"], (key, e)
+        assert r["total_wall_s"] >= sum(e["wall_s"] for e in epochs) * 0.999, key
+        if key == "dataloader":
+            assert r["object_store_peak_bytes"] is None
+        else:  # sampled from Ray while the epochs ran
+            assert r["object_store_error"] is None and r["object_store_samples"] >= 1, key
+            assert r["object_store_peak_bytes"] is not None, key
+    assert r.get("epochs") and "trd_stats" in w7["results"]["trd"]["epochs"][-1]
+    assert set(w7["ratios"]) == {
+        f"{m}_trd_over_{p}"
+        for m in ("total_wall", "later_first_batch")
+        for p in ("ray_itb", "dataloader")
+    }
+    table = (out / "table.md").read_text()
+    for label in ingest.LABELS.values():
+        assert label in table and label in stdout
+    assert {g["goal"] for g in ingest.goals(w7)} <= {
+        g["goal"] for g in json.loads((out / "results.json").read_text())["goals"]
+    }
