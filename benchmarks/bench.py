@@ -15,6 +15,7 @@ fresh process, before this process starts Ray. See README.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import os
@@ -200,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--w7-epochs", type=int, default=None, help="epochs of workload 7 (default 3; smoke 2)"
     )
+    ap.add_argument(
+        "--w7-rounds", type=int, default=None, help="rounds of workload 7 (default 2; smoke 1)"
+    )
     ap.add_argument("--out", default=os.path.join(HERE, "out"), help="JSON / markdown / PNG dir")
     ap.add_argument("--write-results", action="store_true", help="rewrite benchmarks/RESULTS.md")
     ap.add_argument("--sweep", action="store_true", help="tune settings on workload 1 and exit")
@@ -226,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     if "w7" in workloads:  # first: its competitors' processes start their own Ray
         workloads.remove("w7")
         cfg = ingest.W7Config.smoke() if args.smoke else ingest.W7Config()
-        if args.w7_epochs:
-            cfg = ingest.W7Config(**{**cfg.__dict__, "epochs": args.w7_epochs})
+        cfg = dataclasses.replace(
+            cfg, epochs=args.w7_epochs or cfg.epochs, rounds=args.w7_rounds or cfg.rounds
+        )
         w7 = ingest.run_w7(cfg)
         info["loadavg_after_w7"] = os.getloadavg()
         print(ingest.markdown_w7(w7) + "\n", flush=True)

@@ -2,11 +2,11 @@
 
 Shaped like Ray's training-ingest benchmark (ray-project/ray
 ``release/train_tests/benchmark/simple_ingest_benchmark.py``, its "data_bound" variant),
-scaled to a 2-core machine:
+scaled to a 2-core machine (data and transform: ``ingest_data.py``):
 
-    data       ~1,200 photographic-looking 256x256 RGB JPEGs (quality 90), generated
-               here (seeded), stored as bytes in 6 parquet files (``image`` binary,
-               ``label`` int64), cached under the temp dir keyed by the parameters
+    data       1,200 photographic-looking 256x256 RGB JPEGs (quality 90), seeded, stored
+               as bytes in 6 parquet files (``image`` binary, ``label`` int64), cached
+               under the temp dir keyed by the parameters
     pipeline   ray.data.read_parquet(dir).map(transform_row): JPEG decode (Pillow),
                random resized crop to 224, random horizontal flip, ImageNet
                normalisation, float32 CHW
@@ -24,22 +24,23 @@ Competitors (each over the same rows and the same per-row ``transform_row``):
                 memory BEFORE the clock starts; transform_row runs in its worker processes
 
 Each competitor runs in a fresh Python process, one after the other (no Ray workers and
-DataLoader workers alive at the same time; each Ray competitor starts its own local Ray).
+DataLoader workers alive at the same time; each Ray competitor starts its own local Ray),
+in rounds (A B C A B C): ratios are taken within a round, then their median.
 
-Owns: the data generation and cache, the per-row transform, the model step, the per-epoch
-measurement loop, the object-store sampler, the subprocess schedule and the W7 table. Uses
-torch_raydata through its public API only (constructor defaults, ``stats()``).
+Owns: the model step, the per-epoch measurement loop, the object-store sampler, the
+subprocess schedule and the W7 table and goals. Uses torch_raydata through its public API
+only (constructor defaults, ``stats()``).
 
 Per competitor and epoch: ``first_batch_s`` (from right before ``iter()`` to the first
 batch in hand: executor / worker start included), ``wall_s`` (``iter()`` to the end of the
 epoch, training steps included), ``steady_rows_per_s`` (rows after the first batch / time
 after the first batch). Per competitor: the wall of all epochs (first ``iter()`` to the end
-of the last epoch; building the Dataset and loader objects is not in it, see
-``setup_s``) and the peak object-store bytes in use, sampled every 0.2 s (see
+of the last epoch; building the Dataset and loader objects and starting Ray is not in it,
+see ``setup_s``) and the peak object-store bytes in use, sampled every 0.2 s (see
 ``ObjectStoreSampler``).
 
     python -m benchmarks.ingest                 # W7 alone, full size, table on stdout
-    python -m benchmarks.ingest --smoke         # 96 images, 2 epochs, every competitor
+    python -m benchmarks.ingest --smoke         # 96 images, 2 epochs, 1 round, every competitor
     python -m benchmarks.bench --workloads w7   # the same through the main harness
 """
 
@@ -47,11 +48,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,16 +60,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "COMPETITORS",
-    "goals",
-    "LABELS",
-    "W7Config",
-    "prepare_data",
-    "transform_row",
-    "run_w7",
-    "markdown_w7",
-]
+from .ingest_data import (
+    NUM_CLASSES,
+    JpegDataset,
+    W7Config,
+    prepare_data,
+    read_in_memory,
+    transform_row,
+)
+
+__all__ = ["COMPETITORS", "LABELS", "W7Config", "goals", "run_w7", "markdown_w7"]
 
 COMPETITORS = ("trd", "ray_itb", "dataloader")
 LABELS = {
@@ -79,154 +78,7 @@ LABELS = {
     "dataloader": "torch DataLoader(num_workers=2, persistent_workers=True)",
 }
 BATCH_SIZE = 64
-CROP = 224
-SIDE = 256
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
-NUM_CLASSES = 10
 SAMPLE_EVERY_S = 0.2
-DATA_VERSION = 1  # bump when the generator changes: the cache key includes it
-
-
-@dataclasses.dataclass(frozen=True)
-class W7Config:
-    images: int = 1200
-    files: int = 6
-    epochs: int = 3
-    seed: int = 7
-    quality: int = 90
-
-    @classmethod
-    def smoke(cls) -> W7Config:
-        return cls(images=96, files=2, epochs=2)
-
-
-# -- data -------------------------------------------------------------------------------------
-def _photo(rng: np.random.Generator) -> Any:
-    """A 256x256 RGB image that JPEG-compresses like a photo: smooth colour gradients,
-    a few soft-edged shapes, fine noise (a flat synthetic image would decode too fast)."""
-    from PIL import Image, ImageDraw, ImageFilter
-
-    y, x = np.mgrid[0:SIDE, 0:SIDE].astype(np.float32) / SIDE
-    base = np.empty((SIDE, SIDE, 3), np.float32)
-    for c in range(3):
-        a, b, f, p = rng.uniform(-1, 1), rng.uniform(-1, 1), rng.uniform(1, 6), rng.uniform(0, 6)
-        base[..., c] = 128 + 60 * (a * x + b * y) + 40 * np.sin(f * (x + y) + p)
-    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(3, 8))):
-        x0, y0 = rng.integers(0, SIDE - 32, 2)
-        w, h = rng.integers(24, 140, 2)
-        color = tuple(int(v) for v in rng.integers(0, 256, 3))
-        box = (int(x0), int(y0), int(x0 + w), int(y0 + h))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=color)
-    img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.5, 2.0))))
-    arr = np.asarray(img, dtype=np.int16) + rng.normal(0, 6, (SIDE, SIDE, 3)).astype(np.int16)
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-
-
-def data_dir(cfg: W7Config) -> str:
-    key = f"trd_w7_v{DATA_VERSION}_n{cfg.images}_f{cfg.files}_s{cfg.seed}_q{cfg.quality}"
-    return os.path.join(tempfile.gettempdir(), key)
-
-
-def prepare_data(cfg: W7Config) -> str:
-    """The parquet files of ``cfg`` (generated once, then reused from the temp dir)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = data_dir(cfg)
-    if os.path.exists(os.path.join(path, "_DONE")):
-        return path
-    rng = np.random.default_rng(cfg.seed)
-    work = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp.")
-    try:
-        edges = np.linspace(0, cfg.images, cfg.files + 1).astype(int)
-        for i, (a, b) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
-            blobs, labels = [], []
-            for _ in range(a, b):
-                buf = io.BytesIO()
-                _photo(rng).save(buf, format="JPEG", quality=cfg.quality)
-                blobs.append(buf.getvalue())
-                labels.append(int(rng.integers(0, NUM_CLASSES)))
-            table = pa.table(
-                {"image": pa.array(blobs, pa.binary()), "label": pa.array(labels, pa.int64())}
-            )
-            pq.write_table(table, os.path.join(work, f"part-{i:03d}.parquet"))
-        open(os.path.join(work, "_DONE"), "w").close()
-        try:
-            os.rename(work, path)  # atomic: a concurrent run sees all files or none
-        except OSError:  # another run got there first
-            shutil.rmtree(work, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return path
-
-
-def read_in_memory(path: str) -> tuple[list[bytes], np.ndarray]:
-    """The JPEG bytes and labels of every file (the DataLoader's map-style dataset)."""
-    import pyarrow.parquet as pq
-
-    blobs: list[bytes] = []
-    labels: list[np.ndarray] = []
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".parquet"):
-            t = pq.read_table(os.path.join(path, name))
-            blobs += t.column("image").to_pylist()
-            labels.append(t.column("label").to_numpy())
-    return blobs, np.concatenate(labels)
-
-
-# -- the per-row transform (Ray map tasks and DataLoader workers run this same function) ------
-def random_resized_crop_box(
-    width: int, height: int, rng: np.random.Generator
-) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop box: area 8-100%, aspect 3/4-4/3, 10 tries, then
-    the centre crop."""
-    area = width * height
-    for _ in range(10):
-        target = area * rng.uniform(0.08, 1.0)
-        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-        w = int(round(np.sqrt(target * ratio)))
-        h = int(round(np.sqrt(target / ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            x0 = int(rng.integers(0, width - w + 1))
-            y0 = int(rng.integers(0, height - h + 1))
-            return x0, y0, x0 + w, y0 + h
-    side = min(width, height)
-    x0, y0 = (width - side) // 2, (height - side) // 2
-    return x0, y0, x0 + side, y0 + side
-
-
-def transform_row(row: dict[str, Any]) -> dict[str, Any]:
-    """Decode, random resized crop to 224, random flip, normalise; float32 (3, 224, 224).
-
-    Unseeded (a fresh random draw per row and epoch), as in training."""
-    from PIL import Image
-
-    rng = np.random.default_rng()
-    img = Image.open(io.BytesIO(row["image"])).convert("RGB")
-    box = random_resized_crop_box(img.width, img.height, rng)
-    img = img.resize((CROP, CROP), Image.BILINEAR, box=box)
-    arr = np.asarray(img, dtype=np.float32)
-    if rng.random() < 0.5:
-        arr = arr[:, ::-1]
-    chw = arr.transpose(2, 0, 1) * np.float32(1 / 255)
-    return {"image": np.ascontiguousarray((chw - MEAN) / STD), "label": row["label"]}
-
-
-class JpegDataset:
-    """Map-style dataset over the JPEG bytes in memory; the same transform per item."""
-
-    def __init__(self, blobs: list[bytes], labels: np.ndarray) -> None:
-        self.blobs, self.labels = blobs, labels
-
-    def __len__(self) -> int:
-        return len(self.blobs)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return transform_row({"image": self.blobs[i], "label": int(self.labels[i])})
 
 
 # -- the consumer -----------------------------------------------------------------------------
@@ -439,62 +291,103 @@ def log(msg: str) -> None:
 
 
 # -- the schedule and the table ---------------------------------------------------------------
+def _run_subprocess(key: str, path: str, epochs: int, tmp: str, timeout_s: float) -> dict:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    out = os.path.join(tmp, f"{key}.json")
+    cmd = [sys.executable, "-m", "benchmarks.ingest", "--one", key, "--data", path]
+    cmd += ["--epochs", str(epochs), "--json", out]
+    load0 = os.getloadavg()[0]
+    proc = subprocess.run(cmd, cwd=root, env=env, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"w7 competitor {key} exited with {proc.returncode}")
+    with open(out) as f:
+        result = json.load(f)
+    result["loadavg"] = (load0, os.getloadavg()[0])
+    return result
+
+
+def _median(values: list[float]) -> float:
+    values = [v for v in values if v is not None and not np.isnan(v)]
+    return float(np.median(values)) if values else float("nan")
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One competitor over its rounds: per epoch and overall, the median of each figure."""
+    n_epochs = len(runs[0]["epochs"])
+    epochs = []
+    for i in range(n_epochs):
+        per = [r["epochs"][i] for r in runs]
+        epochs.append(
+            {
+                "epoch": i,
+                "rows": per[0]["rows"],
+                "batches": per[0]["batches"],
+                **{
+                    k: _median([e[k] for e in per])
+                    for k in ("first_batch_s", "wall_s", "steady_rows_per_s")
+                },
+            }
+        )
+    peaks = [r["object_store_peak_bytes"] for r in runs if r["object_store_peak_bytes"] is not None]
+    errors = [r["object_store_error"] for r in runs if r["object_store_error"]]
+    return {
+        "rounds": len(runs),
+        "total_wall_s": _median([r["total_wall_s"] for r in runs]),
+        "total_wall_s_all": [r["total_wall_s"] for r in runs],
+        "epochs": epochs,
+        "object_store_peak_bytes": max(peaks) if peaks else None,
+        "object_store_samples": sum(r["object_store_samples"] for r in runs),
+        "object_store_error": errors[0] if errors else None,
+        "loadavg": [r["loadavg"] for r in runs],
+        "runs": runs,
+    }
+
+
 def run_w7(
     cfg: W7Config, keys: tuple[str, ...] = COMPETITORS, timeout_s: float = 1800
 ) -> dict[str, Any]:
-    """Every competitor in its own fresh process, one after the other; returns the payload."""
+    """``cfg.rounds`` rounds; in each, every competitor in its own fresh process, one after
+    the other (A B C A B C ...). Returns the payload (JSON-able)."""
     t0 = time.perf_counter()
     path = prepare_data(cfg)
     log(
         f"w7: {cfg.images} JPEGs in {cfg.files} parquet files at {path} "
-        f"(ready after {time.perf_counter() - t0:.1f} s), {cfg.epochs} epochs"
+        f"(ready after {time.perf_counter() - t0:.1f} s), {cfg.epochs} epochs, "
+        f"{cfg.rounds} round(s)"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.setdefault("RAY_AUTH_MODE", "disabled")
-    results: dict[str, Any] = {}
+    rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="trd_w7_out.") as tmp:
-        for key in keys:
-            out = os.path.join(tmp, f"{key}.json")
-            cmd = [
-                sys.executable,
-                "-m",
-                "benchmarks.ingest",
-                "--one",
-                key,
-                "--data",
-                path,
-                "--epochs",
-                str(cfg.epochs),
-                "--json",
-                out,
-            ]
-            proc = subprocess.run(cmd, cwd=root, env=env, timeout=timeout_s)
-            if proc.returncode != 0:
-                raise RuntimeError(f"w7 competitor {key} exited with {proc.returncode}")
-            with open(out) as f:
-                results[key] = json.load(f)
-            expected = cfg.images
-            for e in results[key]["epochs"]:
-                if e["rows"] != expected:
-                    raise AssertionError(
-                        f"w7 {key} epoch {e['epoch']}: {e['rows']} rows, expected {expected}"
-                    )
+        for rnd in range(cfg.rounds):
+            this: dict[str, Any] = {}
+            for key in keys:
+                log(f" w7 round {rnd + 1}/{cfg.rounds}: {key}")
+                this[key] = _run_subprocess(key, path, cfg.epochs, tmp, timeout_s)
+                for e in this[key]["epochs"]:
+                    if e["rows"] != cfg.images:
+                        raise AssertionError(
+                            f"w7 {key} epoch {e['epoch']}: {e['rows']} rows, expected {cfg.images}"
+                        )
+            rounds.append(this)
+    per_round = [ratios(r) for r in rounds]
     return {
         "config": dataclasses.asdict(cfg) | {"batch_size": BATCH_SIZE, "data_dir": path},
         "labels": {k: LABELS[k] for k in keys},
-        "results": results,
-        "ratios": ratios(results),
+        "results": {k: summarize([r[k] for r in rounds]) for k in keys},
+        # ratios within each round (same conditions), then their median
+        "ratios_per_round": per_round,
+        "ratios": {k: _median([r[k] for r in per_round]) for k in per_round[0]},
     }
 
 
 def _later_first(r: dict[str, Any]) -> float:
-    later = [e["first_batch_s"] for e in r["epochs"][1:]]
-    return float(np.median(later)) if later else float("nan")
+    return _median([e["first_batch_s"] for e in r["epochs"][1:]])
 
 
 def ratios(results: dict[str, Any]) -> dict[str, float]:
-    """trd ÷ each other competitor: wall of all epochs, and first batch of later epochs."""
+    """trd ÷ each other competitor (one round): wall of all epochs, and the median first
+    batch of the later epochs."""
     out: dict[str, float] = {}
     if "trd" not in results:
         return out
@@ -511,7 +404,7 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
 
 
 def goals(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 12's W7 goals (same-run ratios), in ``report.goals``' format."""
+    """Issue 12's W7 goals (median of the per-round ratios), in ``report.goals``' format."""
     rat = payload["ratios"]
     n = payload["config"]["epochs"]
     items = (
@@ -551,15 +444,18 @@ def _ratio(v: float | None) -> str:
 
 def markdown_w7(payload: dict[str, Any]) -> str:
     cfg, results = payload["config"], payload["results"]
-    n = cfg["epochs"]
+    n, rounds = cfg["epochs"], cfg["rounds"]
+    of = f"median of {rounds} rounds" if rounds > 1 else "one round"
     lines = [
         f"**7. image ingest: {cfg['images']:,} JPEGs 256x256 in {cfg['files']} parquet files, "
         f"read_parquet + map(decode, random resized crop 224, flip, normalize), batch "
-        f"{cfg['batch_size']}, tiny CNN step, {n} epochs, each competitor in a fresh process**",
+        f"{cfg['batch_size']}, tiny CNN step, {n} epochs; each competitor in a fresh process, "
+        f"{of} (A B C A B C ...)**",
         "",
-        f"| competitor | {n}-epoch wall s | first batch s, epoch 1 | first batch s, later epochs "
-        "| epoch wall s (each) | steady rows/s (each epoch) | peak object store MiB |",
-        "|---|---|---|---|---|---|---|",
+        f"| competitor | {n}-epoch wall s (each round) | first batch s, epoch 1 "
+        "| first batch s, later epochs | epoch wall s | steady rows/s | peak object store MiB "
+        "| load avg during |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, r in results.items():
         eps = r["epochs"]
@@ -568,18 +464,29 @@ def markdown_w7(payload: dict[str, Any]) -> str:
         rates = " / ".join(_f(e["steady_rows_per_s"], 0) for e in eps)
         peak = r["object_store_peak_bytes"]
         store = _f(peak / 2**20, 1) if peak is not None else "n/a"
+        each = ", ".join(_f(v) for v in r["total_wall_s_all"])
+        load = ", ".join(f"{a:.0f}-{b:.0f}" for a, b in r["loadavg"])
         lines.append(
-            f"| {payload['labels'][key]} | {_f(r['total_wall_s'])} | {_f(eps[0]['first_batch_s'])} "
-            f"| {later} | {walls} | {rates} | {store} |"
+            f"| {payload['labels'][key]} | {_f(r['total_wall_s'])} ({each}) "
+            f"| {_f(eps[0]['first_batch_s'])} | {later} | {walls} | {rates} | {store} | {load} |"
         )
-    rat = payload["ratios"]
+    rat, per_round = payload["ratios"], payload["ratios_per_round"]
     if rat:
-        lines += ["", "| ratio (same run) | trd ÷ ray_itb | trd ÷ dataloader |", "|---|---|---|"]
+        lines += [
+            "",
+            "| ratio (within each round; median, then each round) | trd ÷ ray_itb "
+            "| trd ÷ dataloader |",
+            "|---|---|---|",
+        ]
         for name, label in (
             ("total_wall", f"{n}-epoch wall"),
-            ("later_first_batch", "first batch, later epochs (median)"),
+            ("later_first_batch", "first batch, later epochs (median over them)"),
         ):
-            cells = [_ratio(rat.get(f"{name}_trd_over_{p}")) for p in ("ray_itb", "dataloader")]
+            cells = []
+            for peer in ("ray_itb", "dataloader"):
+                key = f"{name}_trd_over_{peer}"
+                each = ", ".join(_ratio(r.get(key)) for r in per_round)
+                cells.append(f"{_ratio(rat.get(key))} ({each})" if key in rat else "—")
             lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
@@ -588,10 +495,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--smoke", action="store_true", help="96 images, 2 files, 2 epochs")
+    ap.add_argument("--smoke", action="store_true", help="96 images, 2 files, 2 epochs, 1 round")
     ap.add_argument("--images", type=int, default=None)
     ap.add_argument("--files", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None, help="A B C rounds (default 2)")
     ap.add_argument("--competitors", default=",".join(COMPETITORS))
     ap.add_argument("--out", default=None, help="write the payload as JSON here")
     # internal: one competitor in this process (run_w7 starts these)
@@ -610,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         images=args.images or base.images,
         files=args.files or base.files,
         epochs=args.epochs or base.epochs,
+        rounds=args.rounds or base.rounds,
     )
     keys = tuple(k for k in args.competitors.split(",") if k)
     for k in keys:

@@ -18,9 +18,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(
-    not (ROOT / "benchmarks" / "bench.py").exists(), reason="benchmarks/ not present"
-)
+# Hang guards, not speed limits: the smoke run starts three local Ray clusters (workload 7's
+# two Ray competitors in their own processes, then workloads 1-6), which took 1.5-4 min on
+# the shared 2-core machine.
+SMOKE_DEADLINE_S = 840
+
+pytestmark = [
+    pytest.mark.skipif(
+        not (ROOT / "benchmarks" / "bench.py").exists(), reason="benchmarks/ not present"
+    ),
+    pytest.mark.timeout(SMOKE_DEADLINE_S + 60),
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +42,7 @@ def smoke_run(tmp_path_factory):
         env=env,
         capture_output=True,
         text=True,
-        timeout=290,
+        timeout=SMOKE_DEADLINE_S,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     return out, proc.stdout
@@ -71,31 +79,34 @@ def test_smoke_reports_w7_for_every_competitor(smoke_run):
     from benchmarks import ingest
 
     out, stdout = smoke_run
-    w7 = json.loads((out / "results.json").read_text())["w7"]
+    payload = json.loads((out / "results.json").read_text())
+    w7 = payload["w7"]
     cfg = w7["config"]
+    assert cfg["epochs"] >= 2  # later-epoch figures exist
     assert set(w7["results"]) == set(ingest.COMPETITORS)
-    for key, r in w7["results"].items():
-        epochs = r["epochs"]
-        assert len(epochs) == cfg["epochs"] >= 2, key  # later-epoch figures exist
-        for e in epochs:
-            assert e["rows"] == cfg["images"], (key, e)  # every row, every epoch
-            assert e["batches"] == -(-cfg["images"] // cfg["batch_size"]), (key, e)
-            assert 0 <= e["first_batch_s"] <= e["wall_s"], (key, e)
-        assert r["total_wall_s"] >= sum(e["wall_s"] for e in epochs) * 0.999, key
-        if key == "dataloader":
-            assert r["object_store_peak_bytes"] is None
-        else:  # sampled from Ray while the epochs ran
-            assert r["object_store_error"] is None and r["object_store_samples"] >= 1, key
-            assert r["object_store_peak_bytes"] is not None, key
-    assert r.get("epochs") and "trd_stats" in w7["results"]["trd"]["epochs"][-1]
-    assert set(w7["ratios"]) == {
+    for key, summary in w7["results"].items():
+        assert len(summary["runs"]) == summary["rounds"] == cfg["rounds"], key
+        for run in summary["runs"]:  # every process, every epoch, every row
+            assert len(run["epochs"]) == cfg["epochs"], key
+            for e in run["epochs"]:
+                assert e["rows"] == cfg["images"], (key, e)
+                assert e["batches"] == -(-cfg["images"] // cfg["batch_size"]), (key, e)
+                assert 0 <= e["first_batch_s"] <= e["wall_s"], (key, e)
+            assert run["total_wall_s"] >= sum(e["wall_s"] for e in run["epochs"]) * 0.999, key
+            if key == "dataloader":
+                assert run["object_store_peak_bytes"] is None
+            else:  # sampled from Ray while the epochs ran
+                assert run["object_store_error"] is None, (key, run["object_store_error"])
+                assert run["object_store_samples"] >= 1 and run["object_store_peak_bytes"] >= 0
+        if key == "trd":  # the library's own stats() were recorded after every epoch
+            assert all("trd_stats" in e for e in summary["runs"][0]["epochs"])
+    names = {
         f"{m}_trd_over_{p}"
         for m in ("total_wall", "later_first_batch")
         for p in ("ray_itb", "dataloader")
     }
+    assert set(w7["ratios"]) == names and len(w7["ratios_per_round"]) == cfg["rounds"]
     table = (out / "table.md").read_text()
     for label in ingest.LABELS.values():
         assert label in table and label in stdout
-    assert {g["goal"] for g in ingest.goals(w7)} <= {
-        g["goal"] for g in json.loads((out / "results.json").read_text())["goals"]
-    }
+    assert {g["goal"] for g in ingest.goals(w7)} <= {g["goal"] for g in payload["goals"]}
