@@ -1,6 +1,6 @@
 """Benchmark harness: torch_raydata vs Ray's iterators vs torch DataLoader vs memcpy.
 
-    python -m benchmarks.bench              # full run, W1-W7 (~10 min on 2 cores)
+    python -m benchmarks.bench              # full run, W1-W7 (~15 min on 2 cores)
     python -m benchmarks.bench --smoke      # every competitor and workload, small sizes
     python -m benchmarks.bench --write-results   # also rewrite benchmarks/RESULTS.md
     python -m benchmarks.bench --workloads w7    # the image-ingest workload alone
