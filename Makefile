@@ -33,8 +33,9 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest -q
 
+# Full run of workloads 1-7 (~10 min here); rewrites benchmarks/RESULTS.md (generated).
 bench: setup
-	$(PY) -m benchmarks.bench
+	$(PY) -m benchmarks.bench --write-results
 
 bench-smoke: setup
 	$(PY) -m benchmarks.bench --smoke

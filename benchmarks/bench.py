@@ -1,17 +1,21 @@
 """Benchmark harness: torch_raydata vs Ray's iterators vs torch DataLoader vs memcpy.
 
-    python -m benchmarks.bench              # full run (~5-10 min on 2 cores)
-    python -m benchmarks.bench --smoke      # every competitor and workload, seconds
-    python -m benchmarks.bench --write-results   # also rewrite benchmarks/RESULTS.md + plot
+    python -m benchmarks.bench              # full run, W1-W7 (~15 min on 2 cores)
+    python -m benchmarks.bench --smoke      # every competitor and workload, small sizes
+    python -m benchmarks.bench --write-results   # also rewrite benchmarks/RESULTS.md
+    python -m benchmarks.bench --workloads w7    # the image-ingest workload alone
     python -m benchmarks.bench --sweep      # tune trd (num_workers x prefetch) and Ray prefetch
 
-Every competitor of a workload runs in the same process, interleaved (A B C A B C ...),
-after two untimed epochs each (warm-up and the batch-ownership check). See README.md.
+Run from the repository root. Workloads 1-6: every competitor of a workload runs in this
+process, interleaved (A B C A B C ...), after two untimed epochs each (warm-up and the
+batch-ownership check). Workload 7 (``ingest.py``) runs first, each competitor in its own
+fresh process, before this process starts Ray. See README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import os
@@ -21,20 +25,17 @@ import time
 import warnings
 from typing import Any
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-if not __package__:  # run as a script: python benchmarks/bench.py
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import ray  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks import report  # noqa: E402
-from benchmarks.competitors import COMPETITORS, LABELS, RayTorch, Trd, make_competitor  # noqa: E402
-from benchmarks.measure import owns_memory, run_epoch, time_to_first_batch  # noqa: E402
-from benchmarks.parquet import probe_parquet_layouts  # noqa: E402
-from benchmarks.workloads import WORKLOADS, build_workload  # noqa: E402
+from . import ingest, report
+from .competitors import COMPETITORS, LABELS, RayTorch, Trd, make_competitor
+from .measure import owns_memory, run_epoch, time_to_first_batch
+from .parquet import probe_parquet_layouts
+from .results_md import write_results
+from .workloads import WORKLOADS, build_workload
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TTFB_REPS = 3
@@ -42,6 +43,9 @@ TTFB_REPS = 3
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+ALL_WORKLOADS = (*WORKLOADS, "w7")
 
 
 def init_ray() -> None:
@@ -180,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         "--blocks", type=int, default=16, help="Ray blocks / parquet files per workload"
     )
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5; smoke 1)")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument(
+        "--workloads",
+        default=",".join(ALL_WORKLOADS),
+        help=f"comma-separated, of {', '.join(ALL_WORKLOADS)}",
+    )
     ap.add_argument("--competitors", default=",".join(COMPETITORS))
     ap.add_argument("--step-ms", type=float, default=5.0, help="training step of workload 4")
     ap.add_argument("--parquet-layout", default="fixed_size_binary", help="see the layout probe")
@@ -190,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=("v1", "v2"),
         help="Ray's read_parquet path (v2 lists files with new actors every epoch)",
     )
+    ap.add_argument(
+        "--w7-epochs", type=int, default=None, help="epochs of workload 7 (default 3; smoke 2)"
+    )
+    ap.add_argument(
+        "--w7-rounds", type=int, default=None, help="rounds of workload 7 (default 2; smoke 1)"
+    )
     ap.add_argument("--out", default=os.path.join(HERE, "out"), help="JSON / markdown / PNG dir")
     ap.add_argument("--write-results", action="store_true", help="rewrite benchmarks/RESULTS.md")
     ap.add_argument("--sweep", action="store_true", help="tune settings on workload 1 and exit")
@@ -198,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (1 if args.smoke else 5)
     blocks = min(args.blocks, 3) if args.smoke else args.blocks
     workloads = [w for w in args.workloads.split(",") if w]
+    for w in workloads:
+        if w not in ALL_WORKLOADS:
+            ap.error(f"workload {w!r} is not one of {ALL_WORKLOADS}")
     keys = [k for k in args.competitors.split(",") if k]
     for k in keys:
         if k not in COMPETITORS:
@@ -205,12 +222,27 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     info = machine_info()
-    init_ray()
     if args.sweep:
+        init_ray()
         sweep(rows, blocks, reps)
         return 0
-    log(f"torch_raydata benchmark: {rows:,} rows, {reps} reps, workloads {workloads}")
-    probe = probe_parquet_layouts(rows=200 if args.smoke else 2000, repeats=1 if args.smoke else 3)
+    w7: dict[str, Any] | None = None
+    if "w7" in workloads:  # first: its competitors' processes start their own Ray
+        workloads.remove("w7")
+        cfg = ingest.W7Config.smoke() if args.smoke else ingest.W7Config()
+        cfg = dataclasses.replace(
+            cfg, epochs=args.w7_epochs or cfg.epochs, rounds=args.w7_rounds or cfg.rounds
+        )
+        w7 = ingest.run_w7(cfg)
+        info["loadavg_after_w7"] = os.getloadavg()
+        print(ingest.markdown_w7(w7) + "\n", flush=True)
+    probe: list[dict[str, Any]] = []
+    if workloads:
+        init_ray()
+        log(f"torch_raydata benchmark: {rows:,} rows, {reps} reps, workloads {workloads}")
+        probe = probe_parquet_layouts(
+            rows=200 if args.smoke else 2000, repeats=1 if args.smoke else 3
+        )
     cache: dict[str, Any] = {}
     results: dict[str, dict[str, dict]] = {}
     titles: dict[str, str] = {}
@@ -236,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             wl.cleanup()
     info["loadavg_end"] = os.getloadavg()
     info["loadavg_after_workload"] = load
-    goal_items = report.goals(results)
+    goal_items = report.goals(results) + (ingest.goals(w7) if w7 else [])
     print(report.markdown_goals(goal_items))
     elapsed = time.perf_counter() - t_start
     payload = {
@@ -258,17 +290,18 @@ def main(argv: list[str] | None = None) -> int:
         "parquet_probe": probe,
         "results": results,
         "goals": goal_items,
+        "w7": w7,
     }
     report.write_json(os.path.join(args.out, "results.json"), payload)
-    tables = "\n\n".join(report.markdown_workload(titles[w], results[w]) for w in results)
+    tables = [report.markdown_workload(titles[w], results[w]) for w in results]
+    if w7:
+        tables.append(ingest.markdown_w7(w7))
     with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(tables + "\n\n" + report.markdown_goals(goal_items) + "\n")
-    report.plot(os.path.join(args.out, "bench.png"), results, titles)
+        f.write("\n\n".join(tables) + "\n\n" + report.markdown_goals(goal_items) + "\n")
+    if results:
+        report.plot(os.path.join(args.out, "bench.png"), results, titles)
     if args.write_results:
-        from benchmarks.results_md import write_results
-
-        report.plot(os.path.join(HERE, "results.png"), results, titles)
-        write_results(os.path.join(HERE, "RESULTS.md"), payload, "results.png")
+        write_results(os.path.join(HERE, "RESULTS.md"), payload)
     log(f"done in {elapsed:.0f}s; wrote {args.out}/results.json, table.md, bench.png")
     return 0
 

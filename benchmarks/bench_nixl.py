@@ -18,7 +18,8 @@ untimed warm-up epoch each):
 and the raw NIXL READ rate of the same batch bytes with ``in_flight`` READs posted together
 (two agents in one process, and an initiator here reading from a Ray actor's agent, as the
 pipeline does), with a memcpy of the same bytes for scale. Results are printed as a table
-(and as ratios, since this machine is shared and noisy); see benchmarks/NOTES_nixl.md.
+(and as ratios, since this machine is shared and noisy); findings in docs/performance.md.
+Run from the repository root.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
 import resource
 import statistics
 import sys
@@ -34,15 +34,11 @@ import time
 import zlib
 from typing import Any
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-if not __package__:  # run as a script
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import ray
 
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
-
-import torch_raydata as trd  # noqa: E402
-from torch_raydata.transports import NixlTransport  # noqa: E402
+import torch_raydata as trd
+from torch_raydata.transports import NixlTransport
 
 
 def log(msg: str) -> None:

@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 
 import numpy as np
-
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 COUNTS = (0, 1_000_000, 10_000_000)
 PROJECT_ROWS = 10_000_000
@@ -114,8 +111,10 @@ def main() -> None:
 
     if len(sizes) == 2:
         (n1, (m1, r1, _)), (n2, (m2, r2, _)) = runs.items()
-        print(f"\nExtra time over no resume for the same rows kept, split into fixed + per row;"
-              f" loss projected to an epoch of {PROJECT_ROWS:,} workload-1 rows\n")
+        print(
+            f"\nExtra time over no resume for the same rows kept, split into fixed + per row;"
+            f" loss projected to an epoch of {PROJECT_ROWS:,} workload-1 rows\n"
+        )
         print("| case | fixed ms per epoch | extra ns per row | projected loss |")
         print("|---|---:|---:|---:|")
         for label in m1:

@@ -27,7 +27,7 @@ from .workloads import Workload
 __all__ = ["BATCH_SIZE", "COMPETITORS", "LABELS", "make_competitor"]
 
 BATCH_SIZE = 256
-RAY_PREFETCH = 4  # Ray's default is 1; 4 matches trd's default (see NOTES.md for the sweep)
+RAY_PREFETCH = 4  # Ray's default is 1; 4 matches trd's default (docs/performance.md: the sweep)
 TRD_BEST = {"num_workers": 2, "prefetch_batches": 8}
 
 LABELS = {

@@ -46,7 +46,7 @@ class RssPeak:
 
     Not a sampling thread: a Python thread waking every 5 ms takes the GIL from the
     loader's threads and the training step (it sat in every competitor's wait
-    percentiles, e.g. workload 4's 5 ms step; NOTES.md 15). Memory held by buffered
+    percentiles, e.g. workload 4's 5 ms step; docs/performance.md). Memory held by buffered
     batches persists across batch boundaries, so sampling there sees it."""
 
     EVERY = 4  # batches between samples (one read of /proc/self/statm is ~10-20 us)

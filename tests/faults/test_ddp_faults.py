@@ -2,7 +2,8 @@
 stops with an error at its next collective instead of hanging in it.
 
 Two processes (one per rank, gloo on CPU) started here with RANK/WORLD_SIZE/MASTER_*,
-running ``ddp_fail_script.py``; the subprocess deadline is the no-hang assertion. The
+running ``ddp_fail_script.py``; the subprocess deadline is the no-hang assertion (the
+ranks' collective timeout is longer than it, so no error can come from waiting it out). The
 late rank (0, at the split) also exercises the straggler log line of ``torch_raydata.distributed``.
 """
 
@@ -88,7 +89,10 @@ def test_one_rank_raises_and_the_other_stops_with_an_error_not_a_hang(tmp_path, 
     # The other rank stops with an error (its collective fails: the peer is gone), no hang.
     assert peer["outcome"] == "error", peer
     assert peer["steps"] <= 4
-    assert peer["seconds_after_last_step"] < 60, "the peer waited out the collective's timeout"
+    # Not by waiting out the collective's timeout: the script sets it (one hour) far past
+    # this test's deadline for both ranks (``_run_ranks``), so an error reported before
+    # the deadline came from the peer's exit; the message must not be a timeout either.
+    assert "timed out" not in peer["message"].lower(), peer
     # The straggler line: rank 1 waited for the late rank 0 at the split and says so.
     assert "torch_raydata: rank 1 waited" in logs[1], logs[1][-3000:]
     assert "s for the other ranks at shard() (rank 0 splits the dataset)" in logs[1]
