@@ -12,6 +12,7 @@ Columns after decoding: ``id`` (int64), ``image`` (float32, 1x8x8, scaled to [0,
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -21,7 +22,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-__all__ = ["DigitsFiles", "write_digits", "read_split", "DigitsCNN", "accuracy", "checkpointing"]
+__all__ = [
+    "DigitsFiles",
+    "write_digits",
+    "read_split",
+    "DigitsCNN",
+    "accuracy",
+    "checkpointing",
+    "quiet_ray_data",
+]
 
 # The examples import this file from their own directory, which Ray's worker processes do
 # not have on their path: ship its functions (map_batches UDFs, the model) by value.
@@ -31,6 +40,20 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 VAL_FRACTION = 0.2
 FILES_PER_SPLIT = 4  # several files: several blocks for Ray to read in parallel
+
+
+def quiet_ray_data(show: bool = False) -> None:
+    """Turn Ray Data's own console output off, unless ``show`` (the examples' ``--ray-logs``).
+
+    Ray Data prints a progress bar and INFO lines ("Starting execution of Dataset ...",
+    "Execution plan ...", "... execution finished") for every execution, i.e. every epoch
+    of every split; they interleave with Lightning's progress bar. Its warnings stay on.
+    Ray Data still writes its full logs under Ray's session directory.
+    """
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = show
+    logging.getLogger("ray.data").setLevel(logging.INFO if show else logging.WARNING)
 
 
 @dataclass(frozen=True)

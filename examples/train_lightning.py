@@ -27,7 +27,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import lightning.pytorch as pl  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
-from digits_data import DigitsCNN, accuracy, checkpointing, read_split, write_digits  # noqa: E402
+from digits_data import DigitsCNN, accuracy, checkpointing, quiet_ray_data, read_split, write_digits  # noqa: E402
 
 import torch_raydata as trd  # noqa: E402
 
@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> float:
         "--ckpt-dir", default=None,
         help="checkpoint every 5 steps here and resume from its last.ckpt when there is one",
     )
+    p.add_argument(
+        "--ray-logs", action="store_true",
+        help="keep Ray Data's progress bars and INFO lines (off: they interleave with ours)",
+    )
     args = p.parse_args(argv)
     epochs = args.epochs or (6 if args.small else 10)
 
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> float:
     torch.set_num_threads(1)
     if not ray.is_initialized():
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_ray_data(args.ray_logs)
 
     with tempfile.TemporaryDirectory() as root:
         files = write_digits(root)

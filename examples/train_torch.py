@@ -22,7 +22,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray  # noqa: E402
 import torch  # noqa: E402
-from digits_data import DigitsCNN, read_split, write_digits  # noqa: E402
+from digits_data import DigitsCNN, quiet_ray_data, read_split, write_digits  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import torch_raydata as trd  # noqa: E402
@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--epochs", type=int, default=None, help="default 10 (6 with --small)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray started here")
+    p.add_argument(
+        "--ray-logs", action="store_true",
+        help="keep Ray Data's progress bars and INFO lines (off: they interleave with ours)",
+    )
     args = p.parse_args(argv)
     epochs = args.epochs or (6 if args.small else 10)
 
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> float:
     torch.set_num_threads(1)  # tiny model: leave a core to Ray Data's workers
     if not ray.is_initialized():
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_ray_data(args.ray_logs)
 
     with tempfile.TemporaryDirectory() as root:
         files = write_digits(root)

@@ -107,6 +107,43 @@ def test_fit_validate_test_with_known_length_and_limit_train_batches():
     assert dm.datasets["val"].stats().batches == 3
 
 
+@pytest.mark.parametrize("sanity", [0, 2])
+def test_epochs_after_the_first_start_ahead_and_stay_exact(sanity):
+    """Each split's next epoch is started while the current one runs (train: its own
+    stream's end; val: near the end of each train epoch): epochs after the first are
+    prestarted, and every epoch still has every row once, val in dataset order, with the
+    sanity check and limit_val_batches cutting val passes short."""
+    dm = RayDataModule(
+        train=_ds(200), val=_ds(90), batch_size=32, num_workers=2,
+        shuffle_buffer_size=64, shuffle_seed=0,
+        train_options={"num_rows": 200}, val_options={"num_rows": 90},
+    )
+    model = Recorder()
+    trainer = _trainer(max_epochs=3)
+    trainer.num_sanity_val_steps = sanity
+    trainer.fit(model, datamodule=dm)
+    train_ids = _ids(model.seen["train"])
+    for e in range(3):
+        assert sorted(train_ids[e * 200 : (e + 1) * 200]) == list(range(200))
+    val_ids = _ids(model.seen["val"])
+    assert val_ids[len(val_ids) - 270 :] == list(range(90)) * 3  # after the sanity steps
+    train, val = dm.datasets["train"], dm.datasets["val"]
+    assert train._next.used == 2  # epochs 1 and 2
+    assert val._next.used >= 2  # at least val passes 1 and 2 (and 0 after a sanity check)
+    assert not train._next.pending and not val._next.pending  # teardown closed them
+
+    # Cut val passes short: what was prestarted is claimed or torn down, never leaked.
+    dm = RayDataModule(
+        train=_ds(200), val=_ds(90), batch_size=32, num_workers=2,
+        train_options={"num_rows": 200}, val_options={"num_rows": 90},
+    )
+    model = Recorder()
+    trainer = _trainer(max_epochs=2, limit_val_batches=1)
+    trainer.fit(model, datamodule=dm)
+    assert _ids(model.seen["val"]) == list(range(32)) * 2
+    assert not dm.datasets["val"]._next.pending
+
+
 def test_float_limit_and_full_epoch_use_len():
     dm = RayDataModule(train=_ds(256), batch_size=32, num_workers=2, train_options={"num_rows": 256})
     model = Recorder()
