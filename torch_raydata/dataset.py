@@ -206,7 +206,7 @@ class RayIterableDataset(IterableDataset):
                 blocks = self._source.open(stats, transform=transform, total_rows=total_rows)
             else:
                 blocks = self._source.open(stats)
-            run_class = EpochRun
+            run_class: Callable[..., Any] = EpochRun
             if isinstance(self.transport, RemoteCollate):  # collate next to the data (nixl)
                 run_class = self.transport.epoch_class()
             max_batches = self._source.max_batches(
