@@ -88,7 +88,7 @@ def _fake_run(tables: list[Any], workers: int, pool: Any) -> Any:
 def pipeline() -> None:
     import torch_raydata as trd
     from torch_raydata.collate import DefaultCollate
-    from torch_raydata.pipeline.buffers import BufferPool
+    from torch_raydata.memory.buffers import BufferPool
 
     ds, tables = _dataset()
     pool = BufferPool()

@@ -21,6 +21,9 @@ _ALLOWED_PREFIXES = (
     "ThreadPoolExecutor",
     "asyncio",
     "StreamingExecutor",
+    # Ray's helper of a StreamingExecutor; ours run under a dataset's prestarted next
+    # epoch until the dataset is closed or collected (tests/test_prestart.py checks that).
+    "ray-data-metadata-prefetch",
     "event_loop",
     "MetricsPusher",
 )

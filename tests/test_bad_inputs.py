@@ -111,7 +111,7 @@ COLLATE_CONSTRUCTION = [
     ("PadCollate str", lambda: PadCollate("tokens"), ValueError, r"columns='tokens' is a single string: pass a list, \['tokens'\]"),
     ("PadCollate empty", lambda: PadCollate([]), ValueError, r"columns=\[\] must be a non-empty list"),
     ("PadCollate twice", lambda: PadCollate(["a", "a"]), ValueError, r"lists a column twice"),
-    ("PadCollate max_length=0", lambda: PadCollate(["a"], max_length=0), ValueError, r"max_length=0 must be >= 1"),
+    ("PadCollate max_length=0", lambda: PadCollate(["a"], max_length=0), ValueError, r"max_length=0 must be an int >= 1"),
     ("PadCollate pad str", lambda: PadCollate(["a"], pad_value="x"), ValueError, r"pad_value='x' must be a real number"),
     ("iter_threaded workers=0", lambda: trd.iter_threaded(range(3), str, num_workers=0, output_buffer_size=2), ValueError, r"num_workers=0 must be an int >= 1"),
     ("iter_threaded buffer=0", lambda: trd.iter_threaded(range(3), str, num_workers=1, output_buffer_size=0), ValueError, r"output_buffer_size=0 must be an int >= 1"),

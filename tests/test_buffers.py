@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import torch
 
-from torch_raydata.pipeline.buffers import BufferPool
+from torch_raydata.memory.buffers import BufferPool
 
 
 def test_shape_dtype_and_small_requests_bypass_the_pool():

@@ -18,7 +18,7 @@ from ray.data._internal.tensor_extensions.arrow import (
     ArrowVariableShapedTensorArray,
 )
 
-from torch_raydata.collate import COLLATES, DefaultCollate, PadCollate
+from torch_raydata.collate import DefaultCollate, PadCollate
 
 # ---------------------------------------------------------------- helpers
 
@@ -86,10 +86,6 @@ NUMERIC = [
 
 
 # ---------------------------------------------------------------- DefaultCollate: types
-
-
-def test_collates_registry():
-    assert COLLATES == {"default": DefaultCollate, "pad": PadCollate}
 
 
 @pytest.mark.parametrize("typ", NUMERIC, ids=str)

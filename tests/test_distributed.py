@@ -21,6 +21,7 @@ import pytest
 import torch_raydata as trd
 from torch_raydata import distributed
 from torch_raydata.collate import DefaultCollate
+from torch_raydata.distributed import sharding
 from torch_raydata.pipeline.run import EpochRun, PipelineConfig
 from torch_raydata.pipeline.stats import StatsRecorder
 from torch_raydata.transports import LocalTransport
@@ -120,7 +121,7 @@ def test_too_few_batches_raise_instead_of_hanging_the_other_ranks():
 def test_rank_source_sizes_per_rank(monkeypatch, ray_session):
     import ray
 
-    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
+    monkeypatch.setattr(sharding, "world", lambda: (1, 2))
     ds = trd.RayIterableDataset(ray.data.range(1001), batch_size=64)
     assert ds.num_rows() == 500 and len(ds) == 8
     assert ds._source.max_batches(64, False) == 8
@@ -146,7 +147,7 @@ def test_single_process_is_not_split(ray_session):
 def test_hand_out_actor_lives_until_every_rank_released(ray_session):
     import ray
 
-    holder = distributed._shard_holder_class().remote(ray.data.range(10), 2, False)
+    holder = sharding._shard_holder_class().remote(ray.data.range(10), 2, False)
     shards = [ray.get(holder.get.remote(rank)) for rank in range(2)]
     assert all(type(s).__name__ == "StreamSplitDataIterator" for s in shards)
     done = []
@@ -154,9 +155,9 @@ def test_hand_out_actor_lives_until_every_rank_released(ray_session):
     del shards[0]
     gc.collect()
     assert done == [0]
-    distributed._release(holder, 0)  # the fast rank is done: the split stays for the other
+    sharding._release(holder, 0)  # the fast rank is done: the split stays for the other
     assert ray.get(holder.ready.remote())
-    distributed._release(holder, 1)
+    sharding._release(holder, 1)
     with pytest.raises(ray.exceptions.RayActorError):  # calls from one caller run in order
         ray.get(holder.ready.remote())
 

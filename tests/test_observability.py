@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import torch_raydata as trd
-from torch_raydata import callbacks, distributed
+from torch_raydata import callbacks
+from torch_raydata.distributed import cluster
 
 ray_session = pytest.mark.usefixtures("ray_session")
 
@@ -37,7 +38,7 @@ class _Recorder(callbacks.EpochProgressBar):
 @pytest.fixture
 def bars(monkeypatch):
     _Recorder.made = []
-    monkeypatch.setattr(callbacks, "EpochProgressBar", _Recorder)
+    monkeypatch.setattr(trd.dataset, "EpochProgressBar", _Recorder)
     return _Recorder.made
 
 
@@ -53,6 +54,7 @@ def test_progress_bar_counts_the_epoch_with_its_total_and_closes_with_it(bars):
         assert bar.closed and bar.total == len(ds) == 10 and bar.n == 10
     text = out.getvalue()
     assert "epoch 0" in text and "epoch 1" in text and "10/10" in text and "rows/s" in text
+    ds.close()  # the prestarted epoch 2 belongs to the dataset until then
     assert set(threading.enumerate()) <= before  # no tqdm monitor thread, nothing left
 
 
@@ -198,7 +200,7 @@ def test_import_torch_raydata_needs_no_lightning_and_reads_the_straggler_thresho
 
 # -- straggler log line ----------------------------------------------------------------------
 def test_a_rank_waiting_at_a_collective_logs_one_line_naming_it(caplog, monkeypatch):
-    monkeypatch.setattr(distributed, "STRAGGLER_SECONDS", 0.01)
+    monkeypatch.setattr(cluster, "STRAGGLER_SECONDS", 0.01)
     late = threading.Event()  # the other ranks: never arrive here, so the wait times out
 
     def collective(x, *, src):
@@ -206,15 +208,15 @@ def test_a_rank_waiting_at_a_collective_logs_one_line_naming_it(caplog, monkeypa
         return x, src
 
     with caplog.at_level(logging.WARNING, logger="torch_raydata.distributed"):
-        assert distributed._collective("shard() (test)", collective, 1, src=0) == (1, 0)
+        assert cluster.collective("shard() (test)", collective, 1, src=0) == (1, 0)
     (record,) = caplog.records
     assert record.levelno == logging.WARNING
     assert record.getMessage().startswith("torch_raydata: rank 0 waited ")
     assert record.getMessage().endswith(" s for the other ranks at shard() (test)")
 
     caplog.clear()
-    monkeypatch.setattr(distributed, "STRAGGLER_SECONDS", 60.0)
+    monkeypatch.setattr(cluster, "STRAGGLER_SECONDS", 60.0)
     with caplog.at_level(logging.WARNING, logger="torch_raydata.distributed"):
-        distributed._collective("shard() (test)", lambda: None)
+        cluster.collective("shard() (test)", lambda: None)
     assert caplog.records == []  # a prompt collective logs nothing
 

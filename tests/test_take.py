@@ -8,7 +8,7 @@ import pytest
 import torch
 from ray.data._internal.tensor_extensions.arrow import ArrowTensorArray, ArrowTensorType
 
-from torch_raydata.collate._take import take_rows
+from torch_raydata.kernels.take import take_rows
 
 
 def _ray_v1(array: np.ndarray) -> pa.Array:
@@ -85,7 +85,7 @@ def test_nulls_and_repeats_and_empty():
 @pytest.mark.parametrize("dtypes", [None, {"v2": torch.float32}])
 def test_default_collate_gather_equals_collate_of_the_take(dtypes):
     from torch_raydata.collate import DefaultCollate
-    from torch_raydata.pipeline.buffers import BufferPool
+    from torch_raydata.memory.buffers import BufferPool
 
     whole = _table(60)
     table = pa.concat_tables([whole.slice(0, 11), whole.slice(20, 17), whole.slice(41, 12)])
@@ -135,8 +135,8 @@ def test_collate_spans_equals_collate_of_the_table(dtypes, allocator):
     """Stage 3's batches (spans of blocks) collate to exactly what the table collates to:
     spans across block edges, multi-chunk blocks, every column kind, casts, fallbacks."""
     from torch_raydata.collate import DefaultCollate
-    from torch_raydata.collate._take import BlockViews
-    from torch_raydata.pipeline.buffers import BufferPool
+    from torch_raydata.kernels.take import BlockViews
+    from torch_raydata.memory.buffers import BufferPool
 
     whole = _with_dates(_table(90))
     blocks = [
@@ -169,7 +169,7 @@ def test_collate_spans_equals_collate_of_the_table(dtypes, allocator):
 
 def test_collate_spans_raises_like_collate_for_nulls_and_ragged_columns():
     from torch_raydata.collate import DefaultCollate
-    from torch_raydata.collate._take import BlockViews
+    from torch_raydata.kernels.take import BlockViews
 
     nulls = pa.table({"a": pa.array([[1, 2], None, [5, 6]], type=pa.list_(pa.int64(), 2))})
     ragged = pa.table({"a": pa.array([[1], [2, 3], [4]], type=pa.list_(pa.int64()))})
@@ -180,7 +180,7 @@ def test_collate_spans_raises_like_collate_for_nulls_and_ragged_columns():
 
 def test_collate_spans_checks_that_the_spans_cover_the_batch():
     from torch_raydata.collate import DefaultCollate
-    from torch_raydata.collate._take import BlockViews
+    from torch_raydata.kernels.take import BlockViews
 
     table = pa.table({"x": np.arange(10)})
     with pytest.raises(AssertionError, match="spans cover 4 rows, the batch has 10"):
@@ -188,7 +188,8 @@ def test_collate_spans_checks_that_the_spans_cover_the_batch():
 
 
 def test_block_views_are_worked_out_once_per_block(monkeypatch):
-    from torch_raydata.collate import DefaultCollate, _take
+    from torch_raydata.collate import DefaultCollate
+    from torch_raydata.kernels import take as _take
 
     calls = []
     real = _take.row_views
@@ -205,8 +206,8 @@ def test_gather_with_spans_equals_gather_without():
     """A shuffle's or a resume's batch names its buffer's blocks: the gather reuses their
     views and must give exactly what it gives from the table alone."""
     from torch_raydata.collate import DefaultCollate
-    from torch_raydata.collate._take import BlockViews
-    from torch_raydata.pipeline.buffers import BufferPool
+    from torch_raydata.kernels.take import BlockViews
+    from torch_raydata.memory.buffers import BufferPool
 
     whole = _with_dates(_table(70))
     blocks = [

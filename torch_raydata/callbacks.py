@@ -1,89 +1,28 @@
 """Observability: what the loader is doing, shown where the user looks.
 
-Owns two views of :class:`~torch_raydata.LoaderStats`:
+Owns the Lightning view of :class:`~torch_raydata.LoaderStats`:
 
-* :class:`EpochProgressBar` — a tqdm bar over one epoch's batches for the plain-PyTorch
-  path (``RayIterableDataset(..., progress=True)``): total when ``len()`` is known, rows/s
-  and the consumer's wait in the postfix, closed when the epoch ends (exhausted, broken
-  out of, failed or garbage-collected). No thread: tqdm's monitor thread is disabled.
 * ``LoaderStatsCallback`` — a Lightning ``Callback`` logging data wait time, rows/s and
   buffered batches to every logger of the trainer every N training steps.
 
-Does not own the numbers (``pipeline/stats.py``) nor the straggler log line of
-distributed runs (``distributed.py``).
+Re-exports :class:`EpochProgressBar`, the tqdm bar of the plain-PyTorch path
+(``pipeline/progress_bar.py``). Does not own the numbers (``pipeline/stats.py``) nor the
+straggler log line of distributed runs (``torch_raydata.distributed``).
 
-Importing this module needs neither tqdm nor Lightning: the bar imports tqdm when one is
-made, and ``LoaderStatsCallback`` is built on first access (importing Lightning then).
+Importing this module does not import Lightning: ``LoaderStatsCallback`` is built on
+first access (importing Lightning then).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any
 
+from ._checks import check_int
+from .dataset import RayIterableDataset
+from .pipeline.progress_bar import EpochProgressBar
+
 __all__ = ["EpochProgressBar", "LoaderStatsCallback", "loader_metrics"]  # noqa: F822 - lazy
-
-
-class EpochProgressBar:
-    """A stats listener (``StatsRecorder.add_listener``): one tqdm bar for one epoch.
-
-    Args:
-        epoch: shown in the description.
-        total: batches expected this epoch (None: unknown, the bar counts up).
-        tqdm_kwargs: more ``tqdm`` arguments (``file``, ``desc``, ``leave``, ``position``,
-            ``disable``...), e.g. from ``RayIterableDataset(progress={"desc": "train"})``.
-    """
-
-    def __init__(self, epoch: int, total: int | None = None, **tqdm_kwargs: Any) -> None:
-        options = {"desc": f"epoch {epoch}", "unit": "batch", "dynamic_ncols": True}
-        options.update(tqdm_kwargs)
-        self._bar = _bar_class()(total=total, **options)
-        self._rows = 0
-        self._t0 = time.perf_counter()
-        self._last_postfix = 0.0
-        self.closed = False
-
-    def on_batch(self, rows: int, wait_s: float = 0.0) -> None:
-        self._rows += rows
-        self._bar.update(1)
-        now = time.perf_counter()
-        if now - self._last_postfix >= 0.5:  # formatting the postfix costs; twice a second
-            self._last_postfix = now
-            elapsed = now - self._t0
-            rate = self._rows / elapsed if elapsed > 0 else 0.0
-            self._bar.set_postfix_str(f"{rate:,.0f} rows/s, wait {wait_s * 1e3:.1f} ms", refresh=False)
-
-    def on_finish(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._bar.close()
-
-    @property
-    def n(self) -> int:
-        """Batches counted so far."""
-        return self._bar.n
-
-    @property
-    def total(self) -> int | None:
-        return self._bar.total
-
-
-_BAR_CLASS: Any = None
-
-
-def _bar_class() -> Any:
-    global _BAR_CLASS
-    if _BAR_CLASS is None:
-        from tqdm.auto import tqdm
-
-        class _Bar(tqdm):  # type: ignore[misc, valid-type]
-            # No monitor thread (tqdm starts one per process by default): a bar lives for
-            # one epoch and is closed with it, so nothing outlives the epoch.
-            monitor_interval = 0
-
-        _BAR_CLASS = _Bar
-    return _BAR_CLASS
 
 
 def loader_metrics(stats: Any, previous: Any = None, prefix: str = "loader/") -> dict[str, float]:
@@ -151,8 +90,7 @@ def _build_loader_stats_callback() -> type:
             self, every_n_steps: int = 50, prefix: str = "loader/", dataset: Any = None
         ) -> None:
             super().__init__()
-            if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-                raise ValueError(f"{every_n_steps=} must be an int >= 1")
+            every_n_steps = check_int("every_n_steps", every_n_steps, 1)
             if not isinstance(prefix, str):
                 raise ValueError(f"{prefix=} must be a string")
             self.every_n_steps = every_n_steps
@@ -164,8 +102,6 @@ def _build_loader_stats_callback() -> type:
         def _find_dataset(self, trainer: Any) -> Any:
             if self.dataset is not None:
                 return self.dataset
-            from .dataset import RayIterableDataset
-
             dm = getattr(trainer, "datamodule", None)
             datasets = getattr(dm, "datasets", None)
             if isinstance(datasets, Mapping):

@@ -7,46 +7,32 @@ loader state and the stats of the current/last epoch. Each iteration builds one
 
 from __future__ import annotations
 
-import logging
-import math
+import dataclasses
+import functools
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from numbers import Integral
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ._checks import check_bool, check_int
 from .collate import DefaultCollate
 from .distributed import RankSource, world
-from .pipeline.buffers import BufferPool
+from .kernels.ids import check_column
+from .memory.buffers import BufferPool
+from .pipeline.batching import num_batches
+from .pipeline.prestart import NextEpoch
+from .pipeline.progress_bar import EpochProgressBar
 from .pipeline.run import EpochProgress, EpochRun, PipelineConfig
-from .pipeline.source import RayFetcher
+from .pipeline.source import EpochBlocks, RayFetcher, RaySource
 from .pipeline.stats import LoaderStats, StatsRecorder
+from .resume import ResumeState, fingerprint
 from .transports import RemoteCollate, Transport, resolve_transport
 
 __all__ = ["RayIterableDataset"]
-
-logger = logging.getLogger(__name__)
-
-_STATE_VERSION = 2
-
-
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    # bool("no") is True: a string or None here is a mistake, not a truth value.
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name}={value!r} must be True or False")
-    return bool(value)
 
 
 class RayIterableDataset(IterableDataset):
@@ -81,6 +67,18 @@ class RayIterableDataset(IterableDataset):
             Its total is the epoch's batches when ``len()`` is known; it shows rows/s and
             the step's wait for data, and closes when the epoch ends, breaks or fails.
             Default False: no bar.
+        prestart: epoch pipelining (default True): while an epoch runs, the next one's
+            Ray executor is started, so that its first batch is ready when the step asks
+            for it instead of after Ray's executor start (1-5 s for a ``read_parquet``
+            pipeline on Ray 2.60). It starts when the running epoch's stream ends, or
+            earlier when the rows still to come would take less time than the last
+            measured executor start; its output is held to the prefetch window's bytes
+            until its epoch begins (``stats().next_epoch_bytes``). A prestarted stream
+            has consumed nothing (``state_dict`` is unaffected) and is torn down by
+            ``close()``, ``load_state_dict`` or garbage collection. Single process and
+            ``Dataset`` inputs only: a ``MaterializedDataset`` starts in milliseconds, and
+            a DataIterator shard (Ray Train, DDP) starts its epochs in step with the other
+            ranks. False: every epoch starts at ``iter()``.
 
     Edge cases: an empty dataset (0 rows) gives epochs of 0 batches and ``len() == 0``,
     not an error; ``batch_size`` larger than the dataset gives one partial batch (none
@@ -118,19 +116,21 @@ class RayIterableDataset(IterableDataset):
         id_column: str | None = None,
         num_rows: int | None = None,
         progress: bool | dict[str, Any] = False,
+        prestart: bool = True,
     ) -> None:
         super().__init__()
-        _check_int("num_rows", num_rows, 0, allow_none=True)
-        preserve_order = _check_bool("preserve_order", preserve_order)
-        drop_last = _check_bool("drop_last", drop_last)
+        num_rows = check_int("num_rows", num_rows, 0, allow_none=True)
+        prestart = check_bool("prestart", prestart)
+        preserve_order = check_bool("preserve_order", preserve_order)
+        drop_last = check_bool("drop_last", drop_last)
         if not isinstance(progress, (bool, dict)):
             raise ValueError(f"{progress=} must be True, False or a dict of tqdm arguments")
         self.progress = progress
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 1)
-        _check_int("prefetch_batches", prefetch_batches, 1)
-        _check_int("shuffle_buffer_size", shuffle_buffer_size, 1, allow_none=True)
-        _check_int("shuffle_seed", shuffle_seed, 0, allow_none=True)
+        batch_size = check_int("batch_size", batch_size, 1)
+        num_workers = check_int("num_workers", num_workers, 1)
+        prefetch_batches = check_int("prefetch_batches", prefetch_batches, 1)
+        shuffle_buffer_size = check_int("shuffle_buffer_size", shuffle_buffer_size, 1, True)
+        shuffle_seed = check_int("shuffle_seed", shuffle_seed, 0, allow_none=True)
         if collate_fn is not None and not callable(collate_fn):
             raise ValueError(
                 f"collate_fn={collate_fn!r} must be callable (pyarrow.Table -> batch) or None"
@@ -138,19 +138,17 @@ class RayIterableDataset(IterableDataset):
         if id_column is not None and not isinstance(id_column, str):
             raise ValueError(f"id_column={id_column!r} must be a column name (str) or None")
         # Under torch.distributed a Dataset is split across the ranks at the first epoch
-        # (distributed.py); a DataIterator (e.g. a Ray Train shard) is used as is.
+        # (distributed/sharding.py); a DataIterator (e.g. a Ray Train shard) is used as is.
         self._source = RankSource(dataset, preserve_order=bool(preserve_order), num_rows=num_rows)
         names = self._source.column_names()
-        if id_column is not None and names is not None and id_column not in names:
-            raise ValueError(
-                f"id_column={id_column!r} is not a column of the dataset; columns are {names}"
-            )
+        if id_column is not None and names is not None:
+            check_column(id_column, names)
         self.config = PipelineConfig(
             batch_size=batch_size,
             num_workers=num_workers,
             prefetch_batches=prefetch_batches,
-            preserve_order=bool(preserve_order),
-            drop_last=bool(drop_last),
+            preserve_order=preserve_order,
+            drop_last=drop_last,
             shuffle_buffer_size=shuffle_buffer_size,
             shuffle_seed=shuffle_seed,
             id_column=id_column,
@@ -158,7 +156,7 @@ class RayIterableDataset(IterableDataset):
         self.transport = resolve_transport(transport, device)
         self.device = self.transport.device
         # The default collate writes into the transport's staging memory when it has some
-        # (pinned, for CUDA), else into recycled host memory (see pipeline/buffers.py).
+        # (pinned, for CUDA), else into recycled host memory (see memory/buffers.py).
         self.buffer_pool = BufferPool()
         allocator = self.transport.host_allocator or self.buffer_pool
         self.collate_fn = (
@@ -168,17 +166,24 @@ class RayIterableDataset(IterableDataset):
         if names is not None and callable(check_columns):
             check_columns(names)  # e.g. dtypes/PadCollate naming a missing column: fail now
         self._next_epoch = 0
-        self._skip_batches = 0
-        # Resume (resume.py): the epoch a loaded state is for, its consumed-ID set, and
-        # where to spill a set too large for a checkpoint (set to a checkpoint directory).
-        self._resume_epoch: int | None = None
-        self._resume: Any = None
-        self._resume_rows = 0
+        # A loaded state's hold on the next epoch (torch_raydata.resume), and where to
+        # spill a consumed-ID set too large for a checkpoint (set to a checkpoint directory).
+        self._resume = ResumeState()
         self.spill_dir: str | None = None
         # Batches the consumer has received but not yet trained on when it saves state
         # (Lightning may fetch one batch ahead: RayDataModule sets this per checkpoint).
         self.consumer_lag = 0
         self._lock = threading.Lock()
+        # Epoch pipelining (pipeline/prestart.py): the next epoch's stream, started while
+        # this one runs. Single process, Dataset input only (a DataIterator shard starts
+        # its epochs in step with the other ranks). The opener holds the source, never
+        # the dataset, so the finalizer below can tear a prestarted stream down at GC.
+        self._prestart_source = RaySource(dataset, preserve_order=preserve_order)
+        self._next = NextEpoch(
+            functools.partial(_open_prestarted, self._prestart_source),
+            enabled=prestart and self._prestart_source.can_prestart(),
+        )
+        weakref.finalize(self, self._next.close)
         self._run_ref: weakref.ref[EpochRun] | None = None
         self._progress: EpochProgress | None = None  # of the running or last epoch
         self._last_stats: StatsRecorder | None = None
@@ -191,21 +196,19 @@ class RayIterableDataset(IterableDataset):
                 "forked workers hang (Ray #13407). Use DataLoader(ds, batch_size=None, "
                 "num_workers=0) and set RayIterableDataset(num_workers=...) for parallel collate."
             )
+        t_iter = time.perf_counter()
         with self._lock:
             previous = self._current_run()
             if previous is not None:
                 previous.close()
             epoch = self._next_epoch
             self._next_epoch += 1
-            skip, self._skip_batches = self._skip_batches, 0
+            skip = self._resume.begin(epoch)
             stats = StatsRecorder(epoch)
-            if self._resume_epoch is not None and epoch != self._resume_epoch:
-                self._resume_epoch, self._resume, self._resume_rows = None, None, 0
-            transform, drop_keys, total_rows = self._resume_plan(epoch)
-            if transform is not None:
-                blocks = self._source.open(stats, transform=transform, total_rows=total_rows)
-            else:
-                blocks = self._source.open(stats)
+            stats.start(t_iter)  # from iter(): the executor's start counts
+            plan = self._resume.plan(epoch, self._source, self.config.id_column, world()[1])
+            total_rows = plan.total_rows
+            blocks = self._open_epoch(stats, plan.transform, total_rows)
             run_class: Callable[..., Any] = EpochRun
             if isinstance(self.transport, RemoteCollate):  # collate next to the data (nixl)
                 run_class = self.transport.epoch_class()
@@ -224,7 +227,7 @@ class RayIterableDataset(IterableDataset):
                 on_close=blocks.close,
                 record_ids=self.config.id_column is not None,
                 max_batches=max_batches,
-                drop_keys=drop_keys,
+                drop_keys=plan.drop_keys,
             )
             self._run_ref = weakref.ref(run)
             # Kept strongly: a run dropped after `break` is collected, its progress is not.
@@ -233,8 +236,32 @@ class RayIterableDataset(IterableDataset):
                 self._progress.expected_batches = self._epoch_batches(max_batches, total_rows)
             self._last_stats = stats
             if self.progress is not False:
-                self._attach_progress_bar(stats, epoch, skip, total_rows)
+                self._attach_progress_bar(stats, epoch, skip, max_batches, total_rows)
             return run
+
+    def _open_epoch(self, stats: StatsRecorder, transform: Any, total_rows: int | None) -> Any:
+        """Stage 1 for this epoch: the prestarted stream if one is ready and this epoch
+        runs the plain stream, else a new one; then watch it to prestart the next."""
+        plain = transform is None and world()[1] == 1
+        claimed = self._next.claim() if plain else None
+        if not plain:
+            self._next.discard()
+        if claimed is not None:
+            blocks, lead = claimed
+            stats.prestarted(lead)
+        elif transform is not None:
+            blocks = self._source.open(stats, transform=transform, total_rows=total_rows)
+        else:
+            blocks = self._source.open(stats)
+        blocks.on_first_block = stats.first_block
+        if plain:
+            blocks.observer = self._next.watch(
+                blocks,
+                prestarted=claimed is not None,
+                expected_rows=total_rows if total_rows is not None else self.num_rows(),
+                window_rows=self.config.prefetch_batches * self.config.batch_size,
+            )
+        return blocks
 
     def _epoch_batches(self, max_batches: int | None, total_rows: int | None) -> int | None:
         """Batches this epoch yields on this rank, if known before it runs."""
@@ -243,57 +270,25 @@ class RayIterableDataset(IterableDataset):
         rows = total_rows if total_rows is not None else self.num_rows()
         if rows is None or world()[1] > 1 and not self._source.is_shard:
             return None
-        bs = self.config.batch_size
-        return rows // bs if self.config.drop_last else math.ceil(rows / bs)
+        return num_batches(rows, self.config.batch_size, self.config.drop_last)
 
     def _attach_progress_bar(
-        self, stats: StatsRecorder, epoch: int, skip: int, total_rows: int | None
+        self,
+        stats: StatsRecorder,
+        epoch: int,
+        skip: int,
+        max_batches: int | None,
+        total_rows: int | None,
     ) -> None:
         """A tqdm bar listening to this epoch's stats (closed when the epoch finishes)."""
-        from .callbacks import EpochProgressBar
-
-        bs, drop_last = self.config.batch_size, self.config.drop_last
-        total = self._source.max_batches(bs, drop_last, total_rows)
+        total = max_batches
         if total is None:
             rows = total_rows if total_rows is not None else self.num_rows()
-            if rows is not None:
-                total = rows // bs if drop_last else math.ceil(rows / bs)
+            total = num_batches(rows, self.config.batch_size, self.config.drop_last)
         if total is not None:
             total = max(0, total - skip)  # skipped batches (best-effort resume) never show
         options = self.progress if isinstance(self.progress, dict) else {}
         stats.add_listener(EpochProgressBar(epoch, total, **options))
-
-    def _resume_plan(self, epoch: int) -> tuple[Any, Any, int | None]:
-        """For a resumed epoch: the filter appended to the dataset (run on the cluster,
-        fused into its last map task; the ID set goes into the object store once), or the
-        keys to drop in stage 3 — for a DataIterator input, which cannot take stages, and
-        for a single-process materialized dataset, where an appended stage would be a task
-        of its own re-writing every block (measured: benchmarks/bench_resume.py); and the
-        epoch's remaining row count (whole input)."""
-        if self._resume is None or epoch != self._resume_epoch:
-            return None, None, None
-        from .resume import ConsumedFilter, SharedConsumedSet
-
-        # The set is the whole epoch's (merged over ranks): count against the whole input.
-        n = self._source.total_rows()
-        total_rows = max(0, n - len(self._resume)) if n is not None else None
-        if len(self._resume) == 0:  # nothing consumed yet: an ordinary epoch
-            return None, None, total_rows
-        if self._source.is_shard:
-            return None, self._resume.bitmap(), total_rows
-        # Under torch.distributed the remaining rows must be split afresh (each rank's
-        # equal share of what is left): a filter on the dataset, then a split of its own.
-        # A local drop after the first split would leave the ranks unequal.
-        if not self._source.ends_in_map() and world()[1] == 1:
-            return None, self._resume.bitmap(), total_rows
-        udf = ConsumedFilter(SharedConsumedSet.put(self._resume), self.config.id_column)
-
-        def transform(ds: Any) -> Any:
-            return ds.map_batches(
-                udf, batch_format="pyarrow", batch_size=None, zero_copy_batch=True
-            )
-
-        return transform, None, total_rows
 
     def __len__(self) -> int:
         rows = self.num_rows()
@@ -303,8 +298,7 @@ class RayIterableDataset(IterableDataset):
                 "(e.g. after a filter, or for a DataIterator shard); materialize() it to know, "
                 "or pass num_rows= when you know it"
             )
-        bs = self.config.batch_size
-        return rows // bs if self.config.drop_last else math.ceil(rows / bs)
+        return num_batches(rows, self.config.batch_size, self.config.drop_last)
 
     def num_rows(self) -> int | None:
         """Rows per epoch if known without executing the dataset, else None."""
@@ -313,21 +307,10 @@ class RayIterableDataset(IterableDataset):
     # -- epochs, state, stats -------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration runs (seeds the shuffle)."""
-        _check_int("epoch", epoch, 0)
-        self._next_epoch = epoch
+        self._next_epoch = check_int("epoch", epoch, 0)
 
     def _current_run(self) -> EpochRun | None:
         return self._run_ref() if self._run_ref is not None else None
-
-    def _fingerprint(self) -> dict[str, Any]:
-        c = self.config
-        return {
-            "batch_size": c.batch_size,
-            "shuffle_seed": c.shuffle_seed,
-            "id_column": c.id_column,
-            "columns": self._source.column_names(),
-            "num_rows": self._source.total_rows(),  # the whole input's, not one rank's
-        }
 
     def state_dict(self) -> dict[str, Any]:
         """Where the training step is in the epoch, small enough for a checkpoint.
@@ -344,51 +327,16 @@ class RayIterableDataset(IterableDataset):
         non-unique column would make the resume skip rows never trained on): checked here,
         before any state is written. Repeats across ranks are not seen by one rank.
         """
-        run = self._progress
-        resumed = self._resume if self._resume_epoch is not None else None
-        if run is not None and not run.finished(self.consumer_lag):
-            epoch = run.epoch
-            batches = run.batches_skipped + max(0, run.batches_yielded - self.consumer_lag)
-            rows = run.rows_consumed(self.consumer_lag) + (
-                self._resume_rows if epoch == self._resume_epoch else 0
-            )
-            consumed = run.consumed_set(self.consumer_lag) if self.config.id_column else None
-            if consumed is not None and len(consumed) < consumed.added:
-                raise ValueError(
-                    f"id_column={self.config.id_column!r} is not unique: the {consumed.added} "
-                    f"rows yielded this epoch carry {len(consumed)} distinct IDs, and a resume "
-                    "by ID would skip every row sharing an ID with a consumed one. Make the "
-                    "column unique (e.g. add a row number in a map_batches step), or pass "
-                    "id_column=None for a best-effort resume"
-                )
-            if consumed is not None and resumed is not None and epoch == self._resume_epoch:
-                consumed = consumed.union(resumed)
-        elif self._resume_epoch is not None and self._resume_epoch == self._next_epoch:
-            # Loaded and not started yet: the loaded state still stands.
-            epoch, batches, rows, consumed = (
-                self._resume_epoch,
-                self._skip_batches,
-                self._resume_rows,
-                resumed,
-            )
-        else:  # between epochs: resume at the start of the next one
-            epoch, batches, rows, consumed = self._next_epoch, 0, 0, None
-        state: dict[str, Any] = {
-            "version": _STATE_VERSION,
-            "epoch": epoch,
-            "batches_consumed": batches,
-            "rows_consumed": rows,
-            "batch_size": self.config.batch_size,
-            "exact": self.config.id_column is not None,
-            "world_size": world()[1],
-            "fingerprint": self._fingerprint(),
-        }
-        if self.config.id_column is not None:
-            from .resume import ConsumedSet
-
-            consumed = consumed if consumed is not None else ConsumedSet()
-            state["consumed"] = consumed.encode(spill_dir=self.spill_dir)
-        return state
+        return self._resume.state_dict(
+            self._progress,
+            next_epoch=self._next_epoch,
+            consumer_lag=self.consumer_lag,
+            id_column=self.config.id_column,
+            batch_size=self.config.batch_size,
+            fingerprint=fingerprint(self.config, self._source),
+            world_size=world()[1],
+            spill_dir=self.spill_dir,
+        )
 
     def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
         """Resume from :meth:`state_dict` (possibly merged over ranks): the next iteration
@@ -398,69 +346,45 @@ class RayIterableDataset(IterableDataset):
         skip-ahead mode — batch size and seed) raises ``ValueError`` rather than silently
         starting afresh; ``strict=False`` accepts a differing batch size or seed.
         """
-        from .resume import ConsumedSet
-
-        if not isinstance(state, dict) or state.get("version") not in (1, _STATE_VERSION):
-            raise ValueError(
-                f"not a RayIterableDataset state (version {_STATE_VERSION} expected): "
-                f"{state!r:.200}"
-            )
-        missing = {"epoch", "batches_consumed", "batch_size"} - state.keys()
-        if missing:
-            raise ValueError(f"loader state is missing {sorted(missing)}: {state!r:.200}")
-        for key in ("epoch", "batches_consumed", "rows_consumed", "batch_size"):
-            value = state.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
-                raise ValueError(
-                    f"loader state has {key}={value!r}, not an int >= 0: it is corrupt or "
-                    "not a RayIterableDataset state"
-                )
-        exact = bool(state.get("exact"))
-        mine = self._fingerprint()
-        theirs = state.get("fingerprint") or {"batch_size": state["batch_size"]}
-        keys = ["id_column", "columns", "num_rows"]
-        if not exact or strict:
-            keys += ["batch_size"] + ([] if exact else ["shuffle_seed"])
-        for key in keys:
-            a, b = theirs.get(key, mine[key]), mine[key]
-            if a is not None and b is not None and a != b:
-                raise ValueError(
-                    f"loader state was saved with {key}={a!r}, this loader has {key}={b!r}: it "
-                    "is the state of another dataset or configuration"
-                    + (" (pass strict=False to accept it)" if key == "batch_size" else "")
-                )
-        if exact and self.config.id_column is None:
-            raise ValueError(
-                "loader state is exact (saved with id_column="
-                f"{theirs.get('id_column')!r}); create this loader with the same id_column"
-            )
-        if not exact and self.config.id_column is not None:
-            raise ValueError(
-                "loader state has no consumed-ID set (saved without id_column); it cannot "
-                f"resume a loader with id_column={self.config.id_column!r} exactly"
-            )
-        epoch = int(state["epoch"])
+        epoch = self._resume.load(
+            state,
+            fingerprint=fingerprint(self.config, self._source),
+            id_column=self.config.id_column,
+            strict=strict,
+        )
+        self._next.discard()  # the resumed epoch may run another stream (a filter)
         self.set_epoch(epoch)
-        self._resume_epoch = epoch
-        self._resume_rows = int(state.get("rows_consumed", 0))
-        if exact:
-            self._resume = ConsumedSet.decode(state.get("consumed"))
-            self._skip_batches = 0
-        else:
-            self._resume = None
-            self._skip_batches = int(state["batches_consumed"])
+
+    def start_next_epoch(self) -> bool:
+        """Start the next epoch's stream now, ahead of its ``iter()`` (epoch pipelining,
+        see ``prestart``); e.g. ``RayDataModule`` starts the val stream near the end of a
+        train epoch. Returns whether a prestarted stream is now held (False when
+        ``prestart`` is off or does not apply, or the next epoch will run another stream).
+        Cheap to call again: one stream is held at most."""
+        if self._resume.epoch == self._next_epoch or world()[1] > 1:
+            return False  # a loaded state's epoch may run a filtered stream
+        window = self.config.prefetch_batches * self.config.batch_size
+        self._next.start(self._next.hold_for(window))
+        return self._next.pending
 
     def stats(self) -> LoaderStats:
-        """Stats of the running epoch, or of the last one if none is running."""
-        if self._last_stats is None:
-            return StatsRecorder(self._next_epoch).snapshot(time.perf_counter())
-        return self._last_stats.snapshot(time.perf_counter())
+        """Stats of the running epoch, or of the last one if none is running, with the
+        prestarted next epoch's stream (if any)."""
+        recorder = self._last_stats or StatsRecorder(self._next_epoch)
+        snap = recorder.snapshot(time.perf_counter())
+        return dataclasses.replace(
+            snap,
+            next_epoch_prestarted=self._next.pending,
+            next_epoch_bytes=self._next.queued_bytes(),
+        )
 
     def close(self) -> None:
-        """Stop the running epoch (if any) and release the transport."""
+        """Stop the running epoch (if any), tear down a prestarted next epoch, and
+        release the transport. Iterating again afterwards starts afresh."""
         run = self._current_run()
         if run is not None:
             run.close()
+        self._next.discard()
         self.transport.close()
         self.buffer_pool.clear()
 
@@ -470,11 +394,15 @@ class RayIterableDataset(IterableDataset):
         state["_run_ref"] = None
         state["_progress"] = None
         state["_last_stats"] = None
+        state["_next"] = None  # a prestarted stream belongs to this process
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._next = NextEpoch(
+            functools.partial(_open_prestarted, self._prestart_source), enabled=False
+        )
 
     def __repr__(self) -> str:
         c = self.config
@@ -483,3 +411,8 @@ class RayIterableDataset(IterableDataset):
             f"prefetch_batches={c.prefetch_batches}, preserve_order={c.preserve_order}, "
             f"shuffle_buffer_size={c.shuffle_buffer_size}, transport={self.transport!r})"
         )
+
+
+def _open_prestarted(source: RaySource, hold_bytes: int | None) -> EpochBlocks:
+    """The next epoch's plain stream, held to ``hold_bytes`` until claimed."""
+    return source.open(hold_bytes=hold_bytes)

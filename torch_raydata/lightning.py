@@ -7,7 +7,7 @@ finalize already put on the training device; the loaders' state in checkpoints; 
 every running epoch when a stage ends or fails.
 
 Does not own the pipeline (``dataset.py``) nor the split across DDP ranks
-(``distributed.py``: a Dataset is split at its first epoch; ``setup()`` only attaches
+(``torch_raydata.distributed``: a Dataset is split at its first epoch; ``setup()`` only attaches
 every rank to the same Ray cluster first).
 
 Importing this module needs Lightning (``pip install 'torch_raydata[lightning]'``);
@@ -36,6 +36,7 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess without
 from . import distributed
 from .callbacks import LoaderStatsCallback  # noqa: F401 - re-exported
 from .dataset import RayIterableDataset
+from .kernels.nested import iter_leaves
 from .transports import resolve_transport
 
 __all__ = ["RayDataModule", "SPLITS", "EVAL_DEFAULTS"]
@@ -71,16 +72,10 @@ _LEN_WARNING = r"Your `IterableDataset` has `__len__` defined"
 
 def _on_device(batch: Any, device: torch.device) -> bool:
     """True when every tensor in ``batch`` (dicts, lists, tuples) is already on ``device``."""
-    if isinstance(batch, torch.Tensor):
-        dev = batch.device
-        if dev.type != device.type:
-            return False
-        return device.index is None or dev.index == device.index
-    if isinstance(batch, Mapping):
-        return all(_on_device(v, device) for v in batch.values())
-    if isinstance(batch, (list, tuple)):
-        return all(_on_device(v, device) for v in batch)
-    return True
+    return all(
+        t.device.type == device.type and (device.index is None or t.device.index == device.index)
+        for t in iter_leaves(batch)
+    )
 
 
 class _ResumableLoader(DataLoader):
@@ -297,12 +292,24 @@ class RayDataModule(pl.LightningDataModule):
         if trainer is not None and trainer.training and "train" in self._datasets:
             # Lightning calls this right before training_step: count what was trained on
             # (its fetcher may hold a batch more, see state_dict).
-            run = self._datasets["train"]._progress
+            train = self._datasets["train"]
+            run = train._progress
             seen_run, count = self._trained
             self._trained = (run, count + 1 if run is seen_run else 1)
+            self._prestart_val(train)
         if _on_device(batch, device):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def _prestart_val(self, train: RayIterableDataset) -> None:
+        """Near the end of a train epoch (once the train split has started its next epoch,
+        i.e. its stream has ended or is about to), start the val split's next epoch, so
+        validation does not wait for Ray's executor; the next train epoch is started by
+        the train split itself while validation runs (``prestart``)."""
+        val = self._datasets.get("val")
+        if val is None or not train._next.pending or val._next.pending:
+            return
+        val.start_next_epoch()
 
     def state_dict(self) -> dict[str, Any]:
         """Each built split's ``RayIterableDataset.state_dict()`` (goes into checkpoints).

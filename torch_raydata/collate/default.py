@@ -1,7 +1,7 @@
 """`DefaultCollate`: one Arrow table -> a dict of tensors (and Python lists for text).
 
 This module owns the column-by-column dispatch and the `dtypes` rules; the Arrow
-type rules and the single copy live in `_arrow`.
+type rules and the single copy live in `torch_raydata.kernels.arrow`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from torch_raydata.collate._arrow import (
+from torch_raydata.kernels.arrow import (
     Allocator,
     Plan,
     allocate,
@@ -20,7 +20,7 @@ from torch_raydata.collate._arrow import (
     plan_column,
     torch_dtype_of,
 )
-from torch_raydata.collate._take import BlockViews, gather_rows, row_views, span_views
+from torch_raydata.kernels.take import BlockViews, gather_rows, row_views, span_views
 
 __all__ = ["DefaultCollate"]
 

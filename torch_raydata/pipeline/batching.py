@@ -26,12 +26,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..collate._take import BlockViews, take_rows
+from ..kernels.ids import check_column, column_ids, split_consumed
+from ..kernels.take import BlockViews, take_rows
 from .errors import annotate
 from .stats import StatsRecorder
 from .types import Batch, SourceBlock
 
-__all__ = ["ShuffleDraw", "blocks_to_batches", "to_arrow"]
+__all__ = ["ShuffleDraw", "blocks_to_batches", "num_batches", "to_arrow"]
+
+
+def num_batches(rows: int | None, batch_size: int, drop_last: bool) -> int | None:
+    """Batches stage 3 makes of ``rows`` rows (None: unknown): ``ceil(rows / batch_size)``,
+    ``floor`` with ``drop_last``, whatever the block boundaries and the shuffle."""
+    if rows is None:
+        return None
+    return rows // batch_size if drop_last else -(-rows // batch_size)
 
 
 def to_arrow(block: Any) -> pa.Table:
@@ -48,19 +57,6 @@ def to_arrow(block: Any) -> pa.Table:
         f"stage 3 (batching) got a block of type {type(block).__name__}; expected a "
         "pyarrow.Table or pandas.DataFrame (a Ray Data block)"
     )
-
-
-def _ids_of(table: pa.Table, id_column: str) -> np.ndarray:
-    """The batch's row IDs as uint64 set keys (see resume.py)."""
-    from ..resume import ids_as_uint64
-
-    col = table.column(id_column)
-    if col.null_count:
-        raise ValueError(
-            f"id_column {id_column!r} has {col.null_count} null values; every row needs a "
-            "unique id (fill or drop nulls in a map_batches step)"
-        )
-    return ids_as_uint64(col)
 
 
 class ShuffleDraw:
@@ -120,11 +116,8 @@ class _Batcher:
     def check(self, table: pa.Table) -> None:
         if self._checked_schema is not None and table.schema.equals(self._checked_schema):
             return
-        if self.id_column is not None and self.id_column not in table.column_names:
-            raise ValueError(
-                f"id_column={self.id_column!r} is not a column of the dataset; "
-                f"columns are {table.column_names}"
-            )
+        if self.id_column is not None:
+            check_column(self.id_column, table.column_names)
         self._checked_schema = table.schema
 
     def make(
@@ -137,7 +130,7 @@ class _Batcher:
     ) -> Batch:
         """The next batch: ``table``, or (``rows`` given) those rows of it with their ``ids``."""
         if rows is None and self.id_column is not None:
-            ids = _ids_of(table, self.id_column)
+            ids = column_ids(table, self.id_column)
         num_rows = table.num_rows if rows is None else len(rows)
         # Estimated from the block's size: Table.nbytes on a slice walks every buffer of
         # every column (8.7% of the busy time on a tensor-column workload, profiled).
@@ -173,7 +166,7 @@ def blocks_to_batches(
 
     Every row of the input appears in exactly one batch, except the final partial batch
     when ``drop_last`` (its rows are counted in ``stats.rows_dropped``) and rows whose ID
-    key is in ``drop_keys`` (a consumed set, see ``resume.consumed_mask``: resume, when the
+    key is in ``drop_keys`` (a consumed set, see ``kernels.ids.consumed_mask``: resume, when the
     filter cannot run on the cluster).
     """
     if batch_size < 1:
@@ -208,8 +201,6 @@ def _tables(
             table = table.slice(start, stop - start)
         rows = None
         if drop_keys is not None and b.id_column is not None and table.num_rows:
-            from ..resume import split_consumed
-
             b.check(table)
             table, rows = split_consumed(table, drop_keys, b.id_column)
         if table.num_rows and (rows is None or len(rows)):
@@ -272,7 +263,7 @@ def _carried(
         positions.append((np.arange(t.num_rows) if r is None else r) + offset)
         offset += t.num_rows
     rows = np.concatenate(positions)
-    ids = _ids_of(data, b.id_column)[rows] if b.id_column is not None else None
+    ids = column_ids(data, b.id_column)[rows] if b.id_column is not None else None
     return b.make(data, row_bytes, rows=rows, ids=ids, spans=spans)
 
 
@@ -331,7 +322,7 @@ def _shuffled(
         nonlocal buffer_ids
         table = pa.concat_tables([p.table for p in pieces])
         if b.id_column is not None:
-            buffer_ids = _ids_of(table, b.id_column)
+            buffer_ids = column_ids(table, b.id_column)
         return table, tuple((p, 0, p.table.num_rows) for p in pieces)
 
     for table, block_row_bytes, kept in tables:

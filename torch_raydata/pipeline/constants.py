@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["QUEUE_TIMEOUT", "JOIN_TIMEOUT", "IDLE_WAIT", "FINALIZE_IN_FLIGHT"]
+__all__ = [
+    "QUEUE_TIMEOUT",
+    "JOIN_TIMEOUT",
+    "IDLE_WAIT",
+    "FINALIZE_IN_FLIGHT",
+    "TRAINING_BLOCK_BYTES",
+    "TEARDOWN_WAIT",
+    "TEARDOWN_POLL",
+]
 
 # How long a blocked queue get/put or semaphore acquire waits before re-checking the
 # stop Event. Short enough that close() returns promptly, long enough not to spin.
@@ -19,3 +27,16 @@ IDLE_WAIT = 0.05
 
 # Finalize: transfers posted to the transport and not yet waited on.
 FINALIZE_IN_FLIGHT = 2
+
+# Stage 1: the largest block Ray's executor makes for an epoch we start (its
+# target_max_block_size, set on our epoch copy only; a smaller target of the user's wins).
+# Ray's default, 128 MiB, is sized for storage: the first batch of an epoch waits for a
+# whole block to be produced (e.g. 200 decoded 224 px float images). 8 MiB is a batch or
+# a few of typical training rows, and per-block costs stay small next to the copy.
+TRAINING_BLOCK_BYTES = 8 << 20
+
+# Stage 1, early stop: how long to let Ray's running tasks finish before its executor
+# is shut down (which cancels them; see source._quiesce for why that is avoided), and
+# how often to look.
+TEARDOWN_WAIT = 10.0
+TEARDOWN_POLL = 0.005

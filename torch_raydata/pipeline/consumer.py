@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..resume.consumed import ConsumedSet
 from .stats import StatsRecorder
 from .types import Batch
 
@@ -55,8 +56,6 @@ class EpochProgress:
 
     def consumed_set(self, lag: int = 0):  # type: ignore[no-untyped-def]
         """A resume.ConsumedSet of the IDs yielded, minus the last ``lag`` batches."""
-        from ..resume import ConsumedSet
-
         out = ConsumedSet()
         ids = self.ids or []
         for keys in ids[: len(ids) - lag] if lag else ids:
@@ -77,7 +76,8 @@ class EpochConsumer:
         skip_batches: batches to pull and drop first (best-effort resume).
         record_ids: keep the row IDs of every batch yielded (exact resume).
         max_batches: exactly this many batches per epoch, skipped ones included (equal
-            steps across ranks): extra batches are dropped and counted, too few raise.
+            steps across ranks, ``distributed/sharding.py``): extra batches are dropped and
+            counted, too few raise.
         progress: the dataset's record of this epoch (a new one if None).
         on_consume: called with each payload on the training step's thread just before it
             receives it (``Transport.on_consume``).

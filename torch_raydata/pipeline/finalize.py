@@ -26,7 +26,7 @@ from typing import Any
 from ..transports.base import FetchRequest, Transport
 from .constants import FINALIZE_IN_FLIGHT, JOIN_TIMEOUT, QUEUE_TIMEOUT
 from .errors import ExceptionWrapper
-from .queues import Inbox, Slots
+from .queues import Inbox, Slots, drain
 from .stats import StatsRecorder
 from .types import Batch
 
@@ -182,8 +182,4 @@ class Finalizer:
         self.join()
         self._input = iter(())  # drop upstream stages (and their blocks) even if kept alive
         if self._thread is not None:
-            while True:
-                try:
-                    self._out.get_nowait()
-                except queue.Empty:
-                    break
+            drain(self._out)

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from .constants import IDLE_WAIT, JOIN_TIMEOUT, QUEUE_TIMEOUT
 from .errors import ExceptionWrapper
-from .queues import Inbox
+from .queues import Inbox, drain
 from .stats import StatsRecorder
 from .types import SourceBlock
 
@@ -213,10 +213,8 @@ class Prefetcher:
         self.join()
         self._blocks = iter(())  # drop stage 1's stream (its block refs) even if kept alive
         # Release what nobody will consume (the window's bytes leave the books too).
-        while True:
-            try:
-                item = self._out.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, tuple):
-                self._account(-item[0].size_bytes)
+        drain(self._out, self._unaccount)
+
+    def _unaccount(self, item: Any) -> None:
+        if isinstance(item, tuple):
+            self._account(-item[0].size_bytes)

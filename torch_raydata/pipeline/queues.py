@@ -1,16 +1,19 @@
-"""How stages hand items to each other: the consumer's pull (``next_item``) and the bound
-on items in flight (``Slots``)."""
+"""How stages hand items to each other: the consumer's pull (``next_item``, ``Inbox``),
+the bound on items in flight (``Slots``) and emptying a queue on close (``drain``).
+
+Owns these queue idioms. Does not own the threads on either end (the stages)."""
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from .constants import QUEUE_TIMEOUT
 from .errors import ExceptionWrapper
 
-__all__ = ["next_item", "Inbox", "Slots"]
+__all__ = ["drain", "next_item", "Inbox", "Slots"]
 
 
 def next_item(out: queue.SimpleQueue[Any], stop: threading.Event, end: object) -> Any:
@@ -29,6 +32,20 @@ def next_item(out: queue.SimpleQueue[Any], stop: threading.Event, end: object) -
         if item is end:
             raise StopIteration
         return item
+
+
+def drain(out: queue.SimpleQueue[Any], on_item: Callable[[Any], None] | None = None) -> int:
+    """Take every item left in ``out`` without waiting (a closed stage's output nobody will
+    consume, so its memory goes now), passing each to ``on_item``; return how many."""
+    n = 0
+    while True:
+        try:
+            item = out.get_nowait()
+        except queue.Empty:
+            return n
+        n += 1
+        if on_item is not None:
+            on_item(item)
 
 
 class Inbox:
@@ -68,7 +85,7 @@ class Slots:
 
     Why not ``threading.Semaphore``: it is a Python ``Condition`` (several Python frames
     and a lock allocated per wait). On the consumer's path, releasing one slot per batch
-    was 11% of the GIL-held samples of a workload-1 epoch (py-spy --gil, NOTES.md 15),
+    was 11% of the GIL-held samples of an epoch of 3x64x64 uint8 rows (py-spy --gil),
     time during which no collate thread can run. ``SimpleQueue.get`` takes a token
     without touching a lock when one is there, and ``put`` wakes one waiter.
     """

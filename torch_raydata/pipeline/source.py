@@ -3,11 +3,22 @@
 THE one module that touches Ray internals. What it relies on (pinned by
 ``tests/test_source_pins.py``, so a Ray upgrade fails loudly here and nowhere else):
 
+* ``Dataset._create_executor()`` and ``Dataset._execute_dag(executor)``: start an epoch's
+  streaming executor WITHOUT waiting for its first output (Ray's own
+  ``_to_ref_bundle_iterator`` blocks until the first bundle exists, seconds for a
+  ``read_parquet``): the open returns at once, the wait happens on the prefetch thread,
+  and an epoch can be started ahead of time (``pipeline/prestart.py``).
+* The executor's ``_backpressure_policies`` list (policies answer ``can_add_input(op)``
+  and ``max_task_output_bytes_to_read(op)``), ``_consumer_idling``, ``_topology`` (ops
+  with ``num_active_tasks()``), ``_output_node`` (its op's
+  ``metrics.num_external_outqueue_bytes``: bytes waiting for us), ``_shutdown`` and
+  ``shutdown(force)``. We add one policy of our own to each executor we start: it holds
+  a prestarted epoch to a byte budget, and on an early stop it lets running tasks finish
+  before the shutdown (see ``EpochBlocks.close``).
 * ``DataIterator._to_ref_bundle_iterator() -> (Iterator[RefBundle], stats, executor)``
-  and ``DataIterator._on_iteration_end(executor)``: the same pair Ray's own
-  ``iter_batches`` uses. ``_on_iteration_end`` shuts the executor down (or, for a
-  ``streaming_split`` shard, tells the SplitCoordinator this split is done) at once
-  when an epoch stops early, instead of whenever GC gets to it.
+  and ``DataIterator._on_iteration_end(executor)`` for inputs we do not copy (a
+  ``streaming_split`` shard such as a Ray Train shard, a MaterializedDataset): the same
+  pair Ray's own ``iter_batches`` uses.
 * ``RefBundle.blocks`` entries with ``.ref`` and ``.metadata.{num_rows,size_bytes}``,
   and ``RefBundle.slices`` (``None`` or ``.start_offset``/``.end_offset`` per block).
 * ``Dataset._meta_count()``: the row count when known without executing anything.
@@ -15,8 +26,8 @@ THE one module that touches Ray internals. What it relies on (pinned by
 * ``Dataset._logical_plan.dag`` and ``AbstractMap`` (``ends_in_map``): whether an
   appended ``map_batches`` fuses into the last stage's task.
 * ``Dataset.copy(ds, _deep_copy=True)`` to give every epoch its own execution cache and
-  DataContext (``preserve_order=True`` is set on the copy, never on the caller's dataset;
-  and see ``RaySource.open`` for the row-count cache an early stop would otherwise corrupt).
+  DataContext (``preserve_order=True`` and the training-sized ``target_max_block_size``
+  are set on the copy, never on the caller's dataset or the global context).
 
 A plain ``Dataset`` goes through ``ds.iterator()``, so both inputs share one code path.
 """
@@ -24,6 +35,8 @@ A plain ``Dataset`` goes through ``ds.iterator()``, so both inputs share one cod
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,56 +44,227 @@ import ray
 from ray.data import DataIterator, Dataset
 from ray.data.dataset import MaterializedDataset
 
+from .constants import TEARDOWN_POLL, TEARDOWN_WAIT, TRAINING_BLOCK_BYTES
 from .types import SourceBlock
 
-__all__ = ["RaySource", "RayFetcher", "EpochBlocks", "is_ray_input", "split_for_ranks"]
+__all__ = [
+    "RaySource",
+    "RayFetcher",
+    "EpochBlocks",
+    "is_ray_input",
+    "split_for_ranks",
+    "teardown_counts",
+]
 
 logger = logging.getLogger(__name__)
+
+# How early stops ended, process-wide: "quiet" (no task was running when the executor
+# shut down, so Ray cancelled nothing) or "cancelled" (tasks still ran after
+# TEARDOWN_WAIT; Ray cancels them). Read by tests and the stress script.
+_TEARDOWNS = {"quiet": 0, "cancelled": 0}
+_TEARDOWNS_LOCK = threading.Lock()
+
+
+def teardown_counts() -> dict[str, int]:
+    """How this process's early-stopped epochs were torn down so far (a copy)."""
+    with _TEARDOWNS_LOCK:
+        return dict(_TEARDOWNS)
 
 
 def is_ray_input(obj: Any) -> bool:
     return isinstance(obj, (Dataset, DataIterator))
 
 
-class EpochBlocks:
-    """One epoch's block stream. Iterate it (on the prefetch thread); ``close()`` it
-    (on the consumer thread) when the epoch ends or stops early."""
+class _Hold:
+    """Our backpressure policy on one executor (Ray calls it on its scheduling thread).
 
-    def __init__(self, data_iterator: DataIterator) -> None:
-        self._it = data_iterator
-        bundles, _stats, executor = data_iterator._to_ref_bundle_iterator()
+    ``budget`` None: no effect. An int: no operator starts a new task while the bytes
+    waiting in the executor's output queue (produced, not yet taken by us) are at or
+    above it; 0 therefore stops every new task. Running tasks are never touched.
+    """
+
+    name = "torch_raydata.hold"
+
+    def __init__(self, executor: Any) -> None:
+        self._output_op = executor._output_node[0]
+        self.budget: int | None = None
+
+    def queued_bytes(self) -> int:
+        return int(self._output_op.metrics.num_external_outqueue_bytes)
+
+    def can_add_input(self, op: Any) -> bool:
+        budget = self.budget
+        return budget is None or self.queued_bytes() < budget
+
+    def max_task_output_bytes_to_read(self, op: Any) -> int | None:
+        return None  # running tasks may always hand their outputs on (so they can finish)
+
+
+def _slices(bundle: Any) -> Iterator[SourceBlock]:
+    slices = bundle.slices or (None,) * len(bundle.blocks)
+    for entry, sl in zip(bundle.blocks, slices, strict=True):
+        md = entry.metadata
+        rows = None
+        num_rows = md.num_rows
+        if sl is not None:
+            rows = (sl.start_offset, sl.end_offset)
+            full = md.num_rows
+            num_rows = sl.end_offset - sl.start_offset
+            size = md.size_bytes if not full else max(1, md.size_bytes * num_rows // full)
+        else:
+            size = md.size_bytes
+        yield SourceBlock(ref=entry.ref, size_bytes=int(size or 0), num_rows=num_rows, rows=rows)
+
+
+class EpochBlocks:
+    """One epoch's block stream. Iterate it (on the prefetch thread); ``close()`` it (on
+    any thread) when the epoch ends or stops early.
+
+    Build it with :meth:`start` (a Dataset copy of ours: the executor starts now, without
+    waiting for its first output) or :meth:`from_iterator` (a DataIterator we do not own:
+    Ray's own protocol, which waits for the first bundle).
+
+    ``observer(rows_so_far, done, size_bytes)``, if set, is called on the iterating thread
+    after each block and once at the end (the prestart of the next epoch listens here);
+    ``on_first_block(t)`` once, when the first block comes.
+    """
+
+    def __init__(
+        self,
+        bundles: Iterator[Any],
+        executor: Any,
+        *,
+        data_iterator: DataIterator | None = None,
+        hold: _Hold | None = None,
+    ) -> None:
         self._bundles = bundles
         self._executor = executor
+        self._it = data_iterator
+        self._hold = hold
+        self._lock = threading.Lock()
         self._closed = False
+        self.exhausted = False
+        self.opened_at = time.perf_counter()
+        self.first_block_at: float | None = None
+        self.rows = 0
+        self.observer: Callable[..., None] | None = None
+        self.on_first_block: Callable[[float], None] | None = None
 
+    @classmethod
+    def start(cls, ds: Dataset, *, hold_bytes: int | None = None) -> EpochBlocks:
+        """Start ``ds`` (an epoch-private copy) now; with ``hold_bytes``, its executor
+        starts no new task while that many output bytes wait for us (see :meth:`release`)."""
+        executor = ds._create_executor()
+        bundles = ds._execute_dag(executor)
+        hold = _Hold(executor)
+        hold.budget = hold_bytes
+        executor._backpressure_policies.append(hold)
+        return cls(iter(bundles), executor, hold=hold)
+
+    @classmethod
+    def from_iterator(cls, data_iterator: DataIterator) -> EpochBlocks:
+        bundles, _stats, executor = data_iterator._to_ref_bundle_iterator()
+        return cls(iter(bundles), executor, data_iterator=data_iterator)
+
+    # -- prestarted streams -----------------------------------------------------------------
+    def release(self) -> None:
+        """Lift the byte hold: the epoch is running now."""
+        if self._hold is not None:
+            self._hold.budget = None
+
+    def queued_bytes(self) -> int:
+        """Bytes the executor produced that wait for us (0 when unknown or closed)."""
+        hold = self._hold
+        if hold is None or self._closed:
+            return 0
+        try:
+            return max(0, hold.queued_bytes())
+        except Exception:  # noqa: BLE001 - a stats read must not fail the epoch
+            return 0
+
+    @property
+    def start_seconds(self) -> float | None:
+        """From the executor's start to its first block (None before it came)."""
+        if self.first_block_at is None:
+            return None
+        return self.first_block_at - self.opened_at
+
+    # -- stream ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[SourceBlock]:
+        observer = self.observer
         for bundle in self._bundles:
-            slices = bundle.slices or (None,) * len(bundle.blocks)
-            for entry, sl in zip(bundle.blocks, slices, strict=True):
-                md = entry.metadata
-                rows = None
-                num_rows = md.num_rows
-                if sl is not None:
-                    rows = (sl.start_offset, sl.end_offset)
-                    full = md.num_rows
-                    num_rows = sl.end_offset - sl.start_offset
-                    size = md.size_bytes if not full else max(1, md.size_bytes * num_rows // full)
-                else:
-                    size = md.size_bytes
-                yield SourceBlock(
-                    ref=entry.ref, size_bytes=int(size or 0), num_rows=num_rows, rows=rows
-                )
+            for sb in _slices(bundle):
+                if self.first_block_at is None:
+                    self.first_block_at = time.perf_counter()
+                    if self.on_first_block is not None:
+                        self.on_first_block(self.first_block_at)
+                self.rows += sb.num_rows or 0
+                if observer is not None:
+                    observer(self.rows, False, sb.size_bytes)
+                yield sb
+        self.exhausted = True
+        if observer is not None:
+            observer(self.rows, True)
 
     def close(self) -> None:
-        if self._closed:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        executor, self._executor = self._executor, None
+        # Drop the bundles not yet consumed (their block refs) even if this object is kept.
+        self._bundles = iter(())
+        if executor is not None and executor is threading.current_thread():
+            # Garbage collection can run a finalizer (a dataset's, closing its prestarted
+            # stream) on the executor's own thread, which cannot join itself.
+            threading.Thread(
+                target=self._shutdown, args=(executor,), name="trd-source-teardown", daemon=True
+            ).start()
             return
-        self._closed = True
+        self._shutdown(executor)
+
+    def _shutdown(self, executor: Any) -> None:
         try:
-            self._it._on_iteration_end(self._executor)
+            if self._hold is not None and executor is not None and not self.exhausted:
+                _quiesce(executor, self._hold)
+            if self._it is not None:
+                self._it._on_iteration_end(executor)
+            elif executor is not None:
+                executor.shutdown(force=True)
         except Exception:  # noqa: BLE001 - cleanup must not mask the epoch's own error
             logger.warning("torch_raydata: shutting down Ray's executor failed", exc_info=True)
-        # Drop the bundles not yet consumed (their block refs) even if this object is kept.
-        self._bundles, self._executor = iter(()), None
+
+
+def _quiesce(executor: Any, hold: _Hold) -> None:
+    """Let an executor's running tasks finish before it is shut down.
+
+    Ray's shutdown cancels running tasks, and in Ray 2.60 a task that completes while it
+    is being cancelled can trip a check in the driver's task manager that aborts the
+    whole process (``Check failed: it != submissible_tasks_.end()``, ray-project/ray
+    PRs 54527 / 54798; seen in about 1 of 13 early-stop runs here). So: no new task from
+    now on (our hold policy at 0, and no "liveness" task either), wait up to
+    ``TEARDOWN_WAIT`` for the running ones (the scheduling loop keeps taking their
+    outputs, so streaming tasks run to their end), then the shutdown has nothing to
+    cancel. Tasks still running after the bound are cancelled as before.
+    """
+    if executor._shutdown:
+        return
+    hold.budget = 0
+    executor._consumer_idling = lambda: False
+    topology = executor._topology
+    deadline = time.perf_counter() + TEARDOWN_WAIT
+    while any(op.num_active_tasks() for op in list(topology)):
+        if time.perf_counter() > deadline:
+            with _TEARDOWNS_LOCK:
+                _TEARDOWNS["cancelled"] += 1
+            logger.warning(
+                "torch_raydata: %d s after an early stop Ray tasks still run; cancelling them",
+                TEARDOWN_WAIT,
+            )
+            return
+        time.sleep(TEARDOWN_POLL)  # Ray offers no completion event across operators
+    with _TEARDOWNS_LOCK:
+        _TEARDOWNS["quiet"] += 1
 
 
 class RaySource:
@@ -133,35 +317,59 @@ class RaySource:
             return None
         return list(schema.names) if schema is not None else None
 
-    def open(self, transform: Callable[[Dataset], Dataset] | None = None) -> EpochBlocks:
+    def open(
+        self,
+        transform: Callable[[Dataset], Dataset] | None = None,
+        *,
+        hold_bytes: int | None = None,
+    ) -> EpochBlocks:
         """Start one epoch of the stream; ``transform`` (a Dataset input only) appends stages
-        for this epoch, e.g. the resume filter."""
+        for this epoch, e.g. the resume filter. Returns at once for a Dataset input (the
+        executor runs in Ray's thread); ``hold_bytes``: see :meth:`EpochBlocks.start`."""
         if isinstance(self.data, Dataset):
             if transform is None and isinstance(self.data, MaterializedDataset):
                 # Materialized: Ray serves the cached bundle without starting an executor
                 # (nothing to corrupt, see below; and a copy would cost a full executor
-                # start per epoch: +25-55% rows/s, first batch 58 -> 22 ms, measured in
-                # benchmarks/NOTES.md). Its block order is fixed, so preserve_order holds.
-                return EpochBlocks(self.data.iterator())
+                # start per epoch: measured +25-55% rows/s, first batch 58 -> 22 ms). Its
+                # block order is fixed, so preserve_order holds.
+                return EpochBlocks.from_iterator(self.data.iterator())
             ds = self.data if transform is None else transform(self.data)
-            # Otherwise an epoch-private copy (own execution cache and context). Ray's
-            # _CacheMetadataIterator writes the rows seen so far into the dataset's cache on
-            # ANY StopIteration, including the one a shut-down executor raises when an epoch
-            # stops early: iterating the caller's dataset would leave its count() (and our
-            # len(), and the equal-steps cap across ranks) at a partial row count.
-            ds = Dataset.copy(ds, _deep_copy=True)
-            if self.preserve_order:
-                ds.context.execution_options.preserve_order = True
-            return EpochBlocks(ds.iterator())
+            return EpochBlocks.start(self._epoch_copy(ds), hold_bytes=hold_bytes)
         if transform is not None:
             raise ValueError("a DataIterator input cannot take extra stages; filter locally")
-        return EpochBlocks(self.data)
+        return EpochBlocks.from_iterator(self.data)
+
+    def can_prestart(self) -> bool:
+        """Whether an epoch can be started ahead of time: a Dataset we copy per epoch (a
+        DataIterator shard starts its epochs in step with the other ranks; a
+        MaterializedDataset starts in milliseconds)."""
+        return isinstance(self.data, Dataset) and not isinstance(self.data, MaterializedDataset)
+
+    def _epoch_copy(self, ds: Dataset) -> Dataset:
+        """An epoch-private copy (own execution cache and context). Ray's
+        _CacheMetadataIterator writes the rows seen so far into the dataset's cache on ANY
+        StopIteration, including the one a shut-down executor raises when an epoch stops
+        early: iterating the caller's dataset would leave its count() (and our len(), and
+        the equal-steps cap across ranks) at a partial row count."""
+        ds = Dataset.copy(ds, _deep_copy=True)
+        ctx = ds.context
+        if self.preserve_order:
+            ctx.execution_options.preserve_order = True
+        # Blocks sized for training, not storage: Ray's default target (128 MiB) makes
+        # the first batch wait for a whole block, e.g. 200 decoded 224 px images.
+        target = ctx.target_max_block_size
+        if target is None or target > TRAINING_BLOCK_BYTES:
+            ctx.target_max_block_size = TRAINING_BLOCK_BYTES
+        return ds
 
 
 def split_for_ranks(ds: Dataset, n: int, *, preserve_order: bool = False) -> list[DataIterator]:
-    """``ds.streaming_split(n, equal=True)``; with ``preserve_order`` on an ordered copy (the
-    caller's dataset is not mutated). Used by ``distributed.shard`` on rank 0."""
-    if preserve_order and not ds.context.execution_options.preserve_order:
+    """``ds.streaming_split(n, equal=True)`` of a copy with training-sized blocks (and,
+    with ``preserve_order``, ordered); the caller's dataset is not mutated. Used by
+    ``distributed.shard`` on rank 0."""
+    if not isinstance(ds, MaterializedDataset):
+        ds = RaySource(ds, preserve_order=preserve_order)._epoch_copy(ds)
+    elif preserve_order and not ds.context.execution_options.preserve_order:
         ds = Dataset.copy(ds, _deep_copy=True)
         ds.context.execution_options.preserve_order = True
     return ds.streaming_split(n, equal=True)

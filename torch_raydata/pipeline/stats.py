@@ -27,6 +27,15 @@ class LoaderStats:
     Times in seconds except the ``wait_*_ms`` percentiles (milliseconds the training
     step waited in ``next()`` per batch). ``stage_seconds`` is busy time summed over the
     threads of a stage, so it can exceed wall time for the collate pool.
+
+    Every time counts from ``iter()`` (the epoch's start as the training loop sees it):
+    ``wall_seconds`` and ``rows_per_second`` include starting Ray's executor;
+    ``time_to_first_batch`` is ``iter()`` to the first batch handed to the step;
+    ``epoch_start_seconds`` is ``iter()`` to the first block from Ray (the executor's
+    start, ~0 when the epoch was prestarted ``prestart_lead_seconds`` before ``iter()``).
+    ``next_epoch_prestarted`` / ``next_epoch_bytes``: the next epoch's stream, started
+    ahead of time, and the bytes it produced that wait for it (held to the prefetch
+    window's size).
     """
 
     epoch: int
@@ -47,6 +56,11 @@ class LoaderStats:
     peak_buffered_bytes: int
     blocks: int
     notes: tuple[str, ...] = field(default=())
+    epoch_start_seconds: float | None = None
+    prestarted: bool = False
+    prestart_lead_seconds: float | None = None
+    next_epoch_prestarted: bool = False
+    next_epoch_bytes: int = 0
     #: Remote collate actors working for this epoch (transport='nixl'; kept across epochs).
     collate_actors: int = 0
 
@@ -57,10 +71,21 @@ class LoaderStats:
     def __str__(self) -> str:
         stages = ", ".join(f"{k}={v:.3f}s" for k, v in self.stage_seconds.items())
         ttfb = "n/a" if self.time_to_first_batch is None else f"{self.time_to_first_batch:.3f}s"
+        if self.epoch_start_seconds is None:
+            start = "not started"
+        else:
+            start = f"{self.epoch_start_seconds:.3f}s"
+        if self.prestarted and self.prestart_lead_seconds is not None:
+            start += f", prestarted {self.prestart_lead_seconds:.2f}s before iter()"
+        nxt = (
+            f"; next epoch prestarted ({self.next_epoch_bytes:,} B waiting)"
+            if self.next_epoch_prestarted
+            else ""
+        )
         return (
             f"epoch {self.epoch}: {self.batches} batches, {self.rows} rows "
-            f"({self.rows_per_second:,.0f} rows/s), {self.rows_dropped} rows dropped, "
-            f"first batch after {ttfb}\n"
+            f"({self.rows_per_second:,.0f} rows/s from iter()), {self.rows_dropped} rows "
+            f"dropped, first batch {ttfb} after iter() (epoch start {start}){nxt}\n"
             f"  consumer wait ms p50={self.wait_p50_ms:.3f} p95={self.wait_p95_ms:.3f} "
             f"p99={self.wait_p99_ms:.3f} max={self.wait_max_ms:.3f} "
             f"(total {self.wait_total_seconds:.3f}s)\n"
@@ -80,6 +105,8 @@ class StatsRecorder:
         self._start: float | None = None
         self._end: float | None = None
         self._first_batch: float | None = None
+        self._first_block: float | None = None
+        self._prestart_lead: float | None = None
         self._stage = dict.fromkeys(STAGES, 0.0)
         self._waits = array("d")
         self.batches = 0
@@ -102,7 +129,19 @@ class StatsRecorder:
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self, now: float) -> None:
-        self._start = now
+        """The epoch's start (``iter()``); the first call wins."""
+        if self._start is None:
+            self._start = now
+
+    def first_block(self, now: float) -> None:
+        """Stage 1 handed on its first block (any thread)."""
+        with self._lock:
+            if self._first_block is None and self._start is not None:
+                self._first_block = max(0.0, now - self._start)
+
+    def prestarted(self, lead_seconds: float) -> None:
+        """This epoch's stream was started ``lead_seconds`` before ``iter()``."""
+        self._prestart_lead = lead_seconds
 
     def finish(self, now: float) -> None:
         if self._end is None:
@@ -181,5 +220,8 @@ class StatsRecorder:
                 peak_buffered_bytes=self._peak_bytes,
                 blocks=self.blocks,
                 notes=tuple(self._notes),
+                epoch_start_seconds=self._first_block,
+                prestarted=self._prestart_lead is not None,
+                prestart_lead_seconds=self._prestart_lead,
                 collate_actors=self.collate_actors,
             )

@@ -29,9 +29,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
+from .._checks import check_int
 from .constants import JOIN_TIMEOUT, QUEUE_TIMEOUT
 from .errors import ExceptionWrapper
-from .queues import Slots
+from .queues import Slots, drain
 
 __all__ = ["iter_threaded", "ThreadedIterator"]
 
@@ -59,10 +60,8 @@ class ThreadedIterator(Generic[R]):
         manual_release: bool = False,
         on_busy: Callable[[float], None] | None = None,
     ) -> None:
-        if not isinstance(num_workers, int) or num_workers < 1:
-            raise ValueError(f"{num_workers=} must be an int >= 1")
-        if not isinstance(output_buffer_size, int) or output_buffer_size < 1:
-            raise ValueError(f"{output_buffer_size=} must be an int >= 1")
+        num_workers = check_int("num_workers", num_workers, 1)
+        output_buffer_size = check_int("output_buffer_size", output_buffer_size, 1)
         self._manual_release = manual_release
         self._defer_release = False
         self._owed = 0
@@ -73,7 +72,8 @@ class ThreadedIterator(Generic[R]):
         self._alive = num_workers  # workers that have not sent _DONE (consumer-side count)
         # One worker starts here and starts the others: the consumer does not wait for N
         # thread starts (each Thread.start waits for the new thread to run: 1.75 of 4.4 ms
-        # to the first batch, NOTES.md 15); they overlap the first block's fetch instead.
+        # to the first batch were five thread starts); they overlap the first block's fetch
+        # instead (measured: iter() 2.08 -> 0.79 ms).
         with self._s.threads_lock:
             self._s.unspawned = num_workers - 1
             self._s.start_worker(0, spawner=True)
@@ -113,8 +113,9 @@ class ThreadedIterator(Generic[R]):
     def defer_releases(self) -> None:
         """From now on ``next()`` frees its slot only at :meth:`settle`: the consumer
         settles after its own bookkeeping, so a worker it wakes does not compete with it
-        for the GIL while it is still inside ``next()`` (measured: the step's wait p95
-        0.96 -> see benchmarks/NOTES.md)."""
+        for the GIL while it is still inside ``next()`` (measured with a 5 ms training
+        step: the p95 of the wait inside ``next()`` went from 0.11 to 0.054 ms with 4
+        workers, from 0.074 to 0.043 ms with 2)."""
         self._defer_release = True
 
     def settle(self) -> None:
@@ -151,11 +152,7 @@ class ThreadedIterator(Generic[R]):
         self.join()
         self._alive = 0  # a closed iterator is exhausted
         # Drop results nobody will consume so they free their memory now.
-        while True:
-            try:
-                self._s.out.get_nowait()
-            except queue.Empty:
-                break
+        drain(self._s.out)
         # Let go of the input (stage 3's generator and the blocks it holds): a closed pool
         # that something still references (a traceback frame) must not pin the object store.
         self._s.input = iter(())

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from ..kernels.take import take_rows
+
 __all__ = ["SourceBlock", "Batch"]
 
 
@@ -34,7 +36,7 @@ class Batch:
     stage 4 collates it, then whatever the collate_fn returned. ``rows``: the batch is
     those rows of ``data`` (a shuffle's draw), gathered in stage 4 by the collate threads
     rather than in stage 3 under the input lock. ``spans``: ``data`` is, in order, rows
-    ``[start, stop)`` of each ``(block, start, stop)`` (``collate._take.BlockViews``), so a
+    ``[start, stop)`` of each ``(block, start, stop)`` (``kernels.take.BlockViews``), so a
     collate that knows blocks copies from views computed once per block, not per batch.
     """
 
@@ -50,6 +52,4 @@ class Batch:
         """The batch's own rows as a table (gathers ``rows`` of ``data`` when set)."""
         if self.rows is None:
             return self.data
-        from ..collate._take import take_rows
-
         return take_rows(self.data, self.rows)

@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
+from .._checks import resolve_device
 from .base import FetchRequest, RemoteCollate, Transport
 from .cuda import CudaTransport
 from .local import LocalTransport
@@ -34,30 +33,6 @@ TRANSPORTS: dict[str, Callable[..., Transport]] = {
     "nixl": NixlTransport,  # needs the `nixl` extra; checked when constructed
 }
 
-# Transports whose implementation lands later; named here so the error says so plainly.
-_NOT_YET: set[str] = set()
-
-
-def resolve_device(device: Any) -> torch.device:
-    if device is None:
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(
-            f"{device=} is not a device: use None, 'cpu', 'cuda', 'cuda:1' or a torch.device"
-        ) from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"{device=} but CUDA is not available in this process; use device=None/'cpu'"
-            )
-        if dev.index is None:
-            # Fix the index now: a bare "cuda" resolved later on the finalize thread can pick
-            # a different GPU than the training step's (Ray #65059).
-            dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
 
 def resolve_transport(spec: Any, device: Any) -> Transport:
     dev = resolve_device(device)
@@ -70,7 +45,7 @@ def resolve_transport(spec: Any, device: Any) -> Transport:
         return spec
     if not isinstance(spec, str):
         raise ValueError(
-            f"transport={spec!r} must be 'auto', one of {sorted(TRANSPORTS | dict.fromkeys(_NOT_YET))} "
+            f"transport={spec!r} must be 'auto', one of {sorted(TRANSPORTS)} "
             "or a torch_raydata.transports.Transport instance"
         )
     name = spec
@@ -83,12 +58,6 @@ def resolve_transport(spec: Any, device: Any) -> Transport:
         name = "cuda" if dev.type == "cuda" else "local"
     if name in TRANSPORTS:
         return TRANSPORTS[name](dev)
-    if name in _NOT_YET:
-        raise ValueError(
-            f"transport={spec!r} (resolved to {name!r}) is not available in this version of "
-            "torch_raydata; use transport='local' with a CPU device, or pass your own "
-            "torch_raydata.transports.Transport"
-        )
     raise ValueError(
         f"transport={spec!r} is unknown; use 'auto', one of {sorted(TRANSPORTS)} or a "
         "Transport instance"

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .._checks import resolve_device
+from ..kernels.nested import map_leaves
 from .base import FetchRequest, Transport
 
 __all__ = ["CudaTransport", "CudaOps", "PinnedPool"]
@@ -133,18 +135,6 @@ class PinnedPool:
             self.total_bytes = 0
 
 
-def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return type(obj)((k, _map_tensors(v, fn)) for k, v in obj.items())
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_map_tensors(v, fn) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(v, fn) for v in obj)
-    return obj
-
-
 class CudaTransport(Transport):
     """Moves batches to ``device`` on a copy stream; see the module docstring.
 
@@ -167,12 +157,7 @@ class CudaTransport(Transport):
         if dev.type != "cuda":
             raise ValueError(f"CudaTransport needs a CUDA device, got {device=}")
         if ops is None:
-            if not torch.cuda.is_available():
-                raise ValueError(
-                    f"{device=} but CUDA is not available in this process; use device=None/'cpu'"
-                )
-            if dev.index is None:
-                dev = torch.device("cuda", torch.cuda.current_device())
+            dev = resolve_device(device)
             ops = CudaOps(dev)
         super().__init__(dev)
         self._ops = ops
@@ -214,7 +199,7 @@ class CudaTransport(Transport):
                     keys.append(k)
                 return self._ops.copy(t, self._stream)
 
-            moved = _map_tensors(batch, move)
+            moved = map_leaves(batch, move)
             event = self._ops.new_event()
             self._ops.record(event, self._stream)
             self._in_flight.append((event, keys))
@@ -244,7 +229,7 @@ class CudaTransport(Transport):
             self._ops.record_stream(t, stream)
             return t
 
-        _map_tensors(data, record)
+        map_leaves(data, record)
         return data
 
     def close(self) -> None:

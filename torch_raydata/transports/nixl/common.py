@@ -9,12 +9,13 @@ and back. Does not own memory (``worker.py`` on the actor, ``pool.py`` on the tr
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from ...kernels.nested import map_leaves
 
 __all__ = [
     "ALIGN",
@@ -117,18 +118,6 @@ class _Slot:
         return (_Slot, (self.i,))
 
 
-def _map(obj: Any, fn: Callable[[Any], Any], leaf: type) -> Any:
-    if isinstance(obj, leaf):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return type(obj)((k, _map(v, fn, leaf)) for k, v in obj.items())
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_map(v, fn, leaf) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map(v, fn, leaf) for v in obj)
-    return obj
-
-
 def flatten_payload(payload: Any) -> tuple[Any, list[torch.Tensor]]:
     """``payload`` -> (skeleton with ``_Slot`` placeholders, tensors in slot order)."""
     tensors: list[torch.Tensor] = []
@@ -142,8 +131,8 @@ def flatten_payload(payload: Any) -> tuple[Any, list[torch.Tensor]]:
         tensors.append(t)
         return _Slot(len(tensors) - 1)
 
-    return _map(payload, take, torch.Tensor), tensors
+    return map_leaves(payload, take, torch.Tensor), tensors
 
 
 def unflatten_payload(skeleton: Any, tensors: list[torch.Tensor]) -> Any:
-    return _map(skeleton, lambda s: tensors[s.i], _Slot)
+    return map_leaves(skeleton, lambda s: tensors[s.i], _Slot)

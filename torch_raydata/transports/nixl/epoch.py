@@ -65,6 +65,8 @@ from ...pipeline.consumer import EpochConsumer, EpochProgress
 from ...pipeline.run import PipelineConfig
 from ...pipeline.stats import StatsRecorder
 from ...pipeline.types import SourceBlock
+from ...resume.consumed import ConsumedSet
+from ...resume.filter import SharedConsumedSet
 from ..base import RemoteCollate
 from .plan import kept_rows, plan_batches
 from .threads import Output, RemoteCollateError, Shared, StageThread, plan_loop
@@ -188,8 +190,6 @@ def _kept_rows_remotely(consumed: Any, id_column: str) -> Callable[[SourceBlock]
     """``keep_rows`` for plan_batches: a zero-CPU Ray task per block next to it (the ID
     set goes into the object store once per epoch)."""
     import ray
-
-    from ...resume import ConsumedSet, SharedConsumedSet
 
     if not isinstance(consumed, ConsumedSet):
         consumed = ConsumedSet(consumed)  # a BitMap64 from the dataset's resume plan

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ...collate._take import take_rows
-from ...pipeline.batching import ShuffleDraw, _ids_of, to_arrow
+from ...kernels.ids import check_column, column_ids, consumed_mask, ids_as_uint64
+from ...kernels.take import take_rows
+from ...pipeline.batching import ShuffleDraw, to_arrow
 from ...pipeline.stats import StatsRecorder
 from ...pipeline.types import SourceBlock
 
@@ -55,12 +56,7 @@ class BatchPlan:
             table = take_rows(table, self.take)  # the shuffle's gather (one copy)
         ids = None
         if id_column is not None:
-            if id_column not in table.column_names:
-                raise ValueError(
-                    f"id_column={id_column!r} is not a column of the dataset; "
-                    f"columns are {table.column_names}"
-                )
-            ids = _ids_of(table, id_column)
+            ids = column_ids(table, id_column)
         return table, ids
 
 
@@ -142,18 +138,12 @@ def kept_rows(
     block: Any, rows: tuple[int, int] | None, consumed: Any, id_column: str
 ) -> np.ndarray:
     """Offsets (in the stream's slice of ``block``) of the rows whose ID is not in
-    ``consumed`` (see ``resume.consumed_mask``) — what ``resume.drop_consumed`` keeps.
+    ``consumed`` (see ``kernels.ids.consumed_mask``) — what ``resume.drop_consumed`` keeps.
     Runs as a Ray task by the block."""
-    from ...resume import consumed_mask, ids_as_uint64
-
     table = to_arrow(block)
     if rows is not None:
         table = table.slice(rows[0], rows[1] - rows[0])
-    if id_column not in table.column_names:
-        raise ValueError(
-            f"id_column={id_column!r} is not a column of the dataset; "
-            f"columns are {table.column_names}"
-        )
+    check_column(id_column, table.column_names)
     if table.num_rows == 0:
         return np.arange(0)
     return np.flatnonzero(~consumed_mask(ids_as_uint64(table.column(id_column)), consumed))

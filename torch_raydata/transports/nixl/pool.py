@@ -2,7 +2,7 @@
 
 Owns: registering host (DRAM) or device (VRAM) buffers with the trainer's NIXL agent,
 handing a buffer out as a flat uint8 view that comes back when the last tensor viewing it
-is collected (the lease of ``pipeline/buffers.py``), trimming free memory beyond
+is collected (the lease of ``memory/buffers.py``), trimming free memory beyond
 ``max_free_bytes``, and deregistering everything on close. Does not own the agent or the
 transfers (``transport.py``).
 """
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...pipeline.buffers import _Lease
+from ...memory.buffers import Lease
 from .common import align
 
 __all__ = ["DestPool"]
@@ -89,14 +89,14 @@ class DestPool:
         for r in trim:
             self._deregister(r)
 
-    def _give_back(self, raw: np.ndarray, address: int) -> None:  # by a _Lease, any thread
+    def _give_back(self, raw: np.ndarray, address: int) -> None:  # by a Lease, any thread
         with self._lock:
             if not self._closed:
                 self._returned.append(raw)
 
     def handout(self, raw: np.ndarray) -> np.ndarray:
         """A flat uint8 view of ``raw`` that returns it here once nothing views it."""
-        return np.asarray(_Lease(raw, self.addr(raw), self._self_ref))  # type: ignore[arg-type]
+        return np.asarray(Lease(raw, self.addr(raw), self._self_ref))  # type: ignore[arg-type]
 
     def _deregister(self, raw: Any) -> None:
         entry = self._regs.pop(self.addr(raw), None)

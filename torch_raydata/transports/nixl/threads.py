@@ -22,7 +22,7 @@ from typing import Any
 
 from ...pipeline.constants import JOIN_TIMEOUT, QUEUE_TIMEOUT
 from ...pipeline.errors import ExceptionWrapper
-from ...pipeline.queues import Inbox, Slots
+from ...pipeline.queues import Inbox, Slots, drain
 from ...pipeline.stats import StatsRecorder
 from ...pipeline.types import Batch
 from .plan import BatchPlan
@@ -228,8 +228,4 @@ class Output(StageThread):
 
     def close(self) -> None:
         super().close()
-        while True:  # batches nobody will take: their buffers go back to the pool
-            try:
-                self._s.out.get_nowait()
-            except queue.Empty:
-                break
+        drain(self._s.out)  # batches nobody will take: their buffers go back to the pool

@@ -17,7 +17,7 @@ module is the trainer's end:
   completes only once the actor has progressed, 0.1 vs 4.8 GB/s measured here);
 * the payload handed on owns its memory: its tensors are views of the destination buffer,
   which returns to the pool when the training step has dropped every one of them (the
-  lease of ``pipeline/buffers.py``), so an in-place update by the step is safe and costs
+  lease of ``memory/buffers.py``), so an in-place update by the step is safe and costs
   no copy. ``copy=True`` instead clones once and reuses the buffer at once.
 
 Errors: a READ in ERR, a remote agent gone (actor death) or no completion within
@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..._checks import check_int, resolve_device
 from ..base import FetchRequest, Transport
 from .actors import CollateActors
 from .common import RemoteBatch, import_nixl, release_message, unflatten_payload
@@ -111,24 +112,14 @@ class NixlTransport(Transport):
         actor_options: dict[str, Any] | None = None,
     ) -> None:
         import_nixl()  # fail at construction, naming the extra
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ValueError(
-                    f"{device=} but CUDA is not available in this process; use device=None/"
-                    "'cpu' (NIXL then READs into host DRAM)"
-                )
-            if dev.index is None:
-                dev = torch.device("cuda", torch.cuda.current_device())
-        elif dev.type != "cpu":
+        dev = resolve_device(device, hint=" (NIXL then READs into host DRAM)")
+        if dev.type not in ("cpu", "cuda"):
             raise ValueError(
                 f"NixlTransport moves batches to 'cpu' or a CUDA device, got {device=}"
             )
         super().__init__(dev)
-        if isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1:
-            raise ValueError(f"{num_actors=} must be an int >= 1")
-        if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
-            raise ValueError(f"{in_flight=} must be an int >= 1")
+        num_actors = check_int("num_actors", num_actors, 1)
+        in_flight = check_int("in_flight", in_flight, 1)
         if not actor_num_cpus >= 0:
             raise ValueError(f"{actor_num_cpus=} must be >= 0")
         if not xfer_timeout > 0:

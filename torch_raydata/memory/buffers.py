@@ -2,9 +2,9 @@
 
 Why: a batch owns its memory (one copy out of the object store), and a fresh multi-MB
 tensor per batch comes from a fresh ``mmap`` in glibc: every page faults and is zeroed by
-the kernel before our copy writes it, which measured here as ~1.4x slower than copying
-into memory already mapped (20k rows of uint8 (3,64,64): 372k -> 525k rows/s with 4
-collate threads; see benchmarks/NOTES.md). Tuning malloc for the whole process would be a
+the kernel before our copy writes it. Measured: copying 246 MB in 256-row batches ran
+at 1.6 GB/s into a fresh ``torch.empty`` per batch and 4.85 GB/s into a reused buffer;
+in the pipeline the pool took 19% less CPU per row. Tuning malloc for the whole process would be a
 side effect on the user's program, so we keep our own free list instead.
 
 Why hand-written: neither torch (no CPU caching allocator) nor numpy offers "give this
@@ -24,12 +24,12 @@ import weakref
 import numpy as np
 import torch
 
-__all__ = ["BufferPool"]
+__all__ = ["BufferPool", "Lease"]
 
 _ITEMSIZE: dict[torch.dtype, int] = {}
 
 
-class _Lease:
+class Lease:
     """The base object of a pooled array: returns ``raw`` to the pool when collected."""
 
     __slots__ = ("raw", "address", "pool", "__array_interface__", "__weakref__")
@@ -104,7 +104,7 @@ class BufferPool:
         if entry is None:
             raw = np.empty(nbytes, dtype=np.uint8)
             entry = (raw, raw.ctypes.data)
-        return np.asarray(_Lease(entry[0], entry[1], self._self_ref))  # base is the lease
+        return np.asarray(Lease(entry[0], entry[1], self._self_ref))  # base is the lease
 
     def _give_back(self, raw: np.ndarray, address: int) -> None:
         with self._lock:

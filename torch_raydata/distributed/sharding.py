@@ -1,10 +1,6 @@
-"""Distributed training: one Ray cluster per run, one shard per rank, equal steps per rank.
+"""One shard per rank, equal steps per rank: splitting a Dataset across the ranks of a
+torch.distributed run, and stage 1 as one rank sees it.
 
-Owns, for torch.distributed runs (torchrun, Lightning ``strategy="ddp"``) where every rank
-runs the same script:
-
-* :func:`init_ray` — attach every rank to the same Ray cluster (``RAY_ADDRESS`` when set;
-  otherwise rank 0 starts a local one and shares its address over torch.distributed).
 * :func:`shard` — split a Dataset once per run with ``streaming_split(world, equal=True)``
   and hand each rank its shard through a named Ray actor (created by rank 0, which owns
   the split; looked up by name by the other ranks; gone once every rank released it).
@@ -24,192 +20,30 @@ rank with fewer raises instead of hanging its peers.
 Does not own Ray Train: there the trainer splits the datasets itself; pass
 ``ray.train.get_dataset_shard("train")`` (a DataIterator, used as is). A DataIterator is
 never re-split, which is also how one rank can read a whole dataset: ``ds.iterator()``.
-
-Public Ray APIs only; the split itself (an ordered copy for ``preserve_order``) is in
-``pipeline/source.py``.
+Does not own the cluster or the collectives (``cluster.py``); the split itself (an
+ordered copy for ``preserve_order``) is in ``pipeline/source.py``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
-import time
 import uuid
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+from ..pipeline.batching import num_batches
+from ..pipeline.source import EpochBlocks, RaySource, split_for_ranks
+from ..pipeline.stats import StatsRecorder
+from .cluster import broadcast, check_same_cluster, gcs_address, world
 
-from .pipeline.source import EpochBlocks, RaySource, split_for_ranks
-from .pipeline.stats import StatsRecorder
-
-__all__ = ["init_ray", "world", "shard", "gather_state_dict", "RankShard", "RankSource", "NAMESPACE"]
+__all__ = ["NAMESPACE", "RankShard", "RankSource", "shard"]
 
 logger = logging.getLogger(__name__)
 
 #: Ray namespace of the shard hand-out actors (ranks are separate Ray jobs, each in its
 #: own anonymous namespace unless told otherwise).
 NAMESPACE = "torch_raydata"
-
-# ray.init arguments that are valid when connecting to an existing cluster; the rest
-# (num_cpus, include_dashboard, ...) only apply when starting one.
-_CONNECT_KEYS = ("namespace", "runtime_env", "log_to_driver", "logging_level", "logging_format")
-
-
-def world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default torch.distributed group; ``(0, 1)`` without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-#: A rank that waits longer than this many seconds for the others at one of the
-#: collectives here logs one line naming itself and the place (a straggler shows as the
-#: rank that did NOT log). Env ``TORCH_RAYDATA_STRAGGLER_SECONDS`` overrides the default.
-STRAGGLER_SECONDS = float(os.environ.get("TORCH_RAYDATA_STRAGGLER_SECONDS", "5"))
-
-
-def _collective(where: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``, a collective; logs when this rank waited > STRAGGLER_SECONDS."""
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    waited = time.perf_counter() - t0
-    if waited > STRAGGLER_SECONDS:
-        logger.warning(
-            "torch_raydata: rank %d waited %.1f s for the other ranks at %s",
-            world()[0], waited, where,
-        )
-    return out
-
-
-def _broadcast(obj: Any, where: str = "a broadcast from rank 0") -> Any:
-    """``obj`` from rank 0, on every rank (collective: every rank must call it)."""
-    box = [obj]
-    _collective(where, torch.distributed.broadcast_object_list, box, src=0)
-    return box[0]
-
-
-def gather_state_dict(state: dict[str, Any], *, spill_dir: str | None = None) -> dict[str, Any]:
-    """Every rank's ``RayIterableDataset.state_dict()`` merged into one (collective).
-
-    Call it on every rank at the same training step; every rank gets the same merged
-    state, whose consumed-ID set is the union of the ranks' sets. Load it into every rank
-    of the resumed run (any world size: the rest of the epoch is split afresh among the
-    ranks). Single-process: returns ``state`` as is.
-
-        state = trd.distributed.gather_state_dict(ds.state_dict())
-        if dist.get_rank() == 0:
-            torch.save({"model": ..., "loader": state}, path)
-    """
-    from .resume import merge_states
-
-    if world()[1] == 1:
-        return state
-    states: list[Any] = [None] * world()[1]
-    _collective(
-        "gather_state_dict() (every rank saves loader state)",
-        torch.distributed.all_gather_object, states, state,
-    )
-    return merge_states(states, spill_dir=spill_dir)
-
-
-def _gcs_address() -> str:
-    import ray
-
-    return ray.get_runtime_context().gcs_address
-
-
-def _env_world() -> tuple[int, int] | None:
-    """``(rank, world_size)`` from a launcher's environment (torchrun, Lightning), if any."""
-    size = os.environ.get("WORLD_SIZE")
-    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK"))
-    if size is None or rank is None:
-        return None
-    try:
-        return int(rank), int(size)
-    except ValueError:
-        return None
-
-
-def _check_same_cluster(expected: str, rank: int) -> None:
-    mine = _gcs_address()
-    if mine != expected:
-        raise RuntimeError(
-            f"rank {rank} is connected to the Ray cluster at {mine!r} but rank 0 uses "
-            f"{expected!r}: every rank must use one cluster. Call "
-            "torch_raydata.distributed.init_ray() on every rank before anything starts Ray "
-            "(building a ray.data Dataset does), or set RAY_ADDRESS for every rank"
-        )
-
-
-def init_ray(*, num_cpus: int | None = None, export_address: bool = True, **ray_init_kwargs: Any) -> str:
-    """Attach this process to the run's Ray cluster; return the cluster's GCS address.
-
-    * Already connected: kept (under torch.distributed, checked to be rank 0's cluster).
-    * ``RAY_ADDRESS`` set: ``ray.init(address=RAY_ADDRESS)``.
-    * Under torch.distributed with more than one rank: collective, call it on every rank.
-      Rank 0 starts a local Ray (``ray.init(num_cpus=num_cpus, **ray_init_kwargs)``) and
-      broadcasts its address; the other ranks connect to it.
-    * Otherwise: start a local Ray. With ``export_address`` (default) its address is put
-      in ``os.environ["RAY_ADDRESS"]``, so processes this one starts later join the same
-      cluster — Lightning's DDP launcher re-runs the script once per rank.
-
-    Args:
-        num_cpus: CPUs of a Ray started here (None: all of the machine's).
-        export_address: export ``RAY_ADDRESS`` after starting a local Ray (single process).
-        ray_init_kwargs: more ``ray.init`` arguments; when connecting to a running cluster
-            only ``namespace``, ``runtime_env`` and the logging ones are passed on.
-
-    Returns:
-        The GCS address (``"ip:port"``), the value ``RAY_ADDRESS`` takes.
-
-    Example:
-        >>> torch.distributed.init_process_group("gloo")   # torchrun: first
-        >>> trd.distributed.init_ray(num_cpus=4)            # then Ray, on every rank
-        >>> ds = ray.data.read_parquet(path)                # then datasets
-    """
-    import ray
-
-    connect = {k: v for k, v in ray_init_kwargs.items() if k in _CONNECT_KEYS}
-    rank, size = world()
-    if size > 1:
-        address = None
-        if rank == 0:
-            if not ray.is_initialized():
-                if os.environ.get("RAY_ADDRESS"):
-                    ray.init(address=os.environ["RAY_ADDRESS"], **connect)
-                else:
-                    ray.init(num_cpus=num_cpus, **ray_init_kwargs)
-            address = _gcs_address()
-        address = _broadcast(address, "init_ray() (rank 0 shares the Ray address)")
-        if rank != 0:
-            if ray.is_initialized():
-                _check_same_cluster(address, rank)
-            else:
-                ray.init(address=address, **connect)
-        return address
-    if ray.is_initialized():
-        return _gcs_address()
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], **connect)
-        return _gcs_address()
-    env = _env_world()
-    if env is not None and env[1] > 1:
-        raise RuntimeError(
-            f"init_ray() on rank {env[0]} of {env[1]} (WORLD_SIZE is set) before "
-            "torch.distributed.init_process_group() and without RAY_ADDRESS: the ranks cannot "
-            "agree on one Ray cluster yet. Call init_process_group() first (torchrun), call "
-            "init_ray() in the launching process before trainer.fit() (Lightning DDP), or "
-            "set RAY_ADDRESS"
-        )
-    ray.init(num_cpus=num_cpus, **ray_init_kwargs)
-    address = _gcs_address()
-    if export_address:
-        os.environ["RAY_ADDRESS"] = address
-    return address
-
 
 @dataclass(frozen=True)
 class RankShard:
@@ -323,12 +157,12 @@ def shard(dataset: Any, *, preserve_order: bool = False, num_rows: int | None = 
         ).remote(dataset, size, preserve_order)
         _HOLDERS[name] = holder
         ray.get(holder.ready.remote())  # split and registered before any rank looks it up
-        info = {"name": name, "address": _gcs_address(), "total_rows": n}
-    info = _broadcast(info, "shard() (rank 0 splits the dataset)")
+        info = {"name": name, "address": gcs_address(), "total_rows": n}
+    info = broadcast(info, "shard() (rank 0 splits the dataset)")
     if rank == 0:
         holder = _HOLDERS[info["name"]]
     else:
-        _check_same_cluster(info["address"], rank)
+        check_same_cluster(info["address"], rank)
         holder = ray.get_actor(info["name"], namespace=NAMESPACE)
     iterator = ray.get(holder.get.remote(rank))
     weakref.finalize(iterator, _release, holder, rank).atexit = False
@@ -403,9 +237,7 @@ class RankSource:
             rows: int | None = total_rows // self._world_size()
         else:
             rows = self.num_rows()
-        if rows is None:
-            return None
-        return rows // batch_size if drop_last else math.ceil(rows / batch_size)
+        return num_batches(rows, batch_size, drop_last)
 
     def open(
         self,

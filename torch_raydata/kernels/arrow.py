@@ -27,10 +27,12 @@ __all__ = [
     "chunk_leaf",
     "collate_tensor",
     "copy_into",
+    "ext_name",
     "is_variable_list",
     "leaf_to_numpy",
     "null_error",
     "plan_column",
+    "primitive_view",
     "ragged_error",
     "torch_dtype_of",
 ]
@@ -93,20 +95,20 @@ def is_variable_list(t: pa.DataType) -> bool:
     return _is(_VARIABLE_LISTS, t)
 
 
-def _ext_name(t: pa.DataType) -> str | None:
+def ext_name(t: pa.DataType) -> str | None:
     return t.extension_name if isinstance(t, pa.BaseExtensionType) else None
 
 
 def ragged_error(name: str, typ: pa.DataType) -> ValueError:
     pad = f"trd.collate.PadCollate(columns=[{name!r}])"
-    if _ext_name(typ) == RAY_VARIABLE_TENSOR and typ.ndim != 1:
+    if ext_name(typ) == RAY_VARIABLE_TENSOR and typ.ndim != 1:
         fix = (
             f"holds variable-shaped {typ.ndim}-D tensors, which cannot be stacked: resize or "
             "pad them to one shape in a map_batches step (PadCollate pads 1-D sequences only)"
         )
     elif _is(("is_list_view", "is_large_list_view"), typ):
         fix = f"is variable-length: cast it to pyarrow.list_(...) and use {pad}"
-    elif is_variable_list(typ) or _ext_name(typ) == RAY_VARIABLE_TENSOR:
+    elif is_variable_list(typ) or ext_name(typ) == RAY_VARIABLE_TENSOR:
         fix = f"is variable-length: use {pad}"
     else:
         fix = (
@@ -142,7 +144,7 @@ def plan_column(name: str, typ: pa.DataType) -> Plan:
     layers: list[tuple[str, int]] = []
     t = typ
     while True:  # peel fixed-shape layers off until the leaf type
-        ext = _ext_name(t)
+        ext = ext_name(t)
         if ext in RAY_FIXED_TENSORS or ext == ARROW_FIXED_TENSOR:
             dims = [int(d) for d in t.shape]
             perm = getattr(t, "permutation", None) or range(len(dims))
@@ -160,7 +162,7 @@ def plan_column(name: str, typ: pa.DataType) -> Plan:
         else:
             break
         phys += dims
-    if is_variable_list(t) or _ext_name(t) == RAY_VARIABLE_TENSOR:
+    if is_variable_list(t) or ext_name(t) == RAY_VARIABLE_TENSOR:
         raise ragged_error(name, typ)
     dictionary = pa.types.is_dictionary(t) and t is typ and _is_numeric(t.value_type)
     leaf = t.value_type if dictionary else t
@@ -225,7 +227,7 @@ def chunk_leaf(name: str, arr: pa.Array, plan: Plan) -> tuple[pa.Array | None, i
     return arr, nulls
 
 
-def _primitive_view(arr: pa.Array, np_dtype: np.dtype) -> np.ndarray:
+def primitive_view(arr: pa.Array, np_dtype: np.dtype) -> np.ndarray:
     """Zero-copy view of a null-free fixed-width array, honouring its slice offset."""
     if len(arr) == 0:
         return np.empty(0, dtype=np_dtype)
@@ -240,13 +242,13 @@ def leaf_to_numpy(leaf: pa.Array, num_rows: int, plan: Plan) -> tuple[np.ndarray
     dictionary lookups have no view, so they come back as new arrays.
     """
     if plan.dictionary:
-        values = _primitive_view(leaf.dictionary, plan.np_dtype)
+        values = primitive_view(leaf.dictionary, plan.np_dtype)
         indices = leaf.indices.to_numpy(zero_copy_only=True)  # no nulls: checked before
         view, owned = np.take(values, indices, axis=0, mode="clip"), True
     elif plan.np_dtype == np.bool_:
         view, owned = leaf.to_numpy(zero_copy_only=False), True
     else:
-        view, owned = _primitive_view(leaf, plan.np_dtype), False
+        view, owned = primitive_view(leaf, plan.np_dtype), False
     view = view.reshape(num_rows, *plan.phys)
     if plan.axes is not None:
         view = view.transpose(0, *(1 + a for a in plan.axes))

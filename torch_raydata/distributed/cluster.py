@@ -1,0 +1,193 @@
+"""The run's Ray cluster and the collectives over torch.distributed ranks.
+
+Owns, for torch.distributed runs (torchrun, Lightning ``strategy="ddp"``) where every rank
+runs the same script:
+
+* :func:`init_ray` — attach every rank to the same Ray cluster (``RAY_ADDRESS`` when set;
+  otherwise rank 0 starts a local one and shares its address over torch.distributed).
+* :func:`world` — ``(rank, world_size)``; :func:`broadcast` and :func:`collective`, which
+  log a rank that waited longer than :data:`STRAGGLER_SECONDS` for the others.
+* :func:`gather_state_dict` — every rank's loader state merged into one.
+
+Does not own splitting a dataset across the ranks (``sharding.py``) nor merging states
+(``torch_raydata.resume.merge``). Public Ray APIs only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+
+from ..resume.merge import merge_states
+
+__all__ = [
+    "STRAGGLER_SECONDS",
+    "broadcast",
+    "check_same_cluster",
+    "collective",
+    "gather_state_dict",
+    "gcs_address",
+    "init_ray",
+    "world",
+]
+
+logger = logging.getLogger(__name__)
+
+# ray.init arguments that are valid when connecting to an existing cluster; the rest
+# (num_cpus, include_dashboard, ...) only apply when starting one.
+_CONNECT_KEYS = ("namespace", "runtime_env", "log_to_driver", "logging_level", "logging_format")
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default torch.distributed group; ``(0, 1)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+#: A rank that waits longer than this many seconds for the others at one of the
+#: collectives here logs one line naming itself and the place (a straggler shows as the
+#: rank that did NOT log). Env ``TORCH_RAYDATA_STRAGGLER_SECONDS`` overrides the default.
+STRAGGLER_SECONDS = float(os.environ.get("TORCH_RAYDATA_STRAGGLER_SECONDS", "5"))
+
+
+def collective(where: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, a collective; logs when this rank waited > STRAGGLER_SECONDS."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    waited = time.perf_counter() - t0
+    if waited > STRAGGLER_SECONDS:
+        logger.warning(
+            "torch_raydata: rank %d waited %.1f s for the other ranks at %s",
+            world()[0], waited, where,
+        )
+    return out
+
+
+def broadcast(obj: Any, where: str = "a broadcast from rank 0") -> Any:
+    """``obj`` from rank 0, on every rank (collective: every rank must call it)."""
+    box = [obj]
+    collective(where, torch.distributed.broadcast_object_list, box, src=0)
+    return box[0]
+
+
+def gather_state_dict(state: dict[str, Any], *, spill_dir: str | None = None) -> dict[str, Any]:
+    """Every rank's ``RayIterableDataset.state_dict()`` merged into one (collective).
+
+    Call it on every rank at the same training step; every rank gets the same merged
+    state, whose consumed-ID set is the union of the ranks' sets. Load it into every rank
+    of the resumed run (any world size: the rest of the epoch is split afresh among the
+    ranks). Single-process: returns ``state`` as is.
+
+        state = trd.distributed.gather_state_dict(ds.state_dict())
+        if dist.get_rank() == 0:
+            torch.save({"model": ..., "loader": state}, path)
+    """
+    if world()[1] == 1:
+        return state
+    states: list[Any] = [None] * world()[1]
+    collective(
+        "gather_state_dict() (every rank saves loader state)",
+        torch.distributed.all_gather_object, states, state,
+    )
+    return merge_states(states, spill_dir=spill_dir)
+
+
+def gcs_address() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+def _env_world() -> tuple[int, int] | None:
+    """``(rank, world_size)`` from a launcher's environment (torchrun, Lightning), if any."""
+    size = os.environ.get("WORLD_SIZE")
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK"))
+    if size is None or rank is None:
+        return None
+    try:
+        return int(rank), int(size)
+    except ValueError:
+        return None
+
+
+def check_same_cluster(expected: str, rank: int) -> None:
+    mine = gcs_address()
+    if mine != expected:
+        raise RuntimeError(
+            f"rank {rank} is connected to the Ray cluster at {mine!r} but rank 0 uses "
+            f"{expected!r}: every rank must use one cluster. Call "
+            "torch_raydata.distributed.init_ray() on every rank before anything starts Ray "
+            "(building a ray.data Dataset does), or set RAY_ADDRESS for every rank"
+        )
+
+
+def init_ray(*, num_cpus: int | None = None, export_address: bool = True, **ray_init_kwargs: Any) -> str:
+    """Attach this process to the run's Ray cluster; return the cluster's GCS address.
+
+    * Already connected: kept (under torch.distributed, checked to be rank 0's cluster).
+    * ``RAY_ADDRESS`` set: ``ray.init(address=RAY_ADDRESS)``.
+    * Under torch.distributed with more than one rank: collective, call it on every rank.
+      Rank 0 starts a local Ray (``ray.init(num_cpus=num_cpus, **ray_init_kwargs)``) and
+      broadcasts its address; the other ranks connect to it.
+    * Otherwise: start a local Ray. With ``export_address`` (default) its address is put
+      in ``os.environ["RAY_ADDRESS"]``, so processes this one starts later join the same
+      cluster — Lightning's DDP launcher re-runs the script once per rank.
+
+    Args:
+        num_cpus: CPUs of a Ray started here (None: all of the machine's).
+        export_address: export ``RAY_ADDRESS`` after starting a local Ray (single process).
+        ray_init_kwargs: more ``ray.init`` arguments; when connecting to a running cluster
+            only ``namespace``, ``runtime_env`` and the logging ones are passed on.
+
+    Returns:
+        The GCS address (``"ip:port"``), the value ``RAY_ADDRESS`` takes.
+
+    Example:
+        >>> torch.distributed.init_process_group("gloo")   # torchrun: first
+        >>> trd.distributed.init_ray(num_cpus=4)            # then Ray, on every rank
+        >>> ds = ray.data.read_parquet(path)                # then datasets
+    """
+    import ray
+
+    connect = {k: v for k, v in ray_init_kwargs.items() if k in _CONNECT_KEYS}
+    rank, size = world()
+    if size > 1:
+        address = None
+        if rank == 0:
+            if not ray.is_initialized():
+                if os.environ.get("RAY_ADDRESS"):
+                    ray.init(address=os.environ["RAY_ADDRESS"], **connect)
+                else:
+                    ray.init(num_cpus=num_cpus, **ray_init_kwargs)
+            address = gcs_address()
+        address = broadcast(address, "init_ray() (rank 0 shares the Ray address)")
+        if rank != 0:
+            if ray.is_initialized():
+                check_same_cluster(address, rank)
+            else:
+                ray.init(address=address, **connect)
+        return address
+    if ray.is_initialized():
+        return gcs_address()
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **connect)
+        return gcs_address()
+    env = _env_world()
+    if env is not None and env[1] > 1:
+        raise RuntimeError(
+            f"init_ray() on rank {env[0]} of {env[1]} (WORLD_SIZE is set) before "
+            "torch.distributed.init_process_group() and without RAY_ADDRESS: the ranks cannot "
+            "agree on one Ray cluster yet. Call init_process_group() first (torchrun), call "
+            "init_ray() in the launching process before trainer.fit() (Lightning DDP), or "
+            "set RAY_ADDRESS"
+        )
+    ray.init(num_cpus=num_cpus, **ray_init_kwargs)
+    address = gcs_address()
+    if export_address:
+        os.environ["RAY_ADDRESS"] = address
+    return address

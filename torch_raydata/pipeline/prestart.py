@@ -1,0 +1,224 @@
+"""Epoch pipelining: stage 1 of the next epoch starts before the current epoch ends.
+
+Owns: at most one prestarted block stream per dataset, when to start it, its byte hold,
+and tearing it down. Does not own: starting a stream (``source.RaySource.open``) or the
+epoch that runs it (``run.EpochRun``).
+
+Why: Ray starts a new streaming executor for every epoch of a ``Dataset``, and the time
+from its start to its first block is spent before the first batch can exist (about
+1-5 s for a ``read_parquet`` on Ray 2.60, mostly listing files, against tens of ms for
+in-memory data). Started while the current epoch still runs, that time overlaps the
+training steps instead of stalling them.
+
+When: the current epoch's stream reports each block it hands to the prefetch thread
+(``observe(rows, done)``, on that thread). The next epoch starts when the current
+stream has ended, or earlier, once the rows still to come would take less time than the
+last measured executor start (times ``LEAD_MARGIN``) at the rate rows came so far: the
+lead is chosen from what was measured, and a stream that has nothing left to wait for
+does not start the next one early.
+
+Memory: the prestarted executor starts no new task once ``hold_bytes`` of its output
+wait for us (the prefetch window's bytes, counted in ``stats()`` as the next epoch's);
+the hold is lifted when the epoch is claimed. A prestarted stream has consumed nothing,
+so the loader state is unaffected; any change to what the next epoch would run (a
+loaded state, a different stream) discards it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .constants import TRAINING_BLOCK_BYTES
+
+__all__ = ["Prestartable", "NextEpoch", "LEAD_MARGIN"]
+
+logger = logging.getLogger(__name__)
+
+#: Start the next epoch when the current one's remaining rows would take less than this
+#: many times the last measured executor start.
+LEAD_MARGIN = 1.5
+
+
+class Prestartable(Protocol):
+    """What :class:`NextEpoch` needs of a block stream (``source.EpochBlocks``)."""
+
+    start_seconds: float | None
+
+    def release(self) -> None: ...
+
+    def queued_bytes(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class NextEpoch:
+    """The dataset's prestarted next epoch (one at a time; thread-safe).
+
+    Args:
+        open_stream: ``hold_bytes -> stream``: starts a stream without waiting for it.
+        enabled: False turns epoch pipelining off (every epoch starts at ``iter()``).
+    """
+
+    def __init__(self, open_stream: Callable[[int], Prestartable], *, enabled: bool) -> None:
+        self._open = open_stream
+        self.enabled = enabled
+        self._cond = threading.Condition()
+        self._slot: Any = None  # None, _OPENING, _DISCARD (discarded while opening), a stream
+        self._started_at: float | None = None
+        self._closed = False
+        # Measured on streams started at iter(): the executor's start (to its first
+        # block), and the rows of the last epoch that ran to its end.
+        self.start_seconds: float | None = None
+        self.last_rows: int | None = None
+        self.row_bytes: float | None = None  # bytes per row of the last watched stream
+        self.started = 0  # streams prestarted so far
+        self.used = 0  # of those, claimed by an epoch
+        self.discarded = 0  # torn down unused (close, a loaded state, ...)
+
+    # -- the running epoch's side (prefetch thread) ------------------------------------------
+    def watch(
+        self,
+        stream: Prestartable,
+        *,
+        prestarted: bool,
+        expected_rows: int | None,
+        window_rows: int,
+    ) -> Callable[[int, bool], None] | None:
+        """An observer for the running epoch's ``stream`` (``observer(rows, done)``, called
+        on the prefetch thread) that starts the next epoch in time; None when disabled.
+
+        ``prestarted``: the stream was itself prestarted (its start was hidden, so it
+        does not measure the executor start); ``expected_rows``: rows the epoch will have
+        (None: unknown; then the last full epoch's count, or the end of the stream);
+        ``window_rows``: the prefetch window, in rows, that the next epoch's hold admits.
+        """
+        if not self.enabled:
+            return None
+        expected = expected_rows if expected_rows is not None else self.last_rows
+        first: list[tuple[float, int]] = []  # (time, rows) at the first block seen
+        nbytes = [0]
+
+        def observe(rows: int, done: bool, size_bytes: int = 0) -> None:
+            nbytes[0] += size_bytes
+            if rows and nbytes[0]:
+                self.row_bytes = nbytes[0] / rows
+            if done:  # the whole stream (watched streams carry no resume filter)
+                self.last_rows = rows
+                self.start(self.hold_for(window_rows))
+                return
+            if not prestarted and self.start_seconds is None:
+                self.start_seconds = stream.start_seconds
+            lead = self.start_seconds
+            if expected is None or lead is None or self._slot is not None:
+                return
+            now = time.perf_counter()
+            if not first:
+                first.append((now, rows))
+                return
+            t_first, rows_first = first[0]
+            if rows <= rows_first or now <= t_first:
+                return
+            rate = (rows - rows_first) / (now - t_first)  # rows/s the stream delivers
+            if max(0, expected - rows) / rate <= lead * LEAD_MARGIN:
+                self.start(self.hold_for(window_rows))
+
+        return observe
+
+    def hold_for(self, window_rows: int) -> int:
+        """The byte hold for a prestarted stream: ``window_rows`` rows at the last measured
+        row size (one training-sized block before any row was measured)."""
+        if self.row_bytes is None:
+            return TRAINING_BLOCK_BYTES
+        return max(1, int(window_rows * self.row_bytes))
+
+    def start(self, hold_bytes: int) -> None:
+        """Start the next epoch's stream now, unless one is held or this is closed."""
+        with self._cond:
+            if self._closed or self._slot is not None or not self.enabled:
+                return
+            self._slot = _OPENING  # reserved: a second trigger is a no-op
+        stream: Prestartable | None = None
+        try:
+            stream = self._open(hold_bytes)
+        except Exception:  # noqa: BLE001 - a failed prestart is an ordinary start later
+            logger.warning("torch_raydata: starting the next epoch early failed", exc_info=True)
+        with self._cond:
+            keep = stream is not None and self._slot is _OPENING and not self._closed
+            self._slot = stream if keep else None
+            if keep:
+                self._started_at = time.perf_counter()
+                self.started += 1
+            self._cond.notify_all()
+        if stream is not None and not keep:  # closed or discarded while opening
+            stream.close()
+
+    # -- the next epoch's side (consumer thread, at iter()) ---------------------------------
+    def claim(self) -> tuple[Prestartable, float] | None:
+        """The prestarted stream (hold lifted) and how long ago it started; None if none.
+        A stream still being opened is waited for (opening does not wait for Ray's output)."""
+        with self._cond:
+            while self._slot is _OPENING:
+                self._cond.wait()
+            stream, self._slot = self._slot, None
+            started = self._started_at
+        if stream is None or stream is _DISCARD:
+            return None
+        stream.release()
+        self.used += 1
+        assert started is not None
+        return stream, time.perf_counter() - started
+
+    def queued_bytes(self) -> int:
+        """Bytes of the next epoch produced and waiting (0 when none is prestarted)."""
+        slot = self._slot
+        return slot.queued_bytes() if slot is not None else 0
+
+    @property
+    def pending(self) -> bool:
+        """A prestarted stream is held."""
+        return self._slot is not None and not isinstance(self._slot, _Marker)
+
+    def discard(self) -> None:
+        """Tear the prestarted stream down (the next epoch will start at ``iter()``)."""
+        with self._cond:
+            slot = self._slot
+            if slot is _OPENING:
+                self._slot = _DISCARD
+                return
+            self._slot = None if slot is not _DISCARD else slot
+        if slot is not None and not isinstance(slot, _Marker):
+            self.discarded += 1
+            slot.close()
+
+    def close(self) -> None:
+        """Discard, and start nothing from now on (the dataset is closed or collected)."""
+        with self._cond:
+            self._closed = True
+        self.discard()
+
+
+class _Marker:
+    """Slot states while a stream is being opened (no stream object yet)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def release(self) -> None:
+        pass
+
+    def queued_bytes(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+_OPENING: Any = _Marker("<opening>")
+_DISCARD: Any = _Marker("<discarded while opening>")
