@@ -209,7 +209,7 @@ class RayIterableDataset(IterableDataset):
             plan = self._resume.plan(epoch, self._source, self.config.id_column, world()[1])
             total_rows = plan.total_rows
             blocks = self._open_epoch(stats, plan.transform, total_rows)
-            run_class = EpochRun
+            run_class: Callable[..., Any] = EpochRun
             if isinstance(self.transport, RemoteCollate):  # collate next to the data (nixl)
                 run_class = self.transport.epoch_class()
             max_batches = self._source.max_batches(

@@ -76,7 +76,8 @@ class EpochConsumer:
         skip_batches: batches to pull and drop first (best-effort resume).
         record_ids: keep the row IDs of every batch yielded (exact resume).
         max_batches: exactly this many batches per epoch, skipped ones included (equal
-            steps across ranks): extra batches are dropped and counted, too few raise.
+            steps across ranks, ``distributed/sharding.py``): extra batches are dropped and
+            counted, too few raise.
         progress: the dataset's record of this epoch (a new one if None).
         on_consume: called with each payload on the training step's thread just before it
             receives it (``Transport.on_consume``).

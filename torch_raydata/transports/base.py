@@ -89,7 +89,7 @@ class RemoteCollate(Protocol):
 
     ``RayIterableDataset`` checks ``isinstance(transport, RemoteCollate)`` and runs
     ``transport.epoch_class()`` (same arguments as ``pipeline.run.EpochRun``) instead of
-    the local stages 2-6. These are the members that epoch calls on the transport.
+    the local stages 2-6; the rest are the members that epoch calls on the transport.
     """
 
     #: Transfers posted together; also the batches the epoch collects before posting.
@@ -121,4 +121,9 @@ class RemoteCollate(Protocol):
 
     def abort(self, request: FetchRequest) -> None:
         """Cancel ``request``'s transfers that have not completed and free their buffers."""
+        ...
+
+    def on_consume(self, data: Any) -> Any:
+        """Called on the training step's thread before it receives ``data`` (see
+        :class:`Transport`)."""
         ...

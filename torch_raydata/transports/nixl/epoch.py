@@ -112,7 +112,7 @@ class RemoteEpochRun(EpochConsumer):
             record_ids=record_ids,
             max_batches=max_batches,
             progress=progress,
-            on_consume=transport.on_consume,  # type: ignore[attr-defined]
+            on_consume=transport.on_consume,
         )
         self.config = config
         self._transport = transport
