@@ -128,7 +128,7 @@ class RayIterableDataset(IterableDataset):
             raise ValueError(f"id_column={id_column!r} must be a column name (str) or None")
         # Under torch.distributed a Dataset is split across the ranks at the first epoch
         # (distributed/sharding.py); a DataIterator (e.g. a Ray Train shard) is used as is.
-        self._source = RankSource(dataset, preserve_order=bool(preserve_order), num_rows=num_rows)
+        self._source = RankSource(dataset, preserve_order=preserve_order, num_rows=num_rows)
         names = self._source.column_names()
         if id_column is not None and names is not None:
             check_column(id_column, names)
