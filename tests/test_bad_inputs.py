@@ -11,6 +11,7 @@ dataset, batch larger than the dataset), with the behaviour chosen for them.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -115,9 +116,28 @@ COLLATE_CONSTRUCTION = [
     ("PadCollate pad str", lambda: PadCollate(["a"], pad_value="x"), ValueError, r"pad_value='x' must be a real number"),
     ("iter_threaded workers=0", lambda: trd.iter_threaded(range(3), str, num_workers=0, output_buffer_size=2), ValueError, r"num_workers=0 must be an int >= 1"),
     ("iter_threaded buffer=0", lambda: trd.iter_threaded(range(3), str, num_workers=1, output_buffer_size=0), ValueError, r"output_buffer_size=0 must be an int >= 1"),
+    ("iter_threaded workers=True", lambda: trd.iter_threaded(range(3), str, num_workers=True, output_buffer_size=2), ValueError, r"num_workers=True must be an int >= 1"),
+    ("PadCollate max_length=True", lambda: PadCollate(["a"], max_length=True), ValueError, r"max_length=True must be an int >= 1 or None"),
     ("set_epoch<0", lambda: trd.RayIterableDataset(_range()).set_epoch(-1), ValueError, r"epoch=-1 must be an int >= 0"),
     ("set_epoch str", lambda: trd.RayIterableDataset(_range()).set_epoch("1"), ValueError, r"epoch='1' must be an int"),
 ]
+
+
+def test_int_options_accept_numpy_integers_and_refuse_bools():
+    from torch_raydata._checks import check_bool, check_int
+
+    value = check_int("batch_size", np.int64(32), 1)
+    assert value == 32 and type(value) is int
+    assert check_int("shuffle_seed", None, 0, allow_none=True) is None
+    for bad in (True, np.bool_(False), 2.0, "2"):
+        with pytest.raises(ValueError, match=r"batch_size=.* must be an int >= 1"):
+            check_int("batch_size", bad, 1)
+    assert check_bool("drop_last", np.bool_(True)) is True
+    with pytest.raises(ValueError, match=r"drop_last=1 must be True or False"):
+        check_bool("drop_last", 1)
+    assert PadCollate(["a"], max_length=np.int32(8)).max_length == 8
+    it = trd.iter_threaded(range(3), str, num_workers=np.int64(2), output_buffer_size=np.int8(2))
+    assert sorted(it) == ["0", "1", "2"]
 
 
 @pytest.mark.parametrize(

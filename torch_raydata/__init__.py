@@ -4,10 +4,13 @@
     ds = trd.RayIterableDataset(ray_dataset, batch_size=256)
     for batch in torch.utils.data.DataLoader(ds, batch_size=None): ...
 
-See shared/DESIGN.md (six stages) and README.md.
+See docs/architecture.md (the six stages, the layers) and README.md. Layers, imports
+pointing down only: ``dataset``, ``lightning``, ``callbacks`` (what users call) ->
+``distributed`` -> ``pipeline`` -> ``resume``, ``transports``, ``collate`` -> ``kernels``,
+``memory``, ``_checks`` (option validation).
 """
 
-from . import callbacks, collate, pipeline, transports
+from . import callbacks, collate, distributed, pipeline, resume, transports
 from .dataset import RayIterableDataset
 from .pipeline.stats import LoaderStats
 from .pipeline.threaded import iter_threaded
@@ -18,6 +21,8 @@ __all__ = [
     "iter_threaded",
     "callbacks",
     "collate",
+    "distributed",
+    "resume",
     "transports",
     "pipeline",
 ]

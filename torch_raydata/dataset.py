@@ -1,8 +1,13 @@
 """``RayIterableDataset``: a torch ``IterableDataset`` over a Ray Dataset or DataIterator.
 
-Owns the user-facing options (validated here, at construction), epochs, ``len()``, the
-loader state and the stats of the current/last epoch. Each iteration builds one
+Owns the user-facing class: its options (checked at construction with ``_checks``),
+epochs (``set_epoch``, one running epoch at a time), ``len()``, the progress bar option and
+the stats of the current/last epoch. Each iteration builds one
 :class:`~torch_raydata.pipeline.run.EpochRun` (stages 2-6) over stage 1's block stream.
+
+Does not own the loader state's format, checks or resume planning (``resume/state.py``:
+this class only hands it the epoch's tally), splitting across ranks
+(``distributed/sharding.py``), the stages (``pipeline/``) nor the transports.
 """
 
 from __future__ import annotations
@@ -139,7 +144,7 @@ class RayIterableDataset(IterableDataset):
             raise ValueError(f"id_column={id_column!r} must be a column name (str) or None")
         # Under torch.distributed a Dataset is split across the ranks at the first epoch
         # (distributed/sharding.py); a DataIterator (e.g. a Ray Train shard) is used as is.
-        self._source = RankSource(dataset, preserve_order=bool(preserve_order), num_rows=num_rows)
+        self._source = RankSource(dataset, preserve_order=preserve_order, num_rows=num_rows)
         names = self._source.column_names()
         if id_column is not None and names is not None:
             check_column(id_column, names)

@@ -9,3 +9,7 @@ Imports nothing else of the package, so every layer may import it.
 * :mod:`.ids` — row-ID keys (``ids_as_uint64``) and dropping consumed rows by key.
 * :mod:`.nested` — walks over nested tensor containers (dicts, lists, tuples).
 """
+
+from . import arrow, ids, nested, take
+
+__all__ = ["arrow", "ids", "nested", "take"]

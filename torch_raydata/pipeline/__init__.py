@@ -1,4 +1,4 @@
-"""The six stages, one module each, numbered as in the design (shared/DESIGN.md):
+"""The six stages, one module each, numbered as in the design (docs/architecture.md):
 
     1 source    source.py    Dataset / DataIterator / split shard -> block refs (Ray internals)
     2 prefetch  prefetch.py  background thread, byte-bounded window, batched wait + get

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from .._checks import check_int
 from ..kernels.ids import check_column, column_ids, split_consumed
 from ..kernels.take import BlockViews, take_rows
 from .errors import annotate
@@ -169,8 +170,7 @@ def blocks_to_batches(
     key is in ``drop_keys`` (a consumed set, see ``kernels.ids.consumed_mask``: resume, when the
     filter cannot run on the cluster).
     """
-    if batch_size < 1:
-        raise ValueError(f"{batch_size=} must be >= 1")
+    batch_size = check_int("batch_size", batch_size, 1)
     stats = stats if stats is not None else StatsRecorder()
     b = _Batcher(batch_size, drop_last, id_column, stats, start_idx)
     tables = _tables(blocks, b, stats, drop_keys)

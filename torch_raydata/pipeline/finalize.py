@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+from .._checks import check_int
 from ..transports.base import FetchRequest, Transport
 from .constants import FINALIZE_IN_FLIGHT, JOIN_TIMEOUT, QUEUE_TIMEOUT
 from .errors import ExceptionWrapper
@@ -46,8 +47,7 @@ class Finalizer:
         in_flight: int = FINALIZE_IN_FLIGHT,
         stats: StatsRecorder | None = None,
     ) -> None:
-        if in_flight < 1:
-            raise ValueError(f"{in_flight=} must be >= 1")
+        in_flight = check_int("in_flight", in_flight, 1)
         self._input = iter(batches)
         self._transport = transport
         self._stats = stats if stats is not None else StatsRecorder()
