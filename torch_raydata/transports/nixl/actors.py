@@ -26,6 +26,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
+from .worker import CollateWorker
+
 __all__ = ["CollateActors", "MAX_IDLE", "start_actors"]
 
 MAX_IDLE = 2
@@ -146,8 +148,6 @@ def start_actors(
     """Start ``owner.num_actors`` collate actors; ``(handle, agent name)`` pairs. A
     collate_fn that cannot be pickled is a TypeError saying so (it runs in the actors)."""
     import ray
-
-    from .worker import CollateWorker
 
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     cls = ray.remote(CollateWorker)

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...collate import DefaultCollate, PadCollate
 from .common import (
     RemoteBatch,
     TensorSpec,
@@ -78,8 +79,6 @@ class _Slab:
 def with_allocator(fn: Any, allocator: Any) -> Any:
     """A copy of ``fn`` that allocates its output tensors with ``allocator``, when ``fn`` is
     one of ours (DefaultCollate, PadCollate); any other callable is returned as is."""
-    from ...collate import DefaultCollate, PadCollate
-
     if isinstance(fn, DefaultCollate):
         fn = copy.copy(fn)
         fn.allocator = allocator
