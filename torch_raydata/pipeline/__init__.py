@@ -7,7 +7,14 @@
     5 reorder   reorder.py   only with preserve_order=True: restore idx order
     6 finalize  finalize.py  one thread (or inline); a Transport moves batches to the device
 
-``run.py`` wires them together for one epoch.
+Around them, per epoch:
+
+    run.py        EpochRun: stages 2-6 wired together, every thread closed on end/break/error
+    consumer.py   EpochConsumer: the training step's side (waits, rows, IDs, max_batches)
+    prestart.py   NextEpoch: the next epoch's stream, started before this one ends
+
+and what stages share: stats.py (counters, LoaderStats), queues.py, errors.py,
+constants.py, types.py, progress_bar.py.
 """
 
 from .batching import blocks_to_batches
