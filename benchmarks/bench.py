@@ -93,6 +93,7 @@ def machine_info() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
                 break
     return {
+        "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "cores": os.cpu_count(),
         "cpu": model,
         "ram_gib": round(mem_kb / 2**20, 1),

@@ -17,12 +17,30 @@ def _machine(m: dict[str, Any]) -> str:
     per = ", ".join(f"{k} {v[0]:.2f}" for k, v in load.items())
     if "loadavg_after_w7" in m:
         per = f"w7 {m['loadavg_after_w7'][0]:.2f}" + (", " + per if per else "")
-    return (
+    started = f"- run started {m['started_utc']} UTC\n" if m.get("started_utc") else ""
+    return started + (
         f"- {m['cores']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM, {m['platform']}\n"
         f"- python {m['python']}, torch {m['torch']}, ray {m['ray']}, pyarrow {m['pyarrow']}, "
         f"numpy {m['numpy']}\n"
         f"- load average (1 min) at start {m['loadavg_start'][0]:.2f}, after each workload: {per}; "
         f"at end {m['loadavg_end'][0]:.2f} (the machine is shared with other sessions)"
+    )
+
+
+def _load_warning(m: dict[str, Any]) -> str | None:
+    """A warning line when the shared machine was overloaded during the run."""
+    loads = [m["loadavg_start"][0], m["loadavg_end"][0]]
+    loads += [v[0] for v in m.get("loadavg_after_workload", {}).values()]
+    if "loadavg_after_w7" in m:
+        loads.append(m["loadavg_after_w7"][0])
+    worst, cores = max(loads), m["cores"] or 1
+    if worst <= 2 * cores:
+        return None
+    return (
+        f"**Warning: the 1-minute load average reached {worst:.0f} on {cores} cores during "
+        "this run (other sessions' jobs): every figure here, ratios included, is dominated "
+        "by that load. Re-run `make bench` on a quiet machine before reading goals off it; "
+        "quiet-machine figures are in docs/performance.md.**"
     )
 
 
@@ -55,6 +73,11 @@ def write_results(path: str, payload: dict[str, Any]) -> None:
         "## Machine",
         _machine(payload["machine"]),
         "",
+    ]
+    warning = _load_warning(payload["machine"])
+    if warning:
+        parts += [warning, ""]
+    parts += [
         "## Goals",
         report.markdown_goals(payload["goals"]),
         "",
@@ -64,8 +87,9 @@ def write_results(path: str, payload: dict[str, Any]) -> None:
             "## Workload 7: image ingest over several epochs",
             "Each competitor in its own fresh process, one after the other. First batch: from "
             "right before `iter()` (executor / worker start included) to the first batch in "
-            "hand. Steady rows/s: rows after the first batch ÷ time after it. Ratios divide "
-            "this run's figures.",
+            "hand. Steady rows/s: rows after the first batch ÷ time after it. Every figure "
+            "is the median over rounds; ratios are taken within each round, then their "
+            "median.",
             "",
             ingest.markdown_w7(w7),
             "",

@@ -77,8 +77,13 @@ def test_train_torch_small_reaches_accuracy(example, capsys):
     out = capsys.readouterr().out
     assert acc >= MIN_ACCURACY, out
     assert _number(r"val accuracy:\s*([0-9.]+)", out) == pytest.approx(acc, abs=1e-4)
-    # One line per epoch, epochs 0..n-1 in order, every epoch the same (non-zero) batches.
-    per_epoch = [(int(e), int(b)) for e, b in re.findall(r"(?m)^epoch (\d+):.*?(\d+) batches", out)]
+    # One line per epoch, epochs 0..n-1 in order, every epoch the same (non-zero) batches
+    # (the per-epoch lines come before the loader's stats, which start with "epoch" too).
+    training = out.split("train loader stats", 1)[0]
+    per_epoch = [
+        (int(e), int(b))
+        for e, b in re.findall(r"(?m)^epoch (\d+):.*?(\d+) batches", training)
+    ]
     assert [e for e, _ in per_epoch] == list(range(len(per_epoch))) and per_epoch, out
     assert len({b for _, b in per_epoch}) == 1 and per_epoch[0][1] > 0, out
 
