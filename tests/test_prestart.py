@@ -348,3 +348,20 @@ def test_many_early_stops_never_kill_the_process():
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "OK 30" in proc.stdout and "cancelled=0" in proc.stdout, proc.stdout[-2000:]
+
+
+@ray_session
+def test_a_failing_epoch_keeps_no_next_epoch():
+    def broken(table):
+        if table.num_rows and table.column("id")[0].as_py() >= 300:
+            raise RuntimeError("bad batch")
+        return {"id": table.column("id").to_numpy()}
+
+    ds = trd.RayIterableDataset(_streamed(blocks=1), batch_size=50, collate_fn=broken,
+                                preserve_order=True)
+    with pytest.raises(RuntimeError, match="bad batch"):
+        for _ in ds:
+            pass
+    assert ds._next.started == 1  # the one-block stream had ended: it was prestarted
+    assert not ds._next.pending and ds._next.discarded == 1
+    ds.close()

@@ -234,6 +234,7 @@ class RayIterableDataset(IterableDataset):
                 max_batches=max_batches,
                 drop_keys=plan.drop_keys,
             )
+            run.on_error = self._next.discard  # a failing epoch keeps no next epoch
             self._run_ref = weakref.ref(run)
             # Kept strongly: a run dropped after `break` is collected, its progress is not.
             self._progress = getattr(run, "progress", None)

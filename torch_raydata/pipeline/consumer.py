@@ -105,6 +105,9 @@ class EpochConsumer:
         self._pulled = 0
         self._on_consume = on_consume if on_consume is not None else _same
         self._closed = False
+        # Called (after close) when the epoch fails: the dataset drops a prestarted next
+        # epoch then, rather than holding cluster resources for a run that is failing.
+        self.on_error: Callable[[], None] | None = None
         # The last stage's output, set by the epoch once its stages are built.
         self._batches: Iterator[Batch] | None = None
 
@@ -152,6 +155,8 @@ class EpochConsumer:
             raise
         except BaseException:
             self.close()
+            if self.on_error is not None:
+                self.on_error()
             raise
         data = self._on_consume(batch.data)  # on the training step's thread
         self.stats.delivered(batch.num_rows, now - t0, now)
