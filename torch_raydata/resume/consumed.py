@@ -57,6 +57,8 @@ class ConsumedSet:
         return ConsumedSet(self.bitmap() | other.bitmap())
 
     def sorted_keys(self) -> np.ndarray:
+        """The set's uint64 keys in ascending order (e.g. to read which rows a checkpoint
+        has consumed: integer IDs are the keys viewed as uint64)."""
         return np.frombuffer(self.bitmap().to_array(), dtype=np.uint64)
 
     def serialized(self) -> np.ndarray:
@@ -64,9 +66,6 @@ class ConsumedSet:
         bm = self.bitmap()
         bm.run_optimize()
         return np.frombuffer(bm.serialize(), dtype=np.uint8)
-
-    def __contains__(self, key: int) -> bool:
-        return key in self.bitmap()
 
     # -- encoding --------------------------------------------------------------------------
     def encode(self, *, spill_dir: str | None = None, max_inline_bytes: int = 64 << 20) -> dict:
