@@ -24,11 +24,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from .._checks import check_int
-from ..transports.base import FetchRequest, Transport
 from .constants import FINALIZE_IN_FLIGHT, JOIN_TIMEOUT, QUEUE_TIMEOUT
 from .errors import ExceptionWrapper
 from .queues import Inbox, Slots, drain
 from .stats import StatsRecorder
+from .transport import FetchRequest, Transport
 from .types import Batch
 
 __all__ = ["Finalizer"]

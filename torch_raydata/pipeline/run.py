@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..transports.base import Transport
 from .batching import blocks_to_batches
 from .consumer import EpochConsumer, EpochProgress
 from .errors import ExceptionWrapper
@@ -30,6 +29,7 @@ from .prefetch import Fetcher, Prefetcher
 from .reorder import restore_order
 from .stats import StatsRecorder
 from .threaded import iter_threaded
+from .transport import Transport
 from .types import Batch, SourceBlock
 
 __all__ = ["PipelineConfig", "EpochRun", "EpochProgress"]

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._checks import resolve_device
-from .base import FetchRequest, RemoteCollate, Transport
+from ..pipeline.transport import FetchRequest, RemoteCollate, Transport
 from .cuda import CudaTransport
 from .local import LocalTransport
 from .nixl import NixlTransport

@@ -27,7 +27,7 @@ import torch
 
 from .._checks import resolve_device
 from ..kernels.nested import map_leaves
-from .base import FetchRequest, Transport
+from ..pipeline.transport import FetchRequest, Transport
 
 __all__ = ["CudaTransport", "CudaOps", "PinnedPool"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Transport
+from ..pipeline.transport import Transport
 
 __all__ = ["LocalTransport"]
 

@@ -11,11 +11,8 @@ One responsibility per module:
                   the payload codec
     plan.py       stage 3 on metadata: BatchPlan, plan_batches, kept_rows
     epoch.py      RemoteEpochRun: one epoch with collate in the actors, picked by the
-                  dataset through ``transports.base.RemoteCollate``
+                  dataset through ``pipeline.transport.RemoteCollate``
     threads.py    the epoch's plan and fetch threads and what they share
-
-``epoch.py`` composes pipeline stages, which import ``transports.base``; it is imported
-only when an epoch starts (``NixlTransport.epoch_class``), never from here.
 """
 
 from .transport import NixlTransferError, NixlTransport

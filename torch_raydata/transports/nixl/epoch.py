@@ -1,7 +1,7 @@
 """The remote epoch: format/collate in Ray actors next to the data, READs into the trainer.
 
 Used instead of :class:`~torch_raydata.pipeline.run.EpochRun` when the transport collates
-remotely (``transports.base.RemoteCollate``: :class:`~torch_raydata.transports.nixl.NixlTransport`).
+remotely (``pipeline.transport.RemoteCollate``: :class:`~torch_raydata.transports.nixl.NixlTransport`).
 The trainer process then never resolves a block and never runs the collate_fn: that CPU
 work moves to a small pool of collate actors (Ray #50128, #63910). The consumer's side is
 the local epoch's (``pipeline.consumer.EpochConsumer``: skip-ahead, ``max_batches``, row
@@ -64,10 +64,10 @@ import numpy as np
 from ...pipeline.consumer import EpochConsumer, EpochProgress
 from ...pipeline.run import PipelineConfig
 from ...pipeline.stats import StatsRecorder
+from ...pipeline.transport import RemoteCollate
 from ...pipeline.types import SourceBlock
 from ...resume.consumed import ConsumedSet
 from ...resume.filter import SharedConsumedSet
-from ..base import RemoteCollate
 from .plan import kept_rows, plan_batches
 from .threads import Output, RemoteCollateError, Shared, StageThread, plan_loop
 

@@ -48,9 +48,10 @@ import numpy as np
 import torch
 
 from ..._checks import check_int, resolve_device
-from ..base import FetchRequest, Transport
+from ...pipeline.transport import FetchRequest, Transport
 from .actors import CollateActors
 from .common import RemoteBatch, import_nixl, release_message, unflatten_payload
+from .epoch import RemoteEpochRun
 from .pool import DestPool
 
 __all__ = ["NixlTransport", "NixlTransferError"]
@@ -165,13 +166,9 @@ class NixlTransport(Transport):
         assert self._pool is not None
         return self._pool
 
-    # -- RemoteCollate (transports.base) ----------------------------------------------------
+    # -- RemoteCollate (pipeline/transport.py) ------------------------------------------------
     def epoch_class(self) -> Any:
-        """The remote epoch (``epoch.py``), imported when the first epoch starts: it composes
-        pipeline stages, which import ``transports.base`` (importing it with this module
-        would close an import cycle)."""
-        from .epoch import RemoteEpochRun
-
+        """The remote epoch (``epoch.py``): the dataset runs it instead of the local stages."""
         return RemoteEpochRun
 
     def acquire_workers(

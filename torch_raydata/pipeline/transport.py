@@ -1,5 +1,8 @@
 """The Transport interface: how finalize (stage 6) moves collated batches to the device.
 
+Stage 6 declares what it needs here; ``torch_raydata/transports/`` holds the
+implementations (local, cuda, nixl), so the pipeline never imports them.
+
 After upstream Ray #61773: ``fetch_multiple`` posts the transfers of several batches at
 once and returns at once; ``wait_fetch_complete`` waits for them. The default
 ``fetch_multiple`` does the work synchronously through :meth:`Transport.fetch`, so a
