@@ -18,6 +18,7 @@ Competitors (each over the same rows and the same per-row ``transform_row``):
     trd         trd.RayIterableDataset(ds, batch_size=64), library defaults; the SAME
                 object is iterated once per epoch (what users do; the library may start
                 the next epoch early)
+    trd_noprestart  the same with prestart=False (what epoch pipelining is worth)
     ray_itb     ds.iter_torch_batches(batch_size=64), once per epoch
     dataloader  torch DataLoader(num_workers=2, persistent_workers=True, shuffle=True) over
                 a map-style dataset holding the JPEG bytes, read from the parquet files into
@@ -71,9 +72,10 @@ from .ingest_data import (
 
 __all__ = ["COMPETITORS", "LABELS", "W7Config", "goals", "run_w7", "markdown_w7"]
 
-COMPETITORS = ("trd", "ray_itb", "dataloader")
+COMPETITORS = ("trd", "trd_noprestart", "ray_itb", "dataloader")
 LABELS = {
     "trd": "torch_raydata RayIterableDataset (defaults)",
+    "trd_noprestart": "torch_raydata, prestart=False (every epoch starts at iter())",
     "ray_itb": "Ray iter_torch_batches",
     "dataloader": "torch DataLoader(num_workers=2, persistent_workers=True)",
 }
@@ -220,10 +222,12 @@ def run_one(key: str, path: str, epochs: int) -> dict[str, Any]:
 
         _init_ray()
         ds = ray.data.read_parquet(path).map(transform_row)
-        if key == "trd":
+        if key in ("trd", "trd_noprestart"):
             import torch_raydata as trd
 
-            trd_ds = trd.RayIterableDataset(ds, batch_size=BATCH_SIZE)
+            trd_ds = trd.RayIterableDataset(
+                ds, batch_size=BATCH_SIZE, prestart=key == "trd"
+            )
 
             def epoch_iterable() -> Any:
                 return trd_ds

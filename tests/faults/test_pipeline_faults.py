@@ -170,7 +170,7 @@ def test_transport_error_reaches_the_step_with_stage_6_and_the_batch(threaded, w
     for b in got:
         _check_batch(b)
     del got, b
-    snap.check()
+    snap.check(dataset=ds)
     transport.armed = False
     assert _all_ids(ds) == list(range(ROWS))
     ds.close()
@@ -270,7 +270,7 @@ def test_consumer_stops_early_and_nothing_is_left_behind(stop):
     t0 = time.monotonic()
     stop(ds)
     t1 = time.monotonic()
-    report = snap.check()
+    report = snap.check(dataset=ds)
     print(f"\n{stop.__name__}: stop {t1 - t0:.2f}s check {time.monotonic() - t1:.2f}s {report}")
     assert report["refs_after"] <= report["refs_before"]
     assert _all_ids(ds) == list(range(ROWS))  # the next epoch is whole
