@@ -365,3 +365,52 @@ def test_a_failing_epoch_keeps_no_next_epoch():
     assert ds._next.started == 1  # the one-block stream had ended: it was prestarted
     assert not ds._next.pending and ds._next.discarded == 1
     ds.close()
+
+
+def test_lead_follows_what_prestarted_epochs_waited():
+    nxt = NextEpoch(_Opener(), enabled=True)
+    nxt.start_seconds = 1.0
+    nxt._adjust_lead(0.5)  # the first block came 0.5 s late: start 0.5 s earlier
+    assert nxt.start_seconds == pytest.approx(1.5)
+    nxt._adjust_lead(0.0)  # on time: start a little later (less overlap)
+    assert nxt.start_seconds == pytest.approx(1.125)
+    for _ in range(50):
+        nxt._adjust_lead(0.0)
+    assert nxt.start_seconds == pytest.approx(0.05)  # floor
+
+
+def _parquet(tmp_path, files: int = 3, rows: int = 40) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for f in range(files):
+        ids = np.arange(f * rows, (f + 1) * rows)
+        pq.write_table(pa.table({"id": ids, "x": ids * 3}), tmp_path / f"part-{f}.parquet")
+    return str(tmp_path)
+
+
+@ray_session
+def test_file_listing_is_made_once_and_epochs_stay_exact(tmp_path):
+    """Ray 2.60 lists a read_parquet's files at every execution (32 actors per epoch);
+    the source lists once and every epoch's copy reads from that listing."""
+    import ray
+    from ray.data._internal.logical.operators import InputData, ListFiles
+
+    ds = ray.data.read_parquet(_parquet(tmp_path)).map_batches(lambda b: b)
+    loader = trd.RayIterableDataset(ds, batch_size=16, shuffle_buffer_size=50, shuffle_seed=1)
+    for _ in range(3):
+        assert sorted(_ids(loader)) == list(range(120))
+    src = loader._prestart_source
+    assert isinstance(src._listing, list) and src._listing
+    ops = list(src._listed(ds)._logical_plan.dag.post_order_iter())
+    assert any(isinstance(op, InputData) for op in ops)
+    assert not any(isinstance(op, ListFiles) for op in ops)
+    assert any(isinstance(op, ListFiles) for op in ds._logical_plan.dag.post_order_iter())
+    loader.close()
+
+    shuffled = ray.data.read_parquet(_parquet(tmp_path), shuffle="files")
+    loader = trd.RayIterableDataset(shuffled, batch_size=16)
+    for _ in range(2):
+        assert sorted(_ids(loader)) == list(range(120))
+    assert loader._prestart_source._listing is False  # a new file order every epoch
+    loader.close()

@@ -183,7 +183,7 @@ class RayIterableDataset(IterableDataset):
         # this one runs. Single process, Dataset input only (a DataIterator shard starts
         # its epochs in step with the other ranks). The opener holds the source, never
         # the dataset, so the finalizer below can tear a prestarted stream down at GC.
-        self._prestart_source = RaySource(dataset, preserve_order=preserve_order)
+        self._prestart_source = self._source.ray_source
         self._next = NextEpoch(
             functools.partial(_open_prestarted, self._prestart_source),
             enabled=prestart and self._prestart_source.can_prestart(),

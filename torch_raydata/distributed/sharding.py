@@ -190,6 +190,12 @@ class RankSource:
         return self._base.data
 
     @property
+    def ray_source(self) -> RaySource:
+        """The whole input's stage 1 (what one process opens; its file listing is made
+        once and shared by every epoch opened through it)."""
+        return self._base
+
+    @property
     def preserve_order(self) -> bool:
         return self._base.preserve_order
 

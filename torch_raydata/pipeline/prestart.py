@@ -13,9 +13,10 @@ training steps instead of stalling them.
 When: the current epoch's stream reports each block it hands to the prefetch thread
 (``observe(rows, done)``, on that thread). The next epoch starts when the current
 stream has ended, or earlier, once the rows still to come would take less time than the
-last measured executor start (times ``LEAD_MARGIN``) at the rate rows came so far: the
-lead is chosen from what was measured, and a stream that has nothing left to wait for
-does not start the next one early.
+lead (times ``LEAD_MARGIN``) at the rate rows came so far. The lead is measured: first
+the executor start of the first epoch, then corrected by every prestarted epoch (its
+first block came late: start earlier by that much; on time: start a little later, since
+on a busy machine the prestarted executor takes CPU from the running epoch).
 
 Memory: the prestarted executor starts no new task once ``hold_bytes`` of its output
 wait for us (the prefetch window's bytes, counted in ``stats()`` as the next epoch's);
@@ -39,8 +40,14 @@ __all__ = ["Prestartable", "NextEpoch", "LEAD_MARGIN"]
 logger = logging.getLogger(__name__)
 
 #: Start the next epoch when the current one's remaining rows would take less than this
-#: many times the last measured executor start.
+#: many times the lead (at first the measured executor start, then adjusted).
 LEAD_MARGIN = 1.5
+#: Feedback from each prestarted epoch (``NextEpoch._adjust_lead``): its first block came
+#: later than ``LATE`` seconds after ``iter()`` -> the lead grows by the wait; else it
+#: shrinks by ``SHRINK``, down to ``MIN_LEAD`` seconds.
+LATE = 0.05
+SHRINK = 0.75
+MIN_LEAD = 0.05
 
 
 class Prestartable(Protocol):
@@ -72,7 +79,8 @@ class NextEpoch:
         self._closed = False
         # Measured on streams started at iter(): the executor's start (to its first
         # block), and the rows of the last epoch that ran to its end.
-        self.start_seconds: float | None = None
+        self.start_seconds: float | None = None  # the lead, adjusted by feedback
+        self._claimed_at: float | None = None
         self.last_rows: int | None = None
         self.row_bytes: float | None = None  # bytes per row of the last watched stream
         self.started = 0  # streams prestarted so far
@@ -101,6 +109,7 @@ class NextEpoch:
         expected = expected_rows if expected_rows is not None else self.last_rows
         first: list[tuple[float, int]] = []  # (time, rows) at the first block seen
         nbytes = [0]
+        claimed_at = self._claimed_at if prestarted else None
 
         def observe(rows: int, done: bool, size_bytes: int = 0) -> None:
             nbytes[0] += size_bytes
@@ -110,14 +119,16 @@ class NextEpoch:
                 self.last_rows = rows
                 self.start(self.hold_for(window_rows))
                 return
-            if not prestarted and self.start_seconds is None:
-                self.start_seconds = stream.start_seconds
+            now = time.perf_counter()
+            if not first:  # this epoch's first block
+                first.append((now, rows))
+                if claimed_at is not None:
+                    self._adjust_lead(now - claimed_at)
+                elif self.start_seconds is None:
+                    self.start_seconds = stream.start_seconds
+                return
             lead = self.start_seconds
             if expected is None or lead is None or self._slot is not None:
-                return
-            now = time.perf_counter()
-            if not first:
-                first.append((now, rows))
                 return
             t_first, rows_first = first[0]
             if rows <= rows_first or now <= t_first:
@@ -127,6 +138,16 @@ class NextEpoch:
                 self.start(self.hold_for(window_rows))
 
         return observe
+
+    def _adjust_lead(self, waited: float) -> None:
+        """Feedback from a prestarted epoch: its first block came ``waited`` seconds after
+        ``iter()``. Late: start that much earlier next time. On time: start a little later
+        (a prestarted executor competes with the running epoch for the same CPUs)."""
+        lead = self.start_seconds or 0.0
+        if waited > LATE:
+            self.start_seconds = lead + waited
+        else:
+            self.start_seconds = max(MIN_LEAD, lead * SHRINK)
 
     def hold_for(self, window_rows: int) -> int:
         """The byte hold for a prestarted stream: ``window_rows`` rows at the last measured
@@ -168,6 +189,7 @@ class NextEpoch:
         if stream is None or stream is _DISCARD:
             return None
         stream.release()
+        self._claimed_at = time.perf_counter()
         self.used += 1
         assert started is not None
         return stream, time.perf_counter() - started

@@ -25,6 +25,13 @@ THE one module that touches Ray internals. What it relies on (pinned by
 * ``ray.data.dataset.MaterializedDataset``: served from its cached bundle, no executor.
 * ``Dataset._logical_plan.dag`` and ``AbstractMap`` (``ends_in_map``): whether an
   appended ``map_batches`` fuses into the last stage's task.
+* File listing (``read_parquet`` and other file reads, Ray 2.60's datasource V2): the
+  logical ``ListFiles`` operator (``dag.post_order_iter()``, ``shuffle_config_factory``),
+  ``InputData(input_data=[RefBundle])``, ``LogicalPlan(dag, context)``,
+  ``LogicalOperator._apply_transform``, ``Dataset(logical_plan, context, in_stats)``,
+  ``RefBundle(blocks=(BlockEntry(ref, metadata),), schema, owns_blocks)`` and
+  ``Dataset.iter_internal_ref_bundles()``: the listing runs once per source, and each
+  epoch's copy reads from it (see ``RaySource._listed``).
 * ``Dataset.copy(ds, _deep_copy=True)`` to give every epoch its own execution cache and
   DataContext (``preserve_order=True`` and the training-sized ``target_max_block_size``
   are set on the copy, never on the caller's dataset or the global context).
@@ -34,6 +41,7 @@ A plain ``Dataset`` goes through ``ds.iterator()``, so both inputs share one cod
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -280,6 +288,10 @@ class RaySource:
         self.data = data
         self.preserve_order = preserve_order
         self.is_shard = isinstance(data, DataIterator)
+        # The file listing of ``data``, made at its first epoch (see _listed): None before,
+        # False when it does not apply, else [(manifest table, metadata, schema)].
+        self._listing: Any = None
+        self._listing_lock = threading.Lock()
 
     def num_rows(self) -> int | None:
         """Rows per epoch if known without executing the dataset, else None."""
@@ -334,7 +346,7 @@ class RaySource:
                 # block order is fixed, so preserve_order holds.
                 return EpochBlocks.from_iterator(self.data.iterator())
             ds = self.data if transform is None else transform(self.data)
-            return EpochBlocks.start(self._epoch_copy(ds), hold_bytes=hold_bytes)
+            return EpochBlocks.start(self._epoch_copy(self._listed(ds)), hold_bytes=hold_bytes)
         if transform is not None:
             raise ValueError("a DataIterator input cannot take extra stages; filter locally")
         return EpochBlocks.from_iterator(self.data)
@@ -344,6 +356,74 @@ class RaySource:
         DataIterator shard starts its epochs in step with the other ranks; a
         MaterializedDataset starts in milliseconds)."""
         return isinstance(self.data, Dataset) and not isinstance(self.data, MaterializedDataset)
+
+    def _listed(self, ds: Dataset) -> Dataset:
+        """``ds`` reading from a file listing made once, instead of listing every epoch.
+
+        Ray 2.60's file reads (``read_parquet``...) list their files at every execution,
+        i.e. every epoch, and for parquet that starts 32 footer-reading actors each time:
+        1-5 s and a burst of process starts before the first block, on the critical path
+        of every epoch. The listing of one source does not change between epochs (Ray's
+        previous reader resolved it once, at ``read_parquet()``), so the first epoch runs
+        the plan's ``ListFiles`` operator alone, keeps its small manifest tables, and each
+        epoch's copy starts from them (put into the object store per epoch, so no
+        reference outlives the epoch). Not applied when files are shuffled per execution
+        (``shuffle="files"``) or the plan lists more than once; any failure falls back to
+        Ray's own listing.
+        """
+        from ray.data._internal.logical.operators import InputData, ListFiles
+
+        lists = [op for op in ds._logical_plan.dag.post_order_iter() if isinstance(op, ListFiles)]
+        if len(lists) != 1:
+            return ds
+        listing_op = lists[0]
+        with self._listing_lock:
+            if self._listing is None:
+                self._listing = self._list_once(ds, listing_op)
+            listing = self._listing
+        if listing is False:
+            return ds
+        try:
+            from ray.data._internal.execution.interfaces.ref_bundle import BlockEntry, RefBundle
+            from ray.data._internal.logical.interfaces import LogicalPlan
+
+            bundles = [
+                RefBundle(blocks=(BlockEntry(ray.put(t), md),), schema=schema, owns_blocks=True)
+                for t, md, schema in listing
+            ]
+            source = InputData(input_data=bundles)
+            dag = ds._logical_plan.dag._apply_transform(
+                lambda op: source if op is listing_op else op
+            )
+            return Dataset(
+                LogicalPlan(dag, ds.context),
+                ds.context,
+                copy.copy(ds._in_stats),
+                dataset_name=ds._dataset_name,
+            )
+        except Exception:  # noqa: BLE001 - an optimization: Ray's own listing still works
+            logger.warning("torch_raydata: reusing the file listing failed", exc_info=True)
+            self._listing = False
+            return ds
+
+    @staticmethod
+    def _list_once(ds: Dataset, listing_op: Any) -> Any:
+        """Run ``listing_op`` alone; its manifest tables, or False if not applicable."""
+        if listing_op.shuffle_config_factory() is not None:
+            return False  # a new file order every execution: list every epoch
+        try:
+            from ray.data._internal.logical.interfaces import LogicalPlan
+
+            ctx = ds.context.copy()
+            listed = Dataset(LogicalPlan(listing_op, ctx), ctx, copy.copy(ds._in_stats))
+            out = []
+            for bundle in listed.iter_internal_ref_bundles():
+                for entry in bundle.blocks:
+                    out.append((ray.get(entry.ref), entry.metadata, bundle.schema))
+            return out
+        except Exception:  # noqa: BLE001 - an optimization: Ray's own listing still works
+            logger.warning("torch_raydata: listing the files once failed", exc_info=True)
+            return False
 
     def _epoch_copy(self, ds: Dataset) -> Dataset:
         """An epoch-private copy (own execution cache and context). Ray's
