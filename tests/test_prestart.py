@@ -22,10 +22,13 @@ from torch_raydata.pipeline.prestart import NextEpoch
 
 
 class _Stream:
-    def __init__(self, start_seconds: float | None = None) -> None:
-        self.start_seconds = start_seconds
+    def __init__(self) -> None:
+        self.done = False  # the executor finished producing
         self.released = False
         self.closed = False
+
+    def producer_done(self) -> bool:
+        return self.done
 
     def release(self) -> None:
         self.released = True
@@ -52,11 +55,10 @@ class _Opener:
 def test_stream_end_starts_the_next_epoch_once_and_claim_lifts_the_hold():
     opener = _Opener()
     nxt = NextEpoch(opener, enabled=True)
-    current = _Stream(start_seconds=0.5)
-    observe = nxt.watch(current, prestarted=False, expected_rows=None, window_rows=10)
+    observe = nxt.watch(_Stream(), window_rows=10)
     observe(100, False, 1000)
     observe(200, False, 1000)
-    assert opener.streams == []  # unknown epoch length: wait for the end of the stream
+    assert opener.streams == []  # the current epoch still computes: wait
     observe(200, True)
     observe(200, True)  # a second trigger is a no-op
     assert len(opener.streams) == 1 and nxt.pending
@@ -66,39 +68,27 @@ def test_stream_end_starts_the_next_epoch_once_and_claim_lifts_the_hold():
     assert stream is opener.streams[0] and stream.released and lead >= 0
     assert not nxt.pending and nxt.claim() is None
     assert (nxt.started, nxt.used, nxt.discarded) == (1, 1, 0)
-    assert nxt.last_rows == 200 and nxt.start_seconds == 0.5
 
 
-def test_lead_starts_the_next_epoch_before_the_stream_ends():
-    """Rows to come at the measured rate take less than the measured executor start
-    (times the margin): start now. Time is faked through the rate, not slept on."""
+def test_a_finished_executor_starts_the_next_epoch_before_its_blocks_are_consumed():
+    """Once the running epoch's executor has produced everything, the next one may use
+    the CPUs while the step consumes what is buffered; not before (it would compete)."""
     opener = _Opener()
     nxt = NextEpoch(opener, enabled=True)
-    nxt.start_seconds = 1e6  # an executor start far longer than what is left
     current = _Stream()
-    observe = nxt.watch(current, prestarted=True, expected_rows=1000, window_rows=10)
-    observe(10, False, 100)  # first block: the rate's origin
-    assert opener.streams == []
-    observe(20, False, 100)
-    assert len(opener.streams) == 1  # started while 980 rows are still to come
-
-
-def test_no_lead_when_the_executor_start_is_short():
-    opener = _Opener()
-    nxt = NextEpoch(opener, enabled=True)
-    nxt.start_seconds = 1e-9
-    observe = nxt.watch(_Stream(), prestarted=True, expected_rows=10**9, window_rows=10)
-    for rows in range(10, 100, 10):
+    observe = nxt.watch(current, window_rows=10)
+    for rows in range(10, 60, 10):
         observe(rows, False, 100)
     assert opener.streams == []
-    observe(100, True)
-    assert len(opener.streams) == 1
+    current.done = True
+    observe(60, False, 100)
+    assert len(opener.streams) == 1  # before the stream's end reached the prefetch thread
 
 
 def test_disabled_and_closed_start_nothing():
     opener = _Opener()
     off = NextEpoch(opener, enabled=False)
-    assert off.watch(_Stream(), prestarted=False, expected_rows=None, window_rows=1) is None
+    assert off.watch(_Stream(), window_rows=1) is None
     off.start(10)
     assert opener.streams == [] and off.claim() is None
     on = NextEpoch(opener, enabled=True)
@@ -365,18 +355,6 @@ def test_a_failing_epoch_keeps_no_next_epoch():
     assert ds._next.started == 1  # the one-block stream had ended: it was prestarted
     assert not ds._next.pending and ds._next.discarded == 1
     ds.close()
-
-
-def test_lead_follows_what_prestarted_epochs_waited():
-    nxt = NextEpoch(_Opener(), enabled=True)
-    nxt.start_seconds = 1.0
-    nxt._adjust_lead(0.5)  # the first block came 0.5 s late: start 0.5 s earlier
-    assert nxt.start_seconds == pytest.approx(1.5)
-    nxt._adjust_lead(0.0)  # on time: start a little later (less overlap)
-    assert nxt.start_seconds == pytest.approx(1.125)
-    for _ in range(50):
-        nxt._adjust_lead(0.0)
-    assert nxt.start_seconds == pytest.approx(0.05)  # floor
 
 
 def _parquet(tmp_path, files: int = 3, rows: int = 40) -> str:

@@ -75,9 +75,9 @@ class RayIterableDataset(IterableDataset):
         prestart: epoch pipelining (default True): while an epoch runs, the next one's
             Ray executor is started, so that its first batch is ready when the step asks
             for it instead of after Ray's executor start (1-5 s for a ``read_parquet``
-            pipeline on Ray 2.60). It starts when the running epoch's stream ends, or
-            earlier when the rows still to come would take less time than the last
-            measured executor start; its output is held to the prefetch window's bytes
+            pipeline on Ray 2.60). It starts once the running epoch has nothing left to
+            compute (its stream ended, or its executor produced every block), so the two
+            never compete for CPUs; its output is held to the prefetch window's bytes
             until its epoch begins (``stats().next_epoch_bytes``). A prestarted stream
             has consumed nothing (``state_dict`` is unaffected) and is torn down by
             ``close()``, ``load_state_dict`` or garbage collection. Single process and
@@ -261,12 +261,8 @@ class RayIterableDataset(IterableDataset):
             blocks = self._source.open(stats)
         blocks.on_first_block = stats.first_block
         if plain:
-            blocks.observer = self._next.watch(
-                blocks,
-                prestarted=claimed is not None,
-                expected_rows=total_rows if total_rows is not None else self.num_rows(),
-                window_rows=self.config.prefetch_batches * self.config.batch_size,
-            )
+            window = self.config.prefetch_batches * self.config.batch_size
+            blocks.observer = self._next.watch(blocks, window_rows=window)
         return blocks
 
     def _epoch_batches(self, max_batches: int | None, total_rows: int | None) -> int | None:

@@ -11,12 +11,15 @@ in-memory data). Started while the current epoch still runs, that time overlaps 
 training steps instead of stalling them.
 
 When: the current epoch's stream reports each block it hands to the prefetch thread
-(``observe(rows, done)``, on that thread). The next epoch starts when the current
-stream has ended, or earlier, once the rows still to come would take less time than the
-lead (times ``LEAD_MARGIN``) at the rate rows came so far. The lead is measured: first
-the executor start of the first epoch, then corrected by every prestarted epoch (its
-first block came late: start earlier by that much; on time: start a little later, since
-on a busy machine the prestarted executor takes CPU from the running epoch).
+(``observe(rows, done)``, on that thread). The next epoch starts as soon as the current
+one has nothing left to compute: its stream has ended, or its executor has finished
+(every remaining block is produced and only waits to be consumed). Starting earlier was
+tried and measured: on a machine whose CPUs the running epoch keeps busy (image decode
+on 2 cores, benchmark W7), an executor started while the current one still computes
+takes CPU from it, and the three epochs got slower (14.5 s against 12.7 s without
+prestart), with a higher object-store peak. From the moment the current executor is done,
+the next one has the CPUs to itself while the step consumes what is buffered; when a
+stream is a block or two (in-memory data, the examples), that is the whole epoch.
 
 Memory: the prestarted executor starts no new task once ``hold_bytes`` of its output
 wait for us (the prefetch window's bytes, counted in ``stats()`` as the next epoch's);
@@ -35,25 +38,16 @@ from typing import Any, Protocol
 
 from .constants import TRAINING_BLOCK_BYTES
 
-__all__ = ["Prestartable", "NextEpoch", "LEAD_MARGIN"]
+__all__ = ["Prestartable", "NextEpoch"]
 
 logger = logging.getLogger(__name__)
 
-#: Start the next epoch when the current one's remaining rows would take less than this
-#: many times the lead (at first the measured executor start, then adjusted).
-LEAD_MARGIN = 1.5
-#: Feedback from each prestarted epoch (``NextEpoch._adjust_lead``): its first block came
-#: later than ``LATE`` seconds after ``iter()`` -> the lead grows by the wait; else it
-#: shrinks by ``SHRINK``, down to ``MIN_LEAD`` seconds.
-LATE = 0.05
-SHRINK = 0.75
-MIN_LEAD = 0.05
 
 
 class Prestartable(Protocol):
     """What :class:`NextEpoch` needs of a block stream (``source.EpochBlocks``)."""
 
-    start_seconds: float | None
+    def producer_done(self) -> bool: ...
 
     def release(self) -> None: ...
 
@@ -77,77 +71,30 @@ class NextEpoch:
         self._slot: Any = None  # None, _OPENING, _DISCARD (discarded while opening), a stream
         self._started_at: float | None = None
         self._closed = False
-        # Measured on streams started at iter(): the executor's start (to its first
-        # block), and the rows of the last epoch that ran to its end.
-        self.start_seconds: float | None = None  # the lead, adjusted by feedback
-        self._claimed_at: float | None = None
-        self.last_rows: int | None = None
         self.row_bytes: float | None = None  # bytes per row of the last watched stream
         self.started = 0  # streams prestarted so far
         self.used = 0  # of those, claimed by an epoch
         self.discarded = 0  # torn down unused (close, a loaded state, ...)
 
     # -- the running epoch's side (prefetch thread) ------------------------------------------
-    def watch(
-        self,
-        stream: Prestartable,
-        *,
-        prestarted: bool,
-        expected_rows: int | None,
-        window_rows: int,
-    ) -> Callable[[int, bool], None] | None:
-        """An observer for the running epoch's ``stream`` (``observer(rows, done)``, called
-        on the prefetch thread) that starts the next epoch in time; None when disabled.
-
-        ``prestarted``: the stream was itself prestarted (its start was hidden, so it
-        does not measure the executor start); ``expected_rows``: rows the epoch will have
-        (None: unknown; then the last full epoch's count, or the end of the stream);
-        ``window_rows``: the prefetch window, in rows, that the next epoch's hold admits.
-        """
+    def watch(self, stream: Prestartable, *, window_rows: int) -> Callable[..., None] | None:
+        """An observer for the running epoch's ``stream`` (``observer(rows, done,
+        size_bytes)``, called on the prefetch thread after each block and at its end) that
+        starts the next epoch once this one has nothing left to compute; None when
+        disabled. ``window_rows``: the prefetch window, in rows, the next epoch's hold
+        admits (at the row size measured here)."""
         if not self.enabled:
             return None
-        expected = expected_rows if expected_rows is not None else self.last_rows
-        first: list[tuple[float, int]] = []  # (time, rows) at the first block seen
         nbytes = [0]
-        claimed_at = self._claimed_at if prestarted else None
 
         def observe(rows: int, done: bool, size_bytes: int = 0) -> None:
             nbytes[0] += size_bytes
             if rows and nbytes[0]:
                 self.row_bytes = nbytes[0] / rows
-            if done:  # the whole stream (watched streams carry no resume filter)
-                self.last_rows = rows
-                self.start(self.hold_for(window_rows))
-                return
-            now = time.perf_counter()
-            if not first:  # this epoch's first block
-                first.append((now, rows))
-                if claimed_at is not None:
-                    self._adjust_lead(now - claimed_at)
-                elif self.start_seconds is None:
-                    self.start_seconds = stream.start_seconds
-                return
-            lead = self.start_seconds
-            if expected is None or lead is None or self._slot is not None:
-                return
-            t_first, rows_first = first[0]
-            if rows <= rows_first or now <= t_first:
-                return
-            rate = (rows - rows_first) / (now - t_first)  # rows/s the stream delivers
-            if max(0, expected - rows) / rate <= lead * LEAD_MARGIN:
+            if self._slot is None and (done or stream.producer_done()):
                 self.start(self.hold_for(window_rows))
 
         return observe
-
-    def _adjust_lead(self, waited: float) -> None:
-        """Feedback from a prestarted epoch: its first block came ``waited`` seconds after
-        ``iter()``. Late: start that much earlier next time. On time: start a little later
-        (a prestarted executor competes with the running epoch for the same CPUs)."""
-        lead = self.start_seconds or 0.0
-        if waited > LATE:
-            self.start_seconds = lead + waited
-        else:
-            self.start_seconds = max(MIN_LEAD, lead * SHRINK)
 
     def hold_for(self, window_rows: int) -> int:
         """The byte hold for a prestarted stream: ``window_rows`` rows at the last measured
@@ -189,7 +136,6 @@ class NextEpoch:
         if stream is None or stream is _DISCARD:
             return None
         stream.release()
-        self._claimed_at = time.perf_counter()
         self.used += 1
         assert started is not None
         return stream, time.perf_counter() - started

@@ -152,7 +152,6 @@ class EpochBlocks:
         self._lock = threading.Lock()
         self._closed = False
         self.exhausted = False
-        self.opened_at = time.perf_counter()
         self.first_block_at: float | None = None
         self.rows = 0
         self.observer: Callable[..., None] | None = None
@@ -190,12 +189,11 @@ class EpochBlocks:
         except Exception:  # noqa: BLE001 - a stats read must not fail the epoch
             return 0
 
-    @property
-    def start_seconds(self) -> float | None:
-        """From the executor's start to its first block (None before it came)."""
-        if self.first_block_at is None:
-            return None
-        return self.first_block_at - self.opened_at
+    def producer_done(self) -> bool:
+        """Ray's executor for this stream has finished: every block is produced (they
+        may still wait to be consumed); False for streams we did not start."""
+        executor = self._executor
+        return executor is not None and self._hold is not None and not executor.is_alive()
 
     # -- stream ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[SourceBlock]:
