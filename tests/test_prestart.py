@@ -45,7 +45,7 @@ class _Opener:
         self.streams: list[_Stream] = []
         self.holds: list[int] = []
 
-    def __call__(self, hold: int) -> _Stream:
+    def __call__(self, hold: int, row_bytes: float | None) -> _Stream:
         self.holds.append(hold)
         s = _Stream()
         self.streams.append(s)
@@ -88,7 +88,10 @@ def test_a_finished_executor_starts_the_next_epoch_before_its_blocks_are_consume
 def test_disabled_and_closed_start_nothing():
     opener = _Opener()
     off = NextEpoch(opener, enabled=False)
-    assert off.watch(_Stream(), window_rows=1) is None
+    observe = off.watch(_Stream(), window_rows=1)
+    observe(10, False, 40)
+    observe(10, True)
+    assert off.row_bytes == 4.0  # the row size is measured either way
     off.start(10)
     assert opener.streams == [] and off.claim() is None
     on = NextEpoch(opener, enabled=True)
@@ -103,7 +106,7 @@ def test_discard_while_opening_closes_the_stream_when_it_arrives():
     entered, proceed = threading.Event(), threading.Event()
     made: list[_Stream] = []
 
-    def slow_open(hold: int) -> _Stream:
+    def slow_open(hold: int, row_bytes: float | None) -> _Stream:
         entered.set()
         assert proceed.wait(10)
         made.append(_Stream())
@@ -124,7 +127,7 @@ def test_discard_while_opening_closes_the_stream_when_it_arrives():
 def test_claim_waits_for_a_stream_being_opened():
     entered, proceed = threading.Event(), threading.Event()
 
-    def slow_open(hold: int) -> _Stream:
+    def slow_open(hold: int, row_bytes: float | None) -> _Stream:
         entered.set()
         assert proceed.wait(10)
         return _Stream()
@@ -143,7 +146,7 @@ def test_claim_waits_for_a_stream_being_opened():
 
 
 def test_a_failing_open_is_an_ordinary_start_later(caplog):
-    def broken(hold: int) -> _Stream:
+    def broken(hold: int, row_bytes: float | None) -> _Stream:
         raise OSError("cluster gone")
 
     nxt = NextEpoch(broken, enabled=True)
@@ -392,3 +395,23 @@ def test_file_listing_is_made_once_and_epochs_stay_exact(tmp_path):
         assert sorted(_ids(loader)) == list(range(120))
     assert loader._prestart_source._listing is False  # a new file order every epoch
     loader.close()
+
+
+@ray_session
+def test_blocks_hold_about_a_batch_once_the_row_size_is_known():
+    """Epoch 0 asks Ray for 8 MiB blocks at most; later epochs for about one batch."""
+    from torch_raydata.pipeline.constants import TRAINING_BLOCK_BYTES
+
+    width = 256 * 1024  # 256 KiB rows: a batch of 64 is 16 MiB
+    for prestart in (True, False):
+        ds = trd.RayIterableDataset(
+            _streamed(n=256, blocks=2, width=width), batch_size=64, prestart=prestart
+        )
+        src = ds._prestart_source
+        assert src.block_bytes == TRAINING_BLOCK_BYTES
+        assert len(_ids(ds)) == 256
+        blocks_first = ds.stats().blocks
+        assert len(_ids(ds)) == 256
+        assert 64 * width <= src.block_bytes <= 65 * width
+        assert ds.stats().blocks < blocks_first  # fewer, batch-sized blocks
+        ds.close()

@@ -29,6 +29,7 @@ from .distributed import RankSource, world
 from .kernels.ids import check_column
 from .memory.buffers import BufferPool
 from .pipeline.batching import num_batches
+from .pipeline.constants import TRAINING_BLOCK_BYTES
 from .pipeline.prestart import NextEpoch
 from .pipeline.progress_bar import EpochProgressBar
 from .pipeline.run import EpochProgress, EpochRun, PipelineConfig
@@ -185,7 +186,7 @@ class RayIterableDataset(IterableDataset):
         # the dataset, so the finalizer below can tear a prestarted stream down at GC.
         self._prestart_source = self._source.ray_source
         self._next = NextEpoch(
-            functools.partial(_open_prestarted, self._prestart_source),
+            functools.partial(_open_prestarted, self._prestart_source, batch_size),
             enabled=prestart and self._prestart_source.can_prestart(),
         )
         weakref.finalize(self, self._next.close)
@@ -255,10 +256,17 @@ class RayIterableDataset(IterableDataset):
         if claimed is not None:
             blocks, lead = claimed
             stats.prestarted(lead)
-        elif transform is not None:
+            return self._watch(blocks, stats, plain)
+        _size_blocks(self._source.ray_source, self.config.batch_size, self._next.row_bytes)
+        if transform is not None:
             blocks = self._source.open(stats, transform=transform, total_rows=total_rows)
         else:
             blocks = self._source.open(stats)
+        return self._watch(blocks, stats, plain)
+
+    def _watch(self, blocks: Any, stats: StatsRecorder, plain: bool) -> Any:
+        """Stage 1's hooks: the epoch's first block (stats) and, for a plain stream, the
+        next epoch's start and the row size (pipeline/prestart.py)."""
         blocks.on_first_block = stats.first_block
         if plain:
             window = self.config.prefetch_batches * self.config.batch_size
@@ -403,7 +411,8 @@ class RayIterableDataset(IterableDataset):
         self.__dict__.update(state)
         self._lock = threading.Lock()
         self._next = NextEpoch(
-            functools.partial(_open_prestarted, self._prestart_source), enabled=False
+            functools.partial(_open_prestarted, self._prestart_source, self.config.batch_size),
+            enabled=False,
         )
 
     def __repr__(self) -> str:
@@ -415,6 +424,16 @@ class RayIterableDataset(IterableDataset):
         )
 
 
-def _open_prestarted(source: RaySource, hold_bytes: int | None) -> EpochBlocks:
+def _size_blocks(source: RaySource, batch_size: int, row_bytes: float | None) -> None:
+    """Ray's blocks for the epochs ``source`` starts: about one batch at the measured row
+    size, at least ``TRAINING_BLOCK_BYTES`` (see pipeline/constants.py)."""
+    if row_bytes is not None:
+        source.block_bytes = max(TRAINING_BLOCK_BYTES, int(row_bytes * batch_size))
+
+
+def _open_prestarted(
+    source: RaySource, batch_size: int, hold_bytes: int, row_bytes: float | None
+) -> EpochBlocks:
     """The next epoch's plain stream, held to ``hold_bytes`` until claimed."""
+    _size_blocks(source, batch_size, row_bytes)
     return source.open(hold_bytes=hold_bytes)

@@ -60,11 +60,14 @@ class NextEpoch:
     """The dataset's prestarted next epoch (one at a time; thread-safe).
 
     Args:
-        open_stream: ``hold_bytes -> stream``: starts a stream without waiting for it.
+        open_stream: ``(hold_bytes, row_bytes) -> stream``: starts a stream without
+            waiting for it (``row_bytes``: the last measured row size, or None).
         enabled: False turns epoch pipelining off (every epoch starts at ``iter()``).
     """
 
-    def __init__(self, open_stream: Callable[[int], Prestartable], *, enabled: bool) -> None:
+    def __init__(
+        self, open_stream: Callable[[int, float | None], Prestartable], *, enabled: bool
+    ) -> None:
         self._open = open_stream
         self.enabled = enabled
         self._cond = threading.Condition()
@@ -77,21 +80,20 @@ class NextEpoch:
         self.discarded = 0  # torn down unused (close, a loaded state, ...)
 
     # -- the running epoch's side (prefetch thread) ------------------------------------------
-    def watch(self, stream: Prestartable, *, window_rows: int) -> Callable[..., None] | None:
+    def watch(self, stream: Prestartable, *, window_rows: int) -> Callable[..., None]:
         """An observer for the running epoch's ``stream`` (``observer(rows, done,
         size_bytes)``, called on the prefetch thread after each block and at its end) that
-        starts the next epoch once this one has nothing left to compute; None when
-        disabled. ``window_rows``: the prefetch window, in rows, the next epoch's hold
-        admits (at the row size measured here)."""
-        if not self.enabled:
-            return None
+        starts the next epoch once this one has nothing left to compute (when enabled;
+        it measures the row size either way). ``window_rows``: the prefetch window, in
+        rows, the next epoch's hold admits (at the row size measured here)."""
         nbytes = [0]
+        enabled = self.enabled
 
         def observe(rows: int, done: bool, size_bytes: int = 0) -> None:
             nbytes[0] += size_bytes
             if rows and nbytes[0]:
                 self.row_bytes = nbytes[0] / rows
-            if self._slot is None and (done or stream.producer_done()):
+            if enabled and self._slot is None and (done or stream.producer_done()):
                 self.start(self.hold_for(window_rows))
 
         return observe
@@ -111,7 +113,7 @@ class NextEpoch:
             self._slot = _OPENING  # reserved: a second trigger is a no-op
         stream: Prestartable | None = None
         try:
-            stream = self._open(hold_bytes)
+            stream = self._open(hold_bytes, self.row_bytes)
         except Exception:  # noqa: BLE001 - a failed prestart is an ordinary start later
             logger.warning("torch_raydata: starting the next epoch early failed", exc_info=True)
         with self._cond:

@@ -286,6 +286,10 @@ class RaySource:
         self.data = data
         self.preserve_order = preserve_order
         self.is_shard = isinstance(data, DataIterator)
+        # Ray's largest block for the epochs this source starts (set on their copies):
+        # TRAINING_BLOCK_BYTES until the loader knows its batch's bytes (see
+        # RayIterableDataset._size_blocks).
+        self.block_bytes = TRAINING_BLOCK_BYTES
         # The file listing of ``data``, made at its first epoch (see _listed): None before,
         # False when it does not apply, else [(manifest table, metadata, schema)].
         self._listing: Any = None
@@ -436,8 +440,8 @@ class RaySource:
         # Blocks sized for training, not storage: Ray's default target (128 MiB) makes
         # the first batch wait for a whole block, e.g. 200 decoded 224 px images.
         target = ctx.target_max_block_size
-        if target is None or target > TRAINING_BLOCK_BYTES:
-            ctx.target_max_block_size = TRAINING_BLOCK_BYTES
+        if target is None or target > self.block_bytes:
+            ctx.target_max_block_size = self.block_bytes
         return ds
 
 
