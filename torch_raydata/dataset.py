@@ -365,17 +365,22 @@ class RayIterableDataset(IterableDataset):
         self._next.discard()  # the resumed epoch may run another stream (a filter)
         self.set_epoch(epoch)
 
-    def start_next_epoch(self) -> bool:
+    def start_next_epoch(self, *, wait: bool = True) -> bool:
         """Start the next epoch's stream now, ahead of its ``iter()`` (epoch pipelining,
         see ``prestart``); e.g. ``RayDataModule`` starts the val stream near the end of a
-        train epoch. Returns whether a prestarted stream is now held (False when
-        ``prestart`` is off or does not apply, or the next epoch will run another stream).
-        Cheap to call again: one stream is held at most."""
-        if self._resume.epoch == self._next_epoch or world()[1] > 1:
+        train epoch. ``wait=False``: on a short-lived thread of the dataset's (starting an
+        executor plans the Dataset, ~0.1 s), not the caller's. Returns whether a
+        prestarted stream is now held or being started (False when ``prestart`` is off or
+        does not apply, or the next epoch will run another stream). Cheap to call again:
+        one stream is held at most."""
+        if self._resume.epoch == self._next_epoch or world()[1] > 1 or not self._next.enabled:
             return False  # a loaded state's epoch may run a filtered stream
         window = self.config.prefetch_batches * self.config.batch_size
-        self._next.start(self._next.hold_for(window))
-        return self._next.pending
+        if wait:
+            self._next.start(self._next.hold_for(window))
+            return self._next.pending
+        self._next.start_soon(self._next.hold_for(window))
+        return True
 
     def stats(self) -> LoaderStats:
         """Stats of the running epoch, or of the last one if none is running, with the
@@ -436,4 +441,6 @@ def _open_prestarted(
 ) -> EpochBlocks:
     """The next epoch's plain stream, held to ``hold_bytes`` until claimed."""
     _size_blocks(source, batch_size, row_bytes)
-    return source.open(hold_bytes=hold_bytes)
+    # Never list files here (this may run on the prefetch or the training step's thread,
+    # and a listing waits for Ray): a prestart before the first epoch lets Ray list.
+    return source.open(hold_bytes=hold_bytes, may_list=False)

@@ -309,7 +309,7 @@ class RayDataModule(pl.LightningDataModule):
         val = self._datasets.get("val")
         if val is None or not train._next.pending or val._next.pending:
             return
-        val.start_next_epoch()
+        val.start_next_epoch(wait=False)  # off the step's thread
 
     def state_dict(self) -> dict[str, Any]:
         """Each built split's ``RayIterableDataset.state_dict()`` (goes into checkpoints).

@@ -74,6 +74,7 @@ class NextEpoch:
         self._slot: Any = None  # None, _OPENING, _DISCARD (discarded while opening), a stream
         self._started_at: float | None = None
         self._closed = False
+        self._starter: threading.Thread | None = None  # start_soon's thread
         self.row_bytes: float | None = None  # bytes per row of the last watched stream
         self.started = 0  # streams prestarted so far
         self.used = 0  # of those, claimed by an epoch
@@ -104,6 +105,19 @@ class NextEpoch:
         if self.row_bytes is None:
             return TRAINING_BLOCK_BYTES
         return max(1, int(window_rows * self.row_bytes))
+
+    def start_soon(self, hold_bytes: int) -> None:
+        """:meth:`start` on a short-lived thread (``trd-next-epoch``), joined by
+        :meth:`close`; a no-op while one runs or a stream is held."""
+        with self._cond:
+            if self._closed or self._slot is not None or not self.enabled:
+                return
+            if self._starter is not None and self._starter.is_alive():
+                return
+            self._starter = threading.Thread(
+                target=self.start, args=(hold_bytes,), name="trd-next-epoch", daemon=True
+            )
+            self._starter.start()
 
     def start(self, hold_bytes: int) -> None:
         """Start the next epoch's stream now, unless one is held or this is closed."""
@@ -168,6 +182,9 @@ class NextEpoch:
         """Discard, and start nothing from now on (the dataset is closed or collected)."""
         with self._cond:
             self._closed = True
+            starter = self._starter
+        if starter is not None and starter is not threading.current_thread():
+            starter.join()  # opening does not wait for Ray: it ends soon
         self.discard()
 
 

@@ -336,10 +336,14 @@ class RaySource:
         transform: Callable[[Dataset], Dataset] | None = None,
         *,
         hold_bytes: int | None = None,
+        may_list: bool = True,
     ) -> EpochBlocks:
         """Start one epoch of the stream; ``transform`` (a Dataset input only) appends stages
-        for this epoch, e.g. the resume filter. Returns at once for a Dataset input (the
-        executor runs in Ray's thread); ``hold_bytes``: see :meth:`EpochBlocks.start`."""
+        for this epoch, e.g. the resume filter. ``hold_bytes``: see :meth:`EpochBlocks.start`.
+        ``may_list``: the file listing may be made here if it is not yet (it waits for Ray,
+        like Ray's own first bundle does); False (a prestart, off the epoch's own
+        ``iter()``) uses it only when made, else Ray lists inside the executor. Otherwise
+        returns at once for a Dataset input (the executor runs in Ray's thread)."""
         if isinstance(self.data, Dataset):
             if transform is None and isinstance(self.data, MaterializedDataset):
                 # Materialized: Ray serves the cached bundle without starting an executor
@@ -348,7 +352,8 @@ class RaySource:
                 # block order is fixed, so preserve_order holds.
                 return EpochBlocks.from_iterator(self.data.iterator())
             ds = self.data if transform is None else transform(self.data)
-            return EpochBlocks.start(self._epoch_copy(self._listed(ds)), hold_bytes=hold_bytes)
+            ds = self._listed(ds, may_list=may_list)
+            return EpochBlocks.start(self._epoch_copy(ds), hold_bytes=hold_bytes)
         if transform is not None:
             raise ValueError("a DataIterator input cannot take extra stages; filter locally")
         return EpochBlocks.from_iterator(self.data)
@@ -359,7 +364,7 @@ class RaySource:
         MaterializedDataset starts in milliseconds)."""
         return isinstance(self.data, Dataset) and not isinstance(self.data, MaterializedDataset)
 
-    def _listed(self, ds: Dataset) -> Dataset:
+    def _listed(self, ds: Dataset, *, may_list: bool = True) -> Dataset:
         """``ds`` reading from a file listing made once, instead of listing every epoch.
 
         Ray 2.60's file reads (``read_parquet``...) list their files at every execution,
@@ -380,10 +385,10 @@ class RaySource:
             return ds
         listing_op = lists[0]
         with self._listing_lock:
-            if self._listing is None:
+            if self._listing is None and may_list:
                 self._listing = self._list_once(ds, listing_op)
             listing = self._listing
-        if listing is False:
+        if listing is False or listing is None:
             return ds
         try:
             from ray.data._internal.execution.interfaces.ref_bundle import BlockEntry, RefBundle
