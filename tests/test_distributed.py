@@ -115,7 +115,7 @@ def test_too_few_batches_raise_instead_of_hanging_the_other_ranks():
     run = _epoch([25], max_batches=4)
     with pytest.raises(RuntimeError, match=r"ended after 3 batches .* max_batches=4"):
         list(run)
-    assert run.finished
+    assert run.closed
 
 
 def test_rank_source_sizes_per_rank(monkeypatch, ray_session):

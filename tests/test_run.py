@@ -176,7 +176,7 @@ def test_the_consumer_takes_any_chain_of_stages():
 
     run = Chain(6, skip_batches=1, max_batches=4, record_ids=True)
     assert list(run) == ["b1", "b2", "b3"]  # one skipped, capped at 4 pulled, 2 dropped
-    assert run.finished and run.shutdowns == 1 and run.progress.exhausted
+    assert run.closed and run.shutdowns == 1 and run.progress.exhausted
     assert run.batches_yielded == 3 and run.rows_yielded == 30
     assert run.consumed_ids().tolist() == list(range(10, 40))
     assert run.stats.rows_dropped == 20 and run.stats.snapshot(0).batches == 3

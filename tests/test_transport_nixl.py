@@ -502,7 +502,7 @@ def test_actor_killed_mid_epoch_is_an_error_naming_the_batch(rows):
         for _ in run:
             pass
     assert "trd-collate-" in str(info.value)  # names the actor (agent) too
-    assert run.finished and run.actors == []
+    assert run.closed and run.actors == []
     assert ds.transport.live_actors == 0  # a failed epoch's actors are not reused
     assert _dead(actors)
     ds.close()

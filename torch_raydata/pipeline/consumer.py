@@ -170,8 +170,9 @@ class EpochConsumer:
         return data
 
     @property
-    def finished(self) -> bool:
-        """Closed (exhausted, broken out of, or failed)."""
+    def closed(self) -> bool:
+        """Closed (exhausted, broken out of, or failed). Not to be confused with
+        ``EpochProgress.finished()``: every batch reached the training step."""
         return self._closed
 
     @property
