@@ -14,3 +14,25 @@ import os
 # Ray's token authentication is off for the local clusters these harnesses start (set
 # before any submodule imports ray).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def start_local_ray() -> None:
+    """A private local Ray (2 CPUs, no dashboard) whose workers can import this package
+    (they unpickle the workloads' functions, which live here) whatever the current
+    directory; shared by ``bench`` and ``ingest``. ``address="local"``: with no address,
+    ray.init would join a cluster another session started with `ray start`."""
+    import logging
+
+    import ray
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.environ.get("PYTHONPATH", "")
+    if root not in path.split(os.pathsep):  # the workers inherit this environment
+        os.environ["PYTHONPATH"] = root + (os.pathsep + path if path else "")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )

@@ -30,7 +30,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from . import ingest, report
+from . import ingest, report, start_local_ray
 from .competitors import COMPETITORS, LABELS, RayTorch, Trd, make_competitor
 from .measure import owns_memory, run_epoch, time_to_first_batch
 from .parquet import probe_parquet_layouts
@@ -53,22 +53,7 @@ def init_ray() -> None:
     # ownership is measured separately (measure.owns_memory), so it is noise here.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     if not ray.is_initialized():
-        # Ray workers unpickle the workloads' map_batches functions, which live in this
-        # package: let the local cluster's workers (they inherit this env) import it
-        # whatever the current directory.
-        root = os.path.dirname(HERE)
-        path = os.environ.get("PYTHONPATH", "")
-        if root not in path.split(os.pathsep):
-            os.environ["PYTHONPATH"] = root + (os.pathsep + path if path else "")
-        # address="local": always a private cluster. With no address, ray.init joins the
-        # cluster named in /tmp/ray/ray_current_cluster if another session ran `ray start`.
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
+        start_local_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)

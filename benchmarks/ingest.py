@@ -61,6 +61,7 @@ from typing import Any
 
 import numpy as np
 
+from . import start_local_ray
 from .ingest_data import (
     NUM_CLASSES,
     JpegDataset,
@@ -170,18 +171,7 @@ class ObjectStoreSampler:
 def _init_ray() -> None:
     import ray
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.environ.get("PYTHONPATH", "")
-    if root not in path.split(os.pathsep):  # Ray workers unpickle transform_row from here
-        os.environ["PYTHONPATH"] = root + (os.pathsep + path if path else "")
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-    )
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # "progress bars disabled"
+    start_local_ray()  # Ray workers unpickle transform_row from this package
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray").setLevel(logging.WARNING)
