@@ -415,3 +415,70 @@ def test_blocks_hold_about_a_batch_once_the_row_size_is_known():
         assert 64 * width <= src.block_bytes <= 65 * width
         assert ds.stats().blocks < blocks_first  # fewer, batch-sized blocks
         ds.close()
+
+
+def _manifest_rows(listing) -> list[tuple]:
+    import pyarrow as pa
+
+    table = pa.concat_tables([t for t, _, _ in listing])
+    assert sum(md.num_rows for _, md, _ in listing) == table.num_rows
+    return sorted(tuple(str(v) for v in row.values()) for row in table.to_pylist())
+
+
+@ray_session
+@pytest.mark.parametrize("layout", ["flat", "row_groups", "hive", "columns"])
+def test_in_process_listing_equals_rays(tmp_path, layout):
+    """A few files are listed in this process (no 32 footer-reading actors): the manifest
+    must be the one Ray's own listing makes, whatever the layout."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+    from ray.data._internal.logical.operators import ListFiles
+
+    from torch_raydata.pipeline import source
+
+    kwargs = {}
+    if layout == "flat":
+        _parquet(tmp_path, files=5)
+        (tmp_path / "_DONE").write_text("")  # not parquet: filtered out by extension
+    elif layout == "row_groups":
+        ids = np.arange(1000)
+        pq.write_table(pa.table({"id": ids, "x": ids}), tmp_path / "a.parquet", row_group_size=90)
+        pq.write_table(pa.table({"id": ids + 1000, "x": ids}), tmp_path / "b.parquet",
+                       row_group_size=400)
+    elif layout == "hive":
+        for part in range(3):
+            (tmp_path / f"p={part}").mkdir()
+            ids = np.arange(part * 10, part * 10 + 10)
+            pq.write_table(pa.table({"id": ids}), tmp_path / f"p={part}" / "f.parquet")
+    else:
+        _parquet(tmp_path, files=2)
+        kwargs = {"columns": ["id"]}
+    ds = ray.data.read_parquet(str(tmp_path), **kwargs)
+    (op,) = [o for o in ds._logical_plan.dag.post_order_iter() if isinstance(o, ListFiles)]
+    local = source._list_in_process(ds, op)
+    assert local is not None, "the in-process listing did not apply (Ray's listing changed?)"
+    assert _manifest_rows(local) == _manifest_rows(source._list_with_ray(ds, op))
+    loader = trd.RayIterableDataset(ds, batch_size=64)
+    want = sorted(ray.data.read_parquet(str(tmp_path), **kwargs).to_pandas()["id"].tolist())
+    assert sorted(_ids(loader)) == want
+    assert loader._prestart_source._listing and sorted(_ids(loader)) == want
+    loader.close()
+
+
+@ray_session
+def test_many_files_are_listed_by_ray(tmp_path, monkeypatch):
+    """Past LOCAL_LISTING_MAX_FILES, Ray's footer-reading actors list (once)."""
+    import ray
+
+    from torch_raydata.pipeline import source
+
+    monkeypatch.setattr(source, "LOCAL_LISTING_MAX_FILES", 2)
+    calls = []
+    real = source._list_with_ray
+    monkeypatch.setattr(source, "_list_with_ray", lambda *a: calls.append(1) or real(*a))
+    loader = trd.RayIterableDataset(ray.data.read_parquet(_parquet(tmp_path)), batch_size=16)
+    for _ in range(2):
+        assert sorted(_ids(loader)) == list(range(120))
+    assert calls == [1] and loader._prestart_source._listing
+    loader.close()
