@@ -85,6 +85,72 @@ def test_a_finished_executor_starts_the_next_epoch_before_its_blocks_are_consume
     assert len(opener.streams) == 1  # before the stream's end reached the prefetch thread
 
 
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _timed_stream(clock: _Clock) -> _Stream:
+    s = _Stream()
+    s.opened_at = clock.now  # type: ignore[attr-defined]
+    return s
+
+
+def test_the_lead_is_the_measured_start_latency_at_this_epochs_rate():
+    """Once an epoch's row count is known, the next one starts when the rows still to
+    come take about as long as a stream takes from its open to its first block."""
+    clock = _Clock()
+    opener = _Opener()
+    nxt = NextEpoch(opener, enabled=True, clock=clock)
+    observe = nxt.watch(_timed_stream(clock), window_rows=10)  # epoch 0, started at iter()
+    clock.now += 2.0
+    observe(100, False, 100)  # first block 2 s after the open
+    assert nxt.start_latency == 2.0
+    for _ in range(9):  # 100 rows/s; the row count is not known yet: no early start
+        clock.now += 1.0
+        observe(nxt_rows := 100 + 100 * (_ + 1), False, 100)
+    assert opener.streams == []
+    observe(nxt_rows, True)
+    assert nxt.epoch_rows == 1000 and len(opener.streams) == 1
+    nxt.claim()  # epoch 1: its prestart had a block waiting (on time)
+
+    observe = nxt.watch(_timed_stream(clock), window_rows=10)
+    for i in range(1, 10):
+        clock.now += 1.0
+        observe(100 * i, False, 100)
+        # 100 rows/s after the first block: 2 s left at 800 rows
+        assert (len(opener.streams) == 2) == (100 * i >= 800), i
+    assert nxt.start_latency == 2.0  # an on-time prestart leaves the estimate alone
+
+
+def test_never_before_half_the_epoch_and_a_late_prestart_raises_the_latency():
+    clock = _Clock()
+    opener = _Opener()
+    nxt = NextEpoch(opener, enabled=True, clock=clock)
+    observe = nxt.watch(_timed_stream(clock), window_rows=10, expected_rows=1000)
+    clock.now += 30.0  # a very slow first block: the latency alone would start at once
+    observe(10, False, 10)
+    clock.now += 1.0
+    observe(400, False, 10)
+    assert opener.streams == []  # not before half the rows
+    clock.now += 1.0
+    observe(500, False, 10)
+    assert len(opener.streams) == 1
+    opener.streams[0].opened_at = clock.now  # type: ignore[attr-defined]
+    nxt.start_latency = 0.5  # as if measured fast; the prestart's claim then finds no block
+    opener.streams[0].closed = True  # queued_bytes() == 0: nothing produced yet
+    clock.now += 3.0
+    stream, lead = nxt.claim()
+    assert lead == 3.0
+    observe = nxt.watch(stream, window_rows=10)
+    clock.now += 1.5
+    observe(10, False, 10)  # its first block came 1.5 s after the claim
+    assert nxt.start_latency == 4.5  # from its open (3 s lead + 1.5 s wait)
+
+
 def test_disabled_and_closed_start_nothing():
     opener = _Opener()
     off = NextEpoch(opener, enabled=False)

@@ -270,7 +270,9 @@ class RayIterableDataset(IterableDataset):
         blocks.on_first_block = stats.first_block
         if plain:
             window = self.config.prefetch_batches * self.config.batch_size
-            blocks.observer = self._next.watch(blocks, window_rows=window)
+            blocks.observer = self._next.watch(
+                blocks, window_rows=window, expected_rows=self.num_rows()
+            )
         return blocks
 
     def _epoch_batches(self, max_batches: int | None, total_rows: int | None) -> int | None:

@@ -11,15 +11,20 @@ in-memory data). Started while the current epoch still runs, that time overlaps 
 training steps instead of stalling them.
 
 When: the current epoch's stream reports each block it hands to the prefetch thread
-(``observe(rows, done)``, on that thread). The next epoch starts as soon as the current
-one has nothing left to compute: its stream has ended, or its executor has finished
-(every remaining block is produced and only waits to be consumed). Starting earlier was
-tried and measured: on a machine whose CPUs the running epoch keeps busy (image decode
-on 2 cores, benchmark W7), an executor started while the current one still computes
-takes CPU from it, and the three epochs got slower (14.5 s against 12.7 s without
-prestart), with a higher object-store peak. From the moment the current executor is done,
-the next one has the CPUs to itself while the step consumes what is buffered; when a
-stream is a block or two (in-memory data, the examples), that is the whole epoch.
+(``observe(rows, done)``, on that thread). The next epoch starts when the current one's
+producer has about as much work left as a new executor takes to its first block: once an
+epoch of this stream has run to its end, its row count is known, and the rows still to
+come at the rate measured in this epoch give the time left; the start latency is measured
+on streams started at ``iter()`` (time from the open to the first block) and corrected by
+every prestart that came too late (the claim waited for its first block). It also starts
+as soon as the stream has ended or its executor has finished (every block produced, some
+still to be consumed), and never before half the epoch's rows have come. Starting much
+earlier was tried and measured: on a machine whose CPUs the running epoch keeps busy
+(image decode on 2 cores, benchmark W7), an executor started while the current one still
+has most of its work takes CPU from it, and the three epochs got slower (14.5 s against
+12.7 s without prestart), with a higher object-store peak. Started only after the
+current executor was done, the first batch of the next epoch still waited 0.8-1.5 s
+(the measured lead was 0.15-0.23 s: the step consumes the buffered tail fast).
 
 Memory: the prestarted executor starts no new task once ``hold_bytes`` of its output
 wait for us (the prefetch window's bytes, counted in ``stats()`` as the next epoch's);
@@ -66,9 +71,14 @@ class NextEpoch:
     """
 
     def __init__(
-        self, open_stream: Callable[[int, float | None], Prestartable], *, enabled: bool
+        self,
+        open_stream: Callable[[int, float | None], Prestartable],
+        *,
+        enabled: bool,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._open = open_stream
+        self._clock = clock  # the streams' ``opened_at`` clock (tests pass a fake one)
         self.enabled = enabled
         self._cond = threading.Condition()
         self._slot: Any = None  # None, _OPENING, _DISCARD (discarded while opening), a stream
@@ -76,12 +86,20 @@ class NextEpoch:
         self._closed = False
         self._starter: threading.Thread | None = None  # start_soon's thread
         self.row_bytes: float | None = None  # bytes per row of the last watched stream
+        self.epoch_rows: int | None = None  # rows of the last stream watched to its end
+        # Seconds from a stream's open to its first block, measured (see module doc).
+        self.start_latency: float | None = None
+        # The next watched stream is a claimed prestart: "late" (its claim found no block
+        # produced yet) or "on time"; None: started at iter().
+        self._prestarted: str | None = None
         self.started = 0  # streams prestarted so far
         self.used = 0  # of those, claimed by an epoch
         self.discarded = 0  # torn down unused (close, a loaded state, ...)
 
     # -- the running epoch's side (prefetch thread) ------------------------------------------
-    def watch(self, stream: Prestartable, *, window_rows: int) -> Callable[..., None]:
+    def watch(
+        self, stream: Prestartable, *, window_rows: int, expected_rows: int | None = None
+    ) -> Callable[..., None]:
         """An observer for the running epoch's ``stream`` (``observer(rows, done,
         size_bytes)``, called on the prefetch thread after each block and at its end) that
         starts the next epoch once this one has nothing left to compute (when enabled;
@@ -89,15 +107,54 @@ class NextEpoch:
         rows, the next epoch's hold admits (at the row size measured here)."""
         nbytes = [0]
         enabled = self.enabled
+        # Rows this epoch will deliver: counted when one ran to its end, else as known.
+        expected = self.epoch_rows if self.epoch_rows is not None else expected_rows
+        first: list[Any] = []  # (time, rows) at the first block
+        opened = getattr(stream, "opened_at", None)
+        prestarted, self._prestarted = self._prestarted, None
+        late = prestarted == "late"
 
         def observe(rows: int, done: bool, size_bytes: int = 0) -> None:
             nbytes[0] += size_bytes
             if rows and nbytes[0]:
                 self.row_bytes = nbytes[0] / rows
-            if enabled and self._slot is None and (done or stream.producer_done()):
+            now = self._clock()
+            if not first and rows:
+                first.append((now, rows))
+                if not prestarted:  # started at iter()
+                    self._measure_latency(opened, now, late=False)
+                elif late:  # prestarted, and its claim waited for this block
+                    self._measure_latency(opened, now, late=True)
+            if done:
+                self.epoch_rows = rows
+            if enabled and self._slot is None and (
+                done or stream.producer_done() or self._due(rows, expected, first, now)
+            ):
                 self.start(self.hold_for(window_rows))
 
         return observe
+
+    def _measure_latency(self, opened: float | None, now: float, *, late: bool) -> None:
+        """Open -> first block: of a stream started at ``iter()`` as measured; of a
+        prestarted one whose claim had to wait for its first block, at least that."""
+        if opened is None:
+            return
+        if not late:
+            self.start_latency = now - opened
+        else:
+            self.start_latency = max(self.start_latency or 0.0, now - opened)
+
+    def _due(self, rows: int, expected: int | None, first: list[Any], now: float) -> bool:
+        """The rows still to come will take about the start latency at this epoch's rate
+        (and half the epoch has come)."""
+        latency = self.start_latency
+        if expected is None or latency is None or not first or rows * 2 < expected:
+            return False
+        t0, rows0 = first[0]
+        if now <= t0 or rows <= rows0:
+            return False
+        rate = (rows - rows0) / (now - t0)
+        return (expected - rows) / rate <= latency
 
     def hold_for(self, window_rows: int) -> int:
         """The byte hold for a prestarted stream: ``window_rows`` rows at the last measured
@@ -134,7 +191,7 @@ class NextEpoch:
             keep = stream is not None and self._slot is _OPENING and not self._closed
             self._slot = stream if keep else None
             if keep:
-                self._started_at = time.perf_counter()
+                self._started_at = self._clock()
                 self.started += 1
             self._cond.notify_all()
         if stream is not None and not keep:  # closed or discarded while opening
@@ -151,10 +208,13 @@ class NextEpoch:
             started = self._started_at
         if stream is None or stream is _DISCARD:
             return None
+        now = self._clock()
+        assert started is not None
+        # Its first block not produced yet: the prestart came too late (see watch()).
+        self._prestarted = "late" if stream.queued_bytes() == 0 else "on time"
         stream.release()
         self.used += 1
-        assert started is not None
-        return stream, time.perf_counter() - started
+        return stream, now - started
 
     def queued_bytes(self) -> int:
         """Bytes of the next epoch produced and waiting (0 when none is prestarted)."""

@@ -157,6 +157,7 @@ class EpochBlocks:
         self._lock = threading.Lock()
         self._closed = False
         self.exhausted = False
+        self.opened_at = time.perf_counter()  # for the prestart's start latency
         self.first_block_at: float | None = None
         self.rows = 0
         self.observer: Callable[..., None] | None = None
