@@ -19,6 +19,12 @@ module is the trainer's end:
   which returns to the pool when the training step has dropped every one of them (the
   lease of ``memory/buffers.py``), so an in-place update by the step is safe and costs
   no copy. ``copy=True`` instead clones once and reuses the buffer at once.
+* on a CUDA device (VRAM destinations) each batch is cloned on the device, on a copy
+  stream of this transport; a READ lands outside any CUDA stream, so the buffer returns
+  to the pool only once the event recorded after its clones has completed (the next
+  READ into it could otherwise overwrite it before a clone queued behind the step's
+  kernels has read it), and :meth:`on_consume` makes the training step's current stream
+  wait on that event and records the clones on it (as ``CudaTransport`` does).
 
 Errors: a READ in ERR, a remote agent gone (actor death) or no completion within
 ``xfer_timeout`` seconds raise :class:`NixlTransferError` naming the batch; posted READs
@@ -49,6 +55,7 @@ import torch
 
 from ..._checks import check_int, resolve_device
 from ...pipeline.transport import FetchRequest, Transport
+from ..cuda import CudaOps, Handoff
 from .actors import CollateActors
 from .common import RemoteBatch, import_nixl, release_message, unflatten_payload
 from .epoch import RemoteEpochRun
@@ -95,6 +102,7 @@ class NixlTransport(Transport):
         max_free_bytes: free destination memory kept registered for reuse.
         actor_options: extra ``.options(...)`` for the collate actors (e.g. a
             ``scheduling_strategy`` or ``runtime_env``).
+        ops: the CUDA seam for a CUDA device (tests only).
     """
 
     needs_thread = True
@@ -111,9 +119,13 @@ class NixlTransport(Transport):
         backends: tuple[str, ...] = ("UCX",),
         max_free_bytes: int = 1 << 30,
         actor_options: dict[str, Any] | None = None,
+        ops: CudaOps | None = None,
     ) -> None:
         import_nixl()  # fail at construction, naming the extra
-        dev = resolve_device(device, hint=" (NIXL then READs into host DRAM)")
+        if ops is not None:
+            dev = torch.device(device)
+        else:
+            dev = resolve_device(device, hint=" (NIXL then READs into host DRAM)")
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(
                 f"NixlTransport moves batches to 'cpu' or a CUDA device, got {device=}"
@@ -130,8 +142,12 @@ class NixlTransport(Transport):
         self.in_flight = in_flight
         self.xfer_timeout = float(xfer_timeout)
         # VRAM buffers have no lease mechanism (torch storages have no "last view died"
-        # hook): on CUDA each batch is cloned on the device and the buffer reused at once.
+        # hook): on CUDA each batch is cloned on the device, and the buffer reused once
+        # the clones are done (see the module docstring).
         self.copy = bool(copy) or dev.type == "cuda"
+        self._ops = (ops or CudaOps(dev)) if dev.type == "cuda" else None
+        self._handoff = Handoff(self._ops) if self._ops is not None else None
+        self._stream: Any = None  # the device clones' stream, created on first use
         self.backends = tuple(backends)
         self.max_free_bytes = max_free_bytes
         self.actor_options = dict(actor_options or {})
@@ -157,8 +173,16 @@ class NixlTransport(Transport):
                 # and this agent only initiates READs, which polling them progresses.
                 config = nixl_agent_config(enable_prog_thread=False, backends=list(self.backends))
                 self._agent = nixl_agent(name, config)
-                self._pool = DestPool(self._agent, self.device, self.max_free_bytes)
+                self._pool = DestPool(self._agent, self.device, self.max_free_bytes, self._ops)
             return self._agent
+
+    @property
+    def copy_stream(self) -> Any:
+        """The stream of the device clones (CUDA device only)."""
+        with self._lock:
+            if self._stream is None and self._ops is not None:
+                self._stream = self._ops.new_stream()
+            return self._stream
 
     @property
     def pool(self) -> DestPool:
@@ -221,6 +245,7 @@ class NixlTransport(Transport):
         with self._lock:
             agent = self.agent
             pool = self.pool
+            stream = self.copy_stream
             try:
                 for desc in batches:
                     x = _Xfer(desc)
@@ -229,7 +254,7 @@ class NixlTransport(Transport):
                         x.done = True
                         continue
                     self._load(desc)
-                    x.raw = pool.acquire(desc.nbytes)
+                    x.raw = pool.acquire(desc.nbytes, stream)
                     local = agent.get_xfer_descs(
                         [(pool.addr(x.raw), desc.nbytes, pool.dev_id)], pool.mem
                     )
@@ -327,6 +352,7 @@ class NixlTransport(Transport):
 
     def _payload(self, x: _Xfer) -> Any:
         desc = x.desc
+        ops = self._ops
         tensors: list[torch.Tensor] = []
         if x.raw is None:
             base = None
@@ -336,16 +362,37 @@ class NixlTransport(Transport):
             base = self.pool.handout(x.raw)
         for spec in desc.tensors:
             if spec.nbytes == 0 or base is None:
-                tensors.append(torch.empty(spec.shape, dtype=spec.dtype, device=self.device))
+                if ops is not None:
+                    tensors.append(ops.empty(spec.shape, spec.dtype))
+                else:
+                    tensors.append(torch.empty(spec.shape, dtype=spec.dtype))
                 continue
             flat = base[spec.offset : spec.offset + spec.nbytes]
             t = (torch.from_numpy(flat) if isinstance(flat, np.ndarray) else flat).view(spec.dtype)
             t = t.view(spec.shape)
-            tensors.append(t.clone() if self.copy else t)
-        if x.raw is not None and self.copy:
+            if ops is not None:
+                t = ops.clone(t, self._stream)  # queued: the buffer is read later
+            elif self.copy:
+                t = t.clone()
+            tensors.append(t)
+        payload = unflatten_payload(desc.skeleton, tensors)
+        if ops is not None and self._handoff is not None:
+            event = ops.new_event()
+            ops.record(event, self._stream)
+            self._handoff.register(payload, event)
+            if x.raw is not None:
+                self.pool.release(x.raw, event)  # reused once the clones have read it
+        elif x.raw is not None and self.copy:
             self.pool.release(x.raw)
         x.raw = None
-        return unflatten_payload(desc.skeleton, tensors)
+        return payload
+
+    def on_consume(self, data: Any) -> Any:
+        """On the training step's thread: on a CUDA device, its current stream waits for
+        the batch's device clones (see the module docstring)."""
+        if self._handoff is None:
+            return data
+        return self._handoff.on_consume(data)
 
     def abort(self, request: FetchRequest) -> None:
         """Release every transfer of ``request`` that has not completed (NIXL cancels it);
@@ -378,22 +425,26 @@ class NixlTransport(Transport):
         with self._lock:
             if self._agent is None:
                 return
-            self.forget(list(self._loaded))
-            assert self._pool is not None
-            self._pool.close()
-            self._pool = None
-            self._stuck.clear()
-            self._agent = None
+            try:
+                self.forget(list(self._loaded))
+                assert self._pool is not None
+                self._pool.close()  # waits for the device clones reading its buffers
+            finally:
+                self._pool = None
+                self._stuck.clear()
+                self._agent = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.update(_lock=None, _agent=None, _pool=None, _loaded={}, _stuck=[], _actors=None)
+        state.update(_stream=None, _handoff=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
         self._actors = CollateActors(self)  # a copy starts its own
+        self._handoff = Handoff(self._ops) if self._ops is not None else None
 
     def __repr__(self) -> str:
         return (
