@@ -81,10 +81,14 @@ class CudaOps:
             return t.clone()
 
     def device_buffer(self, nbytes: int, stream: Any) -> torch.Tensor:
-        # Allocated on `stream`, the stream whose work reads it, so a freed buffer is
-        # reused only in order with that work.
+        """A NIXL READ destination. Allocated on ``stream`` (the clones reading it run
+        there), then ``stream`` is synchronized: the caching allocator may hand out memory
+        that queued work on ``stream`` still writes (a clone whose output was dropped
+        early), and a READ writes outside any stream. New buffers are rare (reused)."""
         with torch.cuda.device(self.device), torch.cuda.stream(stream):
-            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        stream.synchronize()
+        return buf
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device=self.device)
