@@ -83,8 +83,9 @@ class FakeGPU:
     nixl_mem = "DRAM"  # NIXL destination buffers stay host memory on the CPU
     nixl_dev_id = 0
 
-    def __init__(self, device: torch.device | str = "cuda:0") -> None:
+    def __init__(self, device: torch.device | str = "cuda:0", *, late_copies: bool = True) -> None:
         self.device = torch.device(device)
+        self.late_copies = late_copies  # False: copy streams run eagerly too (a quiet GPU)
         self.lock = threading.RLock()
         self.default = FakeStream("default", late=False)
         self.streams: list[FakeStream] = [self.default]
@@ -105,7 +106,7 @@ class FakeGPU:
     # -- streams and events ------------------------------------------------------------
     def new_stream(self) -> FakeStream:
         with self.lock:
-            s = FakeStream(f"copy{len(self.streams)}", late=True)
+            s = FakeStream(f"copy{len(self.streams)}", late=self.late_copies)
             self.streams.append(s)
             return s
 

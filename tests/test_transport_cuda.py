@@ -11,10 +11,12 @@ from __future__ import annotations
 import gc
 import threading
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
+import torch_raydata as trd
 from torch_raydata.collate import DefaultCollate
 from torch_raydata.memory.pinned import size_class
 from torch_raydata.pipeline.finalize import Finalizer
@@ -354,3 +356,29 @@ def test_collate_uses_the_pinned_pool_through_default_collate():
     dev = t.on_consume(_post(t, host))
     gpu.pump()
     assert torch.equal(torch.from_numpy(gpu.read(dev["x"]).value), torch.arange(50_000))
+
+
+def test_dataset_stats_report_the_transports_staging_memory(ray_session):
+    import ray
+
+    ds = ray.data.range(2048, override_num_blocks=4)
+    gpu = FakeGPU(late_copies=False)  # a quiet GPU: copies run when posted
+    budget = 2 * size_class(256 * 8)
+    t = CudaTransport("cuda:0", ops=gpu, max_pinned_bytes=budget)
+    loader = trd.RayIterableDataset(ds, batch_size=256, transport=t, preserve_order=True)
+    ids = [gpu.read(b["id"]).value for b in loader]
+    assert np.array_equal(np.concatenate(ids), np.arange(2048))
+    gc.collect()
+    st = loader.stats()
+    assert 0 < st.pinned_bytes_reserved <= budget and st.pinned_bytes_in_use == 0
+    assert set(st.pageable_fallbacks) <= {"budget"}
+    assert "pinned staging: 0 B in use of" in str(st)
+    loader.close()
+    assert loader.stats().pinned_bytes_reserved == 0
+
+    none = CudaTransport("cuda:0", ops=FakeGPU(late_copies=False), max_pinned_bytes=0)
+    loader = trd.RayIterableDataset(ds, batch_size=256, transport=none)
+    assert sum(len(gpu_ids["id"]) for gpu_ids in loader) == 2048
+    st = loader.stats()
+    assert st.pageable_fallbacks == {"budget": 8} and st.pinned_bytes_reserved == 0
+    loader.close()

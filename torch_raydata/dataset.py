@@ -384,7 +384,8 @@ class RayIterableDataset(IterableDataset):
 
     def stats(self) -> LoaderStats:
         """Stats of the running epoch, or of the last one if none is running, with the
-        prestarted next epoch's stream (if any)."""
+        prestarted next epoch's stream (if any) and the transport's staging memory
+        (pinned bytes in use and held, pageable fallbacks by reason: ``TransportStats``)."""
         recorder = self._last_stats or StatsRecorder(self._next_epoch)
         snap = recorder.snapshot(time.perf_counter())
         memory = self.transport.memory_stats()
