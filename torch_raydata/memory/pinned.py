@@ -144,7 +144,7 @@ class PinnedPool:
                 self.reserved_bytes += size  # reserved before pinning (outside the lock)
         if evicted:
             del evicted
-            self._empty_cache()  # unpin them (torch keeps freed pinned blocks cached)
+            self._unpin()  # torch keeps freed pinned blocks cached: release them
         if raw is None:
             try:
                 raw = self._alloc(size)
@@ -258,7 +258,15 @@ class PinnedPool:
                 self.reserved_bytes -= sum(self._lru.values())
                 self._free.clear()
                 self._lru.clear()
+            self._unpin()
+
+    def _unpin(self) -> None:
+        """Empty torch's pinned cache; best effort (a failure leaves memory pinned, never
+        fails a batch or a close)."""
+        try:
             self._empty_cache()
+        except Exception:  # noqa: BLE001
+            logger.warning("torch_raydata: emptying the pinned host cache failed", exc_info=True)
 
 
 def _addr(raw: torch.Tensor) -> int:
