@@ -102,9 +102,9 @@ def test_close_waits_for_pending_clones(vram):
 def test_payloads_never_consumed_leave_no_events(vram):
     worker, transport, gpu = vram
     batches = [_read(worker, transport, i) for i in range(3)]
-    assert len(transport._handoff) > 0
+    assert len(transport._device.handoff) > 0
     del batches
     gc.collect()
-    assert len(transport._handoff) == 0
+    assert len(transport._device.handoff) == 0
     gpu.pump()
 

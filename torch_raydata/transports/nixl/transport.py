@@ -19,12 +19,9 @@ module is the trainer's end:
   which returns to the pool when the training step has dropped every one of them (the
   lease of ``memory/buffers.py``), so an in-place update by the step is safe and costs
   no copy. ``copy=True`` instead clones once and reuses the buffer at once.
-* on a CUDA device (VRAM destinations) each batch is cloned on the device, on a copy
-  stream of this transport; a READ lands outside any CUDA stream, so the buffer returns
-  to the pool only once the event recorded after its clones has completed (the next
-  READ into it could otherwise overwrite it before a clone queued behind the step's
-  kernels has read it), and :meth:`on_consume` makes the training step's current stream
-  wait on that event and records the clones on it (as ``CudaTransport`` does).
+* on a CUDA device (VRAM destinations) each batch is cloned out of its buffer on a copy
+  stream, and the buffer is READ into again only once the clones have run; the step's
+  stream waits for them in :meth:`on_consume` (``device.py``).
 
 Errors: a READ in ERR, a remote agent gone (actor death) or no completion within
 ``xfer_timeout`` seconds raise :class:`NixlTransferError` naming the batch; posted READs
@@ -42,6 +39,7 @@ returns (any thread, from garbage collection) only append to a list.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -55,9 +53,10 @@ import torch
 
 from ..._checks import check_int, resolve_device
 from ...pipeline.transport import FetchRequest, Transport
-from ..cuda import CudaOps, Handoff
+from ..cuda import CudaOps
 from .actors import CollateActors
 from .common import RemoteBatch, import_nixl, release_message, unflatten_payload
+from .device import DeviceClones
 from .epoch import RemoteEpochRun
 from .pool import DestPool
 
@@ -146,8 +145,7 @@ class NixlTransport(Transport):
         # the clones are done (see the module docstring).
         self.copy = bool(copy) or dev.type == "cuda"
         self._ops = (ops or CudaOps(dev)) if dev.type == "cuda" else None
-        self._handoff = Handoff(self._ops) if self._ops is not None else None
-        self._stream: Any = None  # the device clones' stream, created on first use
+        self._device = DeviceClones(self._ops) if self._ops is not None else None
         self.backends = tuple(backends)
         self.max_free_bytes = max_free_bytes
         self.actor_options = dict(actor_options or {})
@@ -178,11 +176,8 @@ class NixlTransport(Transport):
 
     @property
     def copy_stream(self) -> Any:
-        """The stream of the device clones (CUDA device only)."""
-        with self._lock:
-            if self._stream is None and self._ops is not None:
-                self._stream = self._ops.new_stream()
-            return self._stream
+        """The stream of the device clones (None for host destinations)."""
+        return self._device.stream if self._device is not None else None
 
     @property
     def pool(self) -> DestPool:
@@ -352,7 +347,7 @@ class NixlTransport(Transport):
 
     def _payload(self, x: _Xfer) -> Any:
         desc = x.desc
-        ops = self._ops
+        device = self._device
         tensors: list[torch.Tensor] = []
         if x.raw is None:
             base = None
@@ -362,37 +357,31 @@ class NixlTransport(Transport):
             base = self.pool.handout(x.raw)
         for spec in desc.tensors:
             if spec.nbytes == 0 or base is None:
-                if ops is not None:
-                    tensors.append(ops.empty(spec.shape, spec.dtype))
-                else:
-                    tensors.append(torch.empty(spec.shape, dtype=spec.dtype))
+                empty = device.empty if device is not None else torch.empty
+                tensors.append(empty(spec.shape, dtype=spec.dtype))
                 continue
             flat = base[spec.offset : spec.offset + spec.nbytes]
             t = (torch.from_numpy(flat) if isinstance(flat, np.ndarray) else flat).view(spec.dtype)
             t = t.view(spec.shape)
-            if ops is not None:
-                t = ops.clone(t, self._stream)  # queued: the buffer is read later
+            if device is not None:
+                t = device.clone(t)  # queued on its stream: the buffer is read later
             elif self.copy:
                 t = t.clone()
             tensors.append(t)
         payload = unflatten_payload(desc.skeleton, tensors)
-        if ops is not None and self._handoff is not None:
-            event = ops.new_event()
-            ops.record(event, self._stream)
-            self._handoff.register(payload, event)
-            if x.raw is not None:
-                self.pool.release(x.raw, event)  # reused once the clones have read it
-        elif x.raw is not None and self.copy:
-            self.pool.release(x.raw)
-        x.raw = None
+        raw, x.raw = x.raw, None
+        if device is not None:  # VRAM: the buffer is reused once the clones have read it
+            device.finish(payload, None if raw is None else functools.partial(self.pool.release, raw))
+        elif raw is not None and self.copy:
+            self.pool.release(raw)
         return payload
 
     def on_consume(self, data: Any) -> Any:
         """On the training step's thread: on a CUDA device, its current stream waits for
-        the batch's device clones (see the module docstring)."""
-        if self._handoff is None:
+        the batch's device clones (``device.py``)."""
+        if self._device is None:
             return data
-        return self._handoff.on_consume(data)
+        return self._device.on_consume(data)
 
     def abort(self, request: FetchRequest) -> None:
         """Release every transfer of ``request`` that has not completed (NIXL cancels it);
@@ -437,14 +426,12 @@ class NixlTransport(Transport):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.update(_lock=None, _agent=None, _pool=None, _loaded={}, _stuck=[], _actors=None)
-        state.update(_stream=None, _handoff=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
         self._actors = CollateActors(self)  # a copy starts its own
-        self._handoff = Handoff(self._ops) if self._ops is not None else None
 
     def __repr__(self) -> str:
         return (
