@@ -196,6 +196,7 @@ class CudaTransport(Transport):
         )
         self._handoff = Handoff(ops)
         self.unstaged_copies = 0  # copies from pageable memory the pool did not hand out
+        self._count_lock = threading.Lock()  # finalize threads of datasets sharing this
 
     @property
     def host_allocator(self) -> Callable[[tuple[int, ...], torch.dtype], torch.Tensor]:
@@ -223,7 +224,8 @@ class CudaTransport(Transport):
                     return t
                 k = pool.owns(t)
                 if k is None and not pool.is_fallback(t) and not self._ops.is_pinned(t):
-                    self.unstaged_copies += 1
+                    with self._count_lock:
+                        self.unstaged_copies += 1
                 moved = self._ops.copy(t, stream)
                 if k is not None:
                     keys.append(k)  # only once its copy is posted
