@@ -13,7 +13,7 @@ TORCH  ?= torch==2.13.0
 EXTRAS ?= dev,lightning,examples,nixl
 STAMP  := $(VENV)/.installed-$(shell echo $(EXTRAS) | tr ',' '-')
 
-.PHONY: setup demo test lint bench bench-smoke clean
+.PHONY: setup demo test test-gpu lint bench bench-smoke clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,14 @@ lint: setup
 
 test: setup lint
 	$(PY) -m pytest -q
+
+# Every `gpu`-marked test (tests/test_gpu.py; docs/gpu.md), one line per test and one
+# per failure. On a machine without CUDA they are all reported as skipped.
+# More detail on failures: make test-gpu GPU_PYTEST_ARGS=--tb=short
+GPU_PYTEST_ARGS ?= --tb=line
+test-gpu: setup
+	@$(PY) -c "import torch; n = torch.cuda.device_count(); print(f'torch {torch.__version__}, CUDA {torch.version.cuda}, {n} device(s)' + ('' if n else ': NO CUDA DEVICE, every gpu test will be skipped'))"
+	$(PY) -m pytest -m gpu -q -rA -p no:cacheprovider $(GPU_PYTEST_ARGS)
 
 # Full run of workloads 1-7 (~10 min here); rewrites benchmarks/RESULTS.md (generated).
 bench: setup

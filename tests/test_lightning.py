@@ -107,6 +107,33 @@ def test_fit_validate_test_with_known_length_and_limit_train_batches():
     assert dm.datasets["val"].stats().batches == 3
 
 
+class _CountingTransport(trd.transports.LocalTransport):
+    def __init__(self):
+        super().__init__()
+        self.closes = 0
+
+    def close(self):
+        self.closes += 1
+
+
+def test_a_transport_instance_passed_in_is_shared_and_never_closed_by_the_module():
+    mine = _CountingTransport()
+    dm = RayDataModule(train=_ds(64), val=_ds(32), batch_size=16, num_workers=1, transport=mine)
+    trainer = _trainer(max_epochs=1)
+    trainer.fit(Recorder(), datamodule=dm)
+    assert dm.datasets["train"].transport is mine and dm.datasets["val"].transport is mine
+    dm.teardown(None)
+    dm.on_exception(RuntimeError("step failed"))
+    assert mine.closes == 0  # the user's: shared by both splits, closed by its owner
+    named = RayDataModule(train=_ds(32), batch_size=16, num_workers=1)
+    named.setup("fit")
+    made = named.datasets["train"].transport
+    closes = []
+    made.close = lambda: closes.append(1)
+    named.teardown("fit")
+    assert closes == [1]  # one the module made from a name is its own to close
+
+
 @pytest.mark.parametrize("sanity", [0, 2])
 def test_epochs_after_the_first_start_ahead_and_stay_exact(sanity):
     """Each split's next epoch is started while the current one runs (train: its own

@@ -386,24 +386,34 @@ class RayIterableDataset(IterableDataset):
 
     def stats(self) -> LoaderStats:
         """Stats of the running epoch, or of the last one if none is running, with the
-        prestarted next epoch's stream (if any)."""
+        prestarted next epoch's stream (if any) and the transport's staging memory
+        (pinned bytes in use and held, pageable fallbacks by reason: ``TransportStats``)."""
         recorder = self._last_stats or StatsRecorder(self._next_epoch)
         snap = recorder.snapshot(time.perf_counter())
+        memory = self.transport.memory_stats()
         return dataclasses.replace(
             snap,
             next_epoch_prestarted=self._next.pending,
             next_epoch_bytes=self._next.queued_bytes(),
+            pinned_bytes_in_use=memory.pinned_bytes_in_use,
+            pinned_bytes_reserved=memory.pinned_bytes_reserved,
+            pageable_fallbacks=dict(memory.pageable_fallbacks),
         )
 
-    def close(self) -> None:
+    def close(self, *, close_transport: bool = True) -> None:
         """Stop the running epoch (if any), tear down a prestarted next epoch, and
-        release the transport. Iterating again afterwards starts afresh."""
+        release the transport (``close_transport=False``: leave it to its owner, e.g. a
+        transport instance shared with other datasets). Iterating again afterwards
+        starts afresh."""
         run = self._current_run()
         if run is not None:
             run.close()
         self._next.discard()
-        self.transport.close()
-        self.buffer_pool.clear()
+        try:
+            if close_transport:
+                self.transport.close()
+        finally:
+            self.buffer_pool.clear()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

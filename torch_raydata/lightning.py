@@ -37,7 +37,7 @@ from . import distributed
 from .callbacks import LoaderStatsCallback  # noqa: F401 - re-exported
 from .dataset import RayIterableDataset
 from .kernels.nested import iter_leaves
-from .transports import resolve_transport
+from .transports import Transport, resolve_transport
 
 __all__ = ["RayDataModule", "SPLITS", "EVAL_DEFAULTS"]
 
@@ -206,8 +206,11 @@ class RayDataModule(pl.LightningDataModule):
         device = self.trainer.strategy.root_device
         if device.type == "cpu":
             return {**opts, "device": device}
+        spec = opts.get("transport", "auto")
         try:
-            resolve_transport(opts.get("transport", "auto"), device).close()
+            probe = resolve_transport(spec, device)
+            if probe is not spec:  # one we made to check the device: ours to close
+                probe.close()
         except ValueError as e:
             logger.info(
                 "torch_raydata: batches stay on the CPU and Lightning moves them to %s (%s)",
@@ -372,14 +375,20 @@ class RayDataModule(pl.LightningDataModule):
         else:
             ds.set_epoch(state["epoch"])
 
+    def _owns_transport(self, split: str) -> bool:
+        """A transport the splits made from a name is theirs to close; an instance passed
+        in (``transport=``, shared by every split) stays open for its owner to close."""
+        return not isinstance(self.split_options[split].get("transport", "auto"), Transport)
+
     def teardown(self, stage: str | None = None) -> None:
-        """Stop the running epochs of the stage's splits (their threads end here)."""
+        """Stop the running epochs of the stage's splits (their threads end here) and
+        close their transports, unless a transport instance was passed in."""
         for split in _STAGE_SPLITS.get(stage, SPLITS) if stage else SPLITS:
             ds = self._datasets.get(split)
             if ds is not None:
-                ds.close()
+                ds.close(close_transport=self._owns_transport(split))
 
     def on_exception(self, exception: BaseException) -> None:
         """Stop every running epoch when training fails."""
-        for ds in self._datasets.values():
-            ds.close()
+        for split, ds in self._datasets.items():
+            ds.close(close_transport=self._owns_transport(split))

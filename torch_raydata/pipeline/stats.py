@@ -63,6 +63,12 @@ class LoaderStats:
     next_epoch_bytes: int = 0
     #: Remote collate actors working for this epoch (transport='nixl'; kept across epochs).
     collate_actors: int = 0
+    #: The transport's staging memory, over its lifetime (``TransportStats``): pinned bytes
+    #: held by batches, pinned bytes held in all, and reason -> tensors staged in pageable
+    #: memory instead ("budget", "pin_failed", "not_staged").
+    pinned_bytes_in_use: int = 0
+    pinned_bytes_reserved: int = 0
+    pageable_fallbacks: dict[str, int] = field(default_factory=dict)
 
     @property
     def rows_per_second(self) -> float:
@@ -82,6 +88,13 @@ class LoaderStats:
             if self.next_epoch_prestarted
             else ""
         )
+        staging = ""
+        if self.pinned_bytes_reserved or self.pageable_fallbacks:
+            why = ", ".join(f"{k}={v}" for k, v in sorted(self.pageable_fallbacks.items()))
+            staging = (
+                f"\n  pinned staging: {self.pinned_bytes_in_use:,} B in use of "
+                f"{self.pinned_bytes_reserved:,} B pinned; pageable fallbacks: {why or 'none'}"
+            )
         return (
             f"epoch {self.epoch}: {self.batches} batches, {self.rows} rows "
             f"({self.rows_per_second:,.0f} rows/s from iter()), {self.rows_dropped} rows "
@@ -92,7 +105,7 @@ class LoaderStats:
             f"  stage busy: {stages}\n"
             f"  buffered now {self.buffered_batches} batches / {self.buffered_bytes:,} B; "
             f"peak {self.peak_buffered_batches} batches / {self.peak_buffered_bytes:,} B; "
-            f"{self.blocks} blocks"
+            f"{self.blocks} blocks{staging}"
         )
 
 

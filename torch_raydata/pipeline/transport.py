@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Transport", "FetchRequest", "RemoteCollate"]
+__all__ = ["Transport", "FetchRequest", "RemoteCollate", "TransportStats"]
 
 
 @dataclass
@@ -36,6 +36,23 @@ class FetchRequest:
     results: list[Any] | None = None
     handle: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TransportStats:
+    """Staging memory of a transport, over its lifetime (all epochs and datasets using it).
+
+    ``pinned_bytes_in_use``: pinned bytes held by batches (collated, being copied, or
+    waiting for a copy to complete); ``pinned_bytes_reserved``: pinned bytes the transport
+    holds in all (in use + free for reuse). ``pageable_fallbacks``: reason -> tensors
+    staged in pageable memory instead (``"budget"``: the pinned budget was in use;
+    ``"pin_failed"``: pinning failed; ``"not_staged"``: the collate_fn returned tensors
+    not allocated by the transport, copied from pageable memory).
+    """
+
+    pinned_bytes_in_use: int = 0
+    pinned_bytes_reserved: int = 0
+    pageable_fallbacks: dict[str, int] = field(default_factory=dict)
 
 
 class Transport:
@@ -77,6 +94,10 @@ class Transport:
         """Called on the *training step's* thread just before it receives ``data``.
         Device transports make the consumer's current stream wait for the transfer here."""
         return data
+
+    def memory_stats(self) -> TransportStats:
+        """Staging memory held and fallbacks (reported in ``RayIterableDataset.stats()``)."""
+        return TransportStats()
 
     def close(self) -> None:
         """Free buffers and connections (called by ``RayIterableDataset.close()``)."""

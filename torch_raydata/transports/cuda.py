@@ -1,57 +1,97 @@
 """CudaTransport: host batches -> one CUDA device, on a dedicated copy stream.
 
-Owns: a pool of pinned host staging buffers (collate writes *into* them, so the one copy
-out of the object store lands in pinned memory and H2D needs no second host copy), the
-copy stream, one event per batch, and the hand-over to the training step's stream.
+Owns: the copy stream, one event per batch, the hand-over to the training step's stream,
+and a pool of pinned host staging buffers (``memory/pinned.py``: collate writes *into*
+them, so the one copy out of the object store lands in pinned memory and H2D needs no
+second host copy).
 
 Stream discipline (the bug of Ray's closed #64431 was synchronising the wrong stream):
-finalize posts copies on ``copy_stream`` from its own thread; the *consumer* thread, in
-:meth:`on_consume`, makes ITS current stream wait on the batch's event and
-``record_stream``-s every device tensor on it, so the caching allocator never hands that
-memory out while the step may still use it. The device index is fixed at construction
-(a bare "cuda" resolved later on the finalize thread could pick another GPU, Ray #65059).
+  1. finalize posts each batch's copies on ``copy_stream`` from its own thread, then
+     records the batch's event on that stream;
+  2. the staging buffers the copies read go back to the pool only once that event has
+     completed (``PinnedPool.in_flight``), and only once the batch's host tensors are gone;
+  3. the *consumer* thread, in :meth:`on_consume`, makes ITS current stream wait on the
+     event and ``record_stream``-s every device tensor on it, so the caching allocator
+     never hands that memory to a later copy while the step may still use it.
+The device index is fixed at construction (a bare "cuda" resolved later on the finalize
+thread could pick another GPU, Ray #65059), and every CUDA call that allocates or creates
+runs under ``torch.cuda.device(dev)`` (a collate thread pinning memory would otherwise
+create a context on GPU 0).
 
-A staging buffer goes back to the pool only once its batch's copy event has completed.
-All CUDA calls go through :class:`CudaOps` so the bookkeeping is tested without a GPU.
+All CUDA calls go through :class:`CudaOps`, a seam: the CPU tests pass a fake GPU whose
+copies complete late (``tests/fake_cuda.py``).
 """
 
 from __future__ import annotations
 
-import logging
 import threading
-from collections import deque
+import weakref
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .._checks import resolve_device
-from ..kernels.nested import map_leaves
-from ..pipeline.transport import FetchRequest, Transport
+from ..kernels.nested import iter_leaves, map_leaves
+from ..memory.pinned import PinnedPool
+from ..pipeline.transport import FetchRequest, Transport, TransportStats
 
-__all__ = ["CudaTransport", "CudaOps", "PinnedPool"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["CudaTransport", "CudaOps", "Handoff"]
 
 
 class CudaOps:
-    """The CUDA calls CudaTransport makes (a seam: tests pass a CPU fake)."""
+    """The CUDA calls the device transports make (a seam: tests pass a CPU fake)."""
+
+    #: NIXL memory kind and device id of buffers from :meth:`device_buffer`.
+    nixl_mem = "VRAM"
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
+    @property
+    def nixl_dev_id(self) -> int:
+        return self.device.index or 0
+
     def new_stream(self) -> Any:
-        return torch.cuda.Stream(device=self.device)
+        with torch.cuda.device(self.device):
+            return torch.cuda.Stream(device=self.device)
 
     def new_event(self) -> Any:
         return torch.cuda.Event()
 
     def pinned(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        # The device guard: torch pins through the current device's context.
+        with torch.cuda.device(self.device):
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def is_pinned(self, t: torch.Tensor) -> bool:
+        return t.is_pinned()
+
+    def empty_host_cache(self) -> None:
+        """Unpin what torch's pinned cache holds unused (our dropped staging buffers)."""
+        torch.accelerator.empty_host_cache()
 
     def copy(self, host: torch.Tensor, stream: Any) -> torch.Tensor:
         with torch.cuda.device(self.device), torch.cuda.stream(stream):
             return host.to(self.device, non_blocking=True)
+
+    def clone(self, t: torch.Tensor, stream: Any) -> torch.Tensor:
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            return t.clone()
+
+    def device_buffer(self, nbytes: int, stream: Any) -> torch.Tensor:
+        """A NIXL READ destination. Allocated on ``stream`` (the clones reading it run
+        there), then ``stream`` is synchronized: the caching allocator may hand out memory
+        that queued work on ``stream`` still writes (a clone whose output was dropped
+        early), and a READ writes outside any stream. New buffers are rare (reused)."""
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        stream.synchronize()
+        return buf
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=self.device)
 
     def record(self, event: Any, stream: Any) -> None:
         event.record(stream)
@@ -72,67 +112,48 @@ class CudaOps:
         tensor.record_stream(stream)
 
 
-def _round_up(n: int, quantum: int = 1 << 16) -> int:
-    return max(quantum, (n + quantum - 1) // quantum * quantum)
+class Handoff:
+    """Device payloads -> the event the consumer's stream must wait on (step 3 above).
 
-
-class PinnedPool:
-    """Pinned host buffers, reused by size class, bounded in total bytes.
-
-    Sizes round up to 64 KiB so variable-length batches reuse buffers; when the bound is
-    reached, requests fall back to pageable memory (counted in ``fallbacks``) rather than
-    block, so a slow consumer can never deadlock the collate threads.
+    Keyed by the payload's tensors, weakly: an entry disappears with its tensors, so a
+    payload that never reaches :meth:`on_consume` (skipped, drained at a ``break``,
+    dropped after an error) leaves nothing behind. No lock: single dict operations are
+    atomic, and the weakref callbacks run from garbage collection on any thread.
     """
 
-    def __init__(self, alloc: Callable[[int], torch.Tensor], max_bytes: int) -> None:
-        self._alloc = alloc
-        self.max_bytes = max_bytes
-        self._lock = threading.Lock()
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._leased: dict[int, torch.Tensor] = {}  # data_ptr -> raw buffer
-        self.total_bytes = 0
-        self.fallbacks = 0
+    def __init__(self, ops: Any) -> None:
+        self._ops = ops
+        self._events: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
 
-    def __call__(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = itemsize
-        for d in shape:
-            nbytes *= d
-        size = _round_up(nbytes)
-        with self._lock:
-            stack = self._free.get(size)
-            raw = stack.pop() if stack else None
-            if raw is None and self.total_bytes + size > self.max_bytes:
-                self.fallbacks += 1
-                return torch.empty(shape, dtype=dtype)
-            if raw is None:
-                self.total_bytes += size
-        if raw is None:
-            raw = self._alloc(size)
-        with self._lock:
-            self._leased[raw.data_ptr()] = raw
-        return raw[:nbytes].view(dtype).view(shape)
+    def register(self, payload: Any, event: Any) -> None:
+        events = self._events
+        for t in iter_leaves(payload):
+            key = id(t)
+            events[key] = (weakref.ref(t, lambda _, k=key: events.pop(k, None)), event)
 
-    def owns(self, t: torch.Tensor) -> int | None:
-        """The key of the pooled buffer behind ``t``, if any."""
-        ptr = t.untyped_storage().data_ptr()
-        return ptr if ptr in self._leased else None
+    def on_consume(self, data: Any) -> Any:
+        """On the consumer's thread: its current stream waits for ``data``'s copies and
+        every copied tensor is recorded on it."""
+        found: list[torch.Tensor] = []
+        events: dict[int, Any] = {}
+        for t in iter_leaves(data):
+            entry = self._events.pop(id(t), None)
+            if entry is not None and entry[0]() is t:
+                found.append(t)
+                events[id(entry[1])] = entry[1]
+        if not found:
+            return data
+        stream = self._ops.consumer_stream()
+        for event in events.values():
+            self._ops.wait(stream, event)
+        for t in found:
+            # Allocated on the copy stream: without this, freeing it in the step lets the
+            # next copy reuse its memory while the step's kernels may still read it.
+            self._ops.record_stream(t, stream)
+        return data
 
-    def release(self, key: int) -> None:
-        with self._lock:
-            raw = self._leased.pop(key, None)
-            if raw is not None:
-                self._free.setdefault(raw.numel(), []).append(raw)
-
-    @property
-    def leased(self) -> int:
-        return len(self._leased)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
-            self._leased.clear()
-            self.total_bytes = 0
+    def __len__(self) -> int:
+        return len(self._events)
 
 
 class CudaTransport(Transport):
@@ -140,7 +161,8 @@ class CudaTransport(Transport):
 
     Args:
         device: a CUDA device; its index is fixed now.
-        max_pinned_bytes: bound on pinned staging memory (default 1 GiB).
+        max_pinned_bytes: bound on pinned staging memory (default 1 GiB), counted in the
+            sizes torch really pins (powers of two); beyond it, pageable memory is used.
         ops: the CUDA seam (tests only).
     """
 
@@ -156,84 +178,89 @@ class CudaTransport(Transport):
         dev = torch.device(device)
         if dev.type != "cuda":
             raise ValueError(f"CudaTransport needs a CUDA device, got {device=}")
+        if not max_pinned_bytes >= 0:
+            raise ValueError(f"{max_pinned_bytes=} must be >= 0 (0: never pin)")
         if ops is None:
             dev = resolve_device(device)
             ops = CudaOps(dev)
         super().__init__(dev)
         self._ops = ops
-        self._stream: Any = None  # created lazily on the finalize thread's first post
-        self.pinned_pool = PinnedPool(ops.pinned, max_pinned_bytes)
-        self._in_flight: deque[tuple[Any, list[int]]] = deque()  # (event, pooled keys)
-        self._events: dict[int, Any] = {}  # id(device payload) -> its copy event
-        self._lock = threading.Lock()
+        self._stream: Any = None  # created on first use (the finalize thread's first post)
+        self._stream_lock = threading.Lock()
+        self.pinned_pool = PinnedPool(
+            ops.pinned,
+            max_pinned_bytes,
+            done=ops.done,
+            synchronize=ops.synchronize,
+            empty_cache=ops.empty_host_cache,
+        )
+        self._handoff = Handoff(ops)
+        self.unstaged_copies = 0  # copies from pageable memory the pool did not hand out
+        self._count_lock = threading.Lock()  # finalize threads of datasets sharing this
 
     @property
     def host_allocator(self) -> Callable[[tuple[int, ...], torch.dtype], torch.Tensor]:
         """Collate straight into pinned staging memory."""
         return self.pinned_pool
 
-    def _reclaim(self, block: bool = False) -> None:
-        while self._in_flight:
-            event, keys = self._in_flight[0]
-            if not self._ops.done(event):
-                if not block:
-                    return
-                self._ops.synchronize(event)
-            self._in_flight.popleft()
-            for k in keys:
-                self.pinned_pool.release(k)
+    @property
+    def copy_stream(self) -> Any:
+        with self._stream_lock:
+            if self._stream is None:
+                self._stream = self._ops.new_stream()
+            return self._stream
 
     def fetch_multiple(self, batches: list[Any]) -> FetchRequest:
-        if self._stream is None:
-            self._stream = self._ops.new_stream()
-        self._reclaim()
-        out, events = [], []
+        """Post every batch's copies on the copy stream and return at once (the
+        consumer's stream waits for them in :meth:`on_consume`)."""
+        stream = self.copy_stream
+        pool = self.pinned_pool
+        out = []
         for batch in batches:
             keys: list[int] = []
 
             def move(t: torch.Tensor, keys: list[int] = keys) -> torch.Tensor:
                 if t.device == self.device:
                     return t
-                k = self.pinned_pool.owns(t)
+                k = pool.owns(t)
+                if k is None and not pool.is_fallback(t) and not self._ops.is_pinned(t):
+                    with self._count_lock:
+                        self.unstaged_copies += 1
+                moved = self._ops.copy(t, stream)
                 if k is not None:
-                    keys.append(k)
-                return self._ops.copy(t, self._stream)
+                    keys.append(k)  # only once its copy is posted
+                return moved
 
-            moved = map_leaves(batch, move)
-            event = self._ops.new_event()
-            self._ops.record(event, self._stream)
-            self._in_flight.append((event, keys))
+            try:
+                moved = map_leaves(batch, move)
+            finally:
+                # Also after a failed copy (e.g. out of device memory): the copies posted
+                # so far still read their staging buffers.
+                event = self._ops.new_event()
+                self._ops.record(event, stream)
+                pool.in_flight(keys, event)
+            self._handoff.register(moved, event)
             out.append(moved)
-            events.append(event)
-        return FetchRequest(batches=batches, handle=(out, events))
-
-    def wait_fetch_complete(self, request: FetchRequest, timeout: float | None = None) -> list[Any]:
-        # Does not block on the GPU: the consumer's stream waits on each event in
-        # on_consume, on the consumer's own thread.
-        out, events = request.handle
-        with self._lock:
-            for payload, event in zip(out, events, strict=True):
-                self._events[id(payload)] = event
-        return out
+        return FetchRequest(batches=batches, results=out)
 
     def on_consume(self, data: Any) -> Any:
-        with self._lock:
-            event = self._events.pop(id(data), None)
-        if event is None:
-            return data
-        stream = self._ops.consumer_stream()
-        self._ops.wait(stream, event)
+        return self._handoff.on_consume(data)
 
-        def record(t: torch.Tensor) -> torch.Tensor:
-            # Every tensor of a fetched payload is on the device (fetch_multiple moved them).
-            self._ops.record_stream(t, stream)
-            return t
-
-        map_leaves(data, record)
-        return data
+    def memory_stats(self) -> TransportStats:
+        pool = self.pinned_pool
+        fallbacks = Counter(pool.fallbacks)
+        if self.unstaged_copies:
+            fallbacks["not_staged"] = self.unstaged_copies
+        return TransportStats(
+            pinned_bytes_in_use=pool.in_use_bytes,
+            pinned_bytes_reserved=pool.reserved_bytes,
+            pageable_fallbacks=dict(fallbacks),
+        )
 
     def close(self) -> None:
-        self._reclaim(block=True)
-        with self._lock:
-            self._events.clear()
-        self.pinned_pool.clear()
+        """Wait for the posted copies, then drop and unpin the staging buffers (batches
+        still held keep theirs until dropped). Usable again afterwards."""
+        self.pinned_pool.close()
+
+    def __repr__(self) -> str:
+        return f"CudaTransport(device={self.device}, max_pinned_bytes={self.pinned_pool.max_bytes})"

@@ -19,6 +19,9 @@ module is the trainer's end:
   which returns to the pool when the training step has dropped every one of them (the
   lease of ``memory/buffers.py``), so an in-place update by the step is safe and costs
   no copy. ``copy=True`` instead clones once and reuses the buffer at once.
+* on a CUDA device (VRAM destinations) each batch is cloned out of its buffer on a copy
+  stream, and the buffer is READ into again only once the clones have run; the step's
+  stream waits for them in :meth:`on_consume` (``device.py``).
 
 Errors: a READ in ERR, a remote agent gone (actor death) or no completion within
 ``xfer_timeout`` seconds raise :class:`NixlTransferError` naming the batch; posted READs
@@ -36,6 +39,7 @@ returns (any thread, from garbage collection) only append to a list.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -49,8 +53,10 @@ import torch
 
 from ..._checks import check_int, resolve_device
 from ...pipeline.transport import FetchRequest, Transport
+from ..cuda import CudaOps
 from .actors import CollateActors
 from .common import RemoteBatch, import_nixl, release_message, unflatten_payload
+from .device import DeviceClones
 from .epoch import RemoteEpochRun
 from .pool import DestPool
 
@@ -95,6 +101,7 @@ class NixlTransport(Transport):
         max_free_bytes: free destination memory kept registered for reuse.
         actor_options: extra ``.options(...)`` for the collate actors (e.g. a
             ``scheduling_strategy`` or ``runtime_env``).
+        ops: the CUDA seam for a CUDA device (tests only).
     """
 
     needs_thread = True
@@ -111,9 +118,13 @@ class NixlTransport(Transport):
         backends: tuple[str, ...] = ("UCX",),
         max_free_bytes: int = 1 << 30,
         actor_options: dict[str, Any] | None = None,
+        ops: CudaOps | None = None,
     ) -> None:
         import_nixl()  # fail at construction, naming the extra
-        dev = resolve_device(device, hint=" (NIXL then READs into host DRAM)")
+        if ops is not None:
+            dev = torch.device(device)
+        else:
+            dev = resolve_device(device, hint=" (NIXL then READs into host DRAM)")
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(
                 f"NixlTransport moves batches to 'cpu' or a CUDA device, got {device=}"
@@ -130,8 +141,11 @@ class NixlTransport(Transport):
         self.in_flight = in_flight
         self.xfer_timeout = float(xfer_timeout)
         # VRAM buffers have no lease mechanism (torch storages have no "last view died"
-        # hook): on CUDA each batch is cloned on the device and the buffer reused at once.
+        # hook): on CUDA each batch is cloned on the device, and the buffer reused once
+        # the clones are done (see the module docstring).
         self.copy = bool(copy) or dev.type == "cuda"
+        self._ops = (ops or CudaOps(dev)) if dev.type == "cuda" else None
+        self._device = DeviceClones(self._ops) if self._ops is not None else None
         self.backends = tuple(backends)
         self.max_free_bytes = max_free_bytes
         self.actor_options = dict(actor_options or {})
@@ -157,8 +171,13 @@ class NixlTransport(Transport):
                 # and this agent only initiates READs, which polling them progresses.
                 config = nixl_agent_config(enable_prog_thread=False, backends=list(self.backends))
                 self._agent = nixl_agent(name, config)
-                self._pool = DestPool(self._agent, self.device, self.max_free_bytes)
+                self._pool = DestPool(self._agent, self.device, self.max_free_bytes, self._ops)
             return self._agent
+
+    @property
+    def copy_stream(self) -> Any:
+        """The stream of the device clones (None for host destinations)."""
+        return self._device.stream if self._device is not None else None
 
     @property
     def pool(self) -> DestPool:
@@ -221,6 +240,7 @@ class NixlTransport(Transport):
         with self._lock:
             agent = self.agent
             pool = self.pool
+            stream = self.copy_stream
             try:
                 for desc in batches:
                     x = _Xfer(desc)
@@ -229,7 +249,7 @@ class NixlTransport(Transport):
                         x.done = True
                         continue
                     self._load(desc)
-                    x.raw = pool.acquire(desc.nbytes)
+                    x.raw = pool.acquire(desc.nbytes, stream)
                     local = agent.get_xfer_descs(
                         [(pool.addr(x.raw), desc.nbytes, pool.dev_id)], pool.mem
                     )
@@ -327,6 +347,7 @@ class NixlTransport(Transport):
 
     def _payload(self, x: _Xfer) -> Any:
         desc = x.desc
+        device = self._device
         tensors: list[torch.Tensor] = []
         if x.raw is None:
             base = None
@@ -336,16 +357,31 @@ class NixlTransport(Transport):
             base = self.pool.handout(x.raw)
         for spec in desc.tensors:
             if spec.nbytes == 0 or base is None:
-                tensors.append(torch.empty(spec.shape, dtype=spec.dtype, device=self.device))
+                empty = device.empty if device is not None else torch.empty
+                tensors.append(empty(spec.shape, dtype=spec.dtype))
                 continue
             flat = base[spec.offset : spec.offset + spec.nbytes]
             t = (torch.from_numpy(flat) if isinstance(flat, np.ndarray) else flat).view(spec.dtype)
             t = t.view(spec.shape)
-            tensors.append(t.clone() if self.copy else t)
-        if x.raw is not None and self.copy:
-            self.pool.release(x.raw)
-        x.raw = None
-        return unflatten_payload(desc.skeleton, tensors)
+            if device is not None:
+                t = device.clone(t)  # queued on its stream: the buffer is read later
+            elif self.copy:
+                t = t.clone()
+            tensors.append(t)
+        payload = unflatten_payload(desc.skeleton, tensors)
+        raw, x.raw = x.raw, None
+        if device is not None:  # VRAM: the buffer is reused once the clones have read it
+            device.finish(payload, None if raw is None else functools.partial(self.pool.release, raw))
+        elif raw is not None and self.copy:
+            self.pool.release(raw)
+        return payload
+
+    def on_consume(self, data: Any) -> Any:
+        """On the training step's thread: on a CUDA device, its current stream waits for
+        the batch's device clones (``device.py``)."""
+        if self._device is None:
+            return data
+        return self._device.on_consume(data)
 
     def abort(self, request: FetchRequest) -> None:
         """Release every transfer of ``request`` that has not completed (NIXL cancels it);
@@ -378,12 +414,14 @@ class NixlTransport(Transport):
         with self._lock:
             if self._agent is None:
                 return
-            self.forget(list(self._loaded))
-            assert self._pool is not None
-            self._pool.close()
-            self._pool = None
-            self._stuck.clear()
-            self._agent = None
+            try:
+                self.forget(list(self._loaded))
+                assert self._pool is not None
+                self._pool.close()  # waits for the device clones reading its buffers
+            finally:
+                self._pool = None
+                self._stuck.clear()
+                self._agent = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
