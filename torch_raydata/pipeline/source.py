@@ -32,6 +32,8 @@ THE one module that touches Ray internals. What it relies on (pinned by
   ``RefBundle(blocks=(BlockEntry(ref, metadata),), schema, owns_blocks)`` and
   ``Dataset.iter_internal_ref_bundles()``: the listing runs once per source, and each
   epoch's copy reads from it (see ``RaySource._listed``).
+* ``ray.train.utils._in_ray_train_worker()``: whether this process is a Ray Train worker
+  (``iter_torch_batches(device="auto")`` then uses ``ray.train.torch.get_device()``).
 * ``Dataset.copy(ds, _deep_copy=True)`` to give every epoch its own execution cache and
   DataContext (``preserve_order=True`` and the training-sized ``target_max_block_size``
   are set on the copy, never on the caller's dataset or the global context).
@@ -62,6 +64,7 @@ __all__ = [
     "is_ray_input",
     "split_for_ranks",
     "teardown_counts",
+    "ray_train_device",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,6 +80,19 @@ def teardown_counts() -> dict[str, int]:
     """How this process's early-stopped epochs were torn down so far (a copy)."""
     with _TEARDOWNS_LOCK:
         return dict(_TEARDOWNS)
+
+
+def ray_train_device() -> Any:
+    """Inside a Ray Train worker, the worker's torch device (``ray.train.torch.get_device``);
+    else None. Uses ``ray.train.utils._in_ray_train_worker`` (what Ray's own
+    ``iter_torch_batches(device="auto")`` asks)."""
+    from ray.train.utils import _in_ray_train_worker
+
+    if not _in_ray_train_worker():
+        return None
+    from ray.train.torch import get_device
+
+    return get_device()
 
 
 def is_ray_input(obj: Any) -> bool:
