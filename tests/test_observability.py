@@ -158,6 +158,9 @@ def _fit(tmp_path, every, datamodule=True):
             trd.RayIterableDataset(_ds(1200), batch_size=100), batch_size=None
         )
         trainer.fit(Tiny(), train_dataloaders=loader)
+        # Lightning keeps the loader in reference cycles: close the dataset (and its
+        # prestarted next epoch) now, not at a garbage collection after ray.shutdown().
+        loader.dataset.close()
     import csv
 
     with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
