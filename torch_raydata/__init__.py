@@ -7,7 +7,8 @@
     for batch in trd.iter_torch_batches(ray_dataset, batch_size=256): ...   # Ray's keywords
 
 See docs/architecture.md (the six stages, the layers) and README.md. Layers, imports
-pointing down only: ``dataset``, ``lightning``, ``callbacks`` (what users call) ->
+pointing down only: ``dataset``, ``drop_in`` (``iter_torch_batches``), ``lightning``,
+``callbacks`` (what users call; ``guards`` holds the dataset's misuse checks) ->
 ``distributed`` -> ``pipeline`` -> ``resume``, ``transports``, ``collate`` -> ``kernels``,
 ``memory``, ``_checks`` (option validation).
 """
