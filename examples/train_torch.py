@@ -1,4 +1,4 @@
-"""A plain PyTorch training loop over ``DataLoader(RayIterableDataset(...), batch_size=None)``.
+"""A plain PyTorch training loop over ``RayIterableDataset(...).loader()``.
 
 The digits CNN of ``train_lightning.py`` without Lightning: Ray Data reads and augments,
 ``RayIterableDataset`` batches (shuffled, collated on 2 threads), the loop trains. After
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> float:
         )
         model = DigitsCNN()
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        loader = DataLoader(train, batch_size=None)  # batches come whole from the dataset
+        loader = train.loader()  # DataLoader(train, batch_size=None): batches come whole
         for epoch in range(epochs):
             t0 = time.perf_counter()
             for batch in loader:
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> float:
                 f"for data {st.wait_total_seconds:.3f}s (p50 {st.wait_p50_ms:.2f} ms, "
                 f"max {st.wait_max_ms:.1f} ms)"
             )
-        val_acc = evaluate(model, DataLoader(val, batch_size=None))
+        val_acc = evaluate(model, val.loader())
         print(f"val accuracy: {val_acc:.4f}")
         print("train loader stats (last epoch):")
         print(train.stats())

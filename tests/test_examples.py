@@ -89,6 +89,18 @@ def test_train_torch_small_reaches_accuracy(example, capsys):
 
 
 @pytest.mark.timeout(300)
+def test_train_iter_torch_batches_small_reaches_accuracy(example, capsys):
+    acc = example("train_iter_torch_batches").main(["--small"])
+    out = capsys.readouterr().out
+    assert acc >= MIN_ACCURACY, out
+    assert _number(r"val accuracy:\s*([0-9.]+)", out) == pytest.approx(acc, abs=1e-4)
+    # Every epoch saw every training row once (the one-line migration changes no batch).
+    training = out.split("train loader stats", 1)[0]
+    rows = [int(r) for r in re.findall(r"(?m)^epoch \d+:.*?(\d+) rows", training)]
+    assert len(rows) == 6 and set(rows) == {_train_rows(out)}, out
+
+
+@pytest.mark.timeout(300)
 def test_train_ray_train_small_reaches_accuracy(example, capsys):
     pytest.importorskip("lightning")
     acc = example("train_ray_train").main(["--small"])

@@ -112,11 +112,21 @@ def test_loader_metrics_cover_the_interval_between_two_snapshots():
     rec.delivered(100, 0.5, 1.0)
     first = rec.snapshot(1.0)
     rec.delivered(300, 0.25, 2.0)
-    m = callbacks.loader_metrics(rec.snapshot(2.0), first, prefix="d/")
-    assert m["d/wait_s"] == pytest.approx(0.25) and m["d/rows_per_s"] == pytest.approx(300)
-    assert m["d/wait_fraction"] == pytest.approx(0.25)
+    m = callbacks.loader_metrics(rec.snapshot(2.0), first, prefix="d/", window="w")
+    assert m["d/w/wait_ms_per_step"] == pytest.approx(250) and m["d/w/steps"] == 1
+    assert m["d/w/rows_per_s"] == pytest.approx(300) and m["d/w/wait_fraction"] == 0.25
     whole = callbacks.loader_metrics(rec.snapshot(2.0))
-    assert whole["loader/wait_s"] == pytest.approx(0.75) and whole["loader/rows_per_s"] == 200
+    assert whole["loader/since_last/wait_ms_per_step"] == pytest.approx(375)
+    assert whole["loader/since_last/rows_per_s"] == 200
+    assert whole["loader/epoch/wait_p95_ms"] > whole["loader/epoch/wait_p50_ms"] > 0
+    # A window across an epoch's end: the rest of epoch 0, then epoch 1 so far.
+    nxt = StatsRecorder(1)
+    nxt.start(5.0)
+    nxt.delivered(50, 0.1, 6.0)
+    m = callbacks.loader_metrics(
+        nxt.snapshot(6.0), first, window="w", previous_epoch_end=rec.snapshot(2.0)
+    )
+    assert m["loader/w/steps"] == 2 and m["loader/w/rows_per_s"] == pytest.approx(350 / 2)
 
 
 def _fit(tmp_path, every, datamodule=True):
@@ -148,6 +158,9 @@ def _fit(tmp_path, every, datamodule=True):
             trd.RayIterableDataset(_ds(1200), batch_size=100), batch_size=None
         )
         trainer.fit(Tiny(), train_dataloaders=loader)
+        # Lightning keeps the loader in reference cycles: close the dataset (and its
+        # prestarted next epoch) now, not at a garbage collection after ray.shutdown().
+        loader.dataset.close()
     import csv
 
     with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
@@ -158,15 +171,20 @@ def _fit(tmp_path, every, datamodule=True):
 @pytest.mark.parametrize("datamodule", [True, False], ids=["RayDataModule", "DataLoader"])
 def test_loader_stats_callback_logs_to_a_csv_logger_every_n_steps(tmp_path, datamodule):
     rows = _fit(tmp_path, every=4, datamodule=datamodule)
-    logged = [r for r in rows if r.get("loader/rows_per_s")]
-    # 12 steps per epoch, 2 epochs: logged after every 4th step (global_step counts them).
-    assert [int(r["step"]) for r in logged] == [4, 8, 12, 16, 20, 24]
+    logged = [r for r in rows if r.get("loader/last_4_steps/rows_per_s")]
+    # 12 steps per epoch, 2 epochs: every 4th step counted across epochs, at the step
+    # Lightning itself logs that batch at (its rows: 3, 7, ...; global_step is one more).
+    assert [(int(r["step"]), int(float(r["epoch"]))) for r in logged] == [
+        (3, 0), (7, 0), (11, 0), (15, 1), (19, 1), (23, 1)
+    ]
     for r in logged:
-        assert float(r["loader/rows_per_s"]) > 0
-        assert 0 <= float(r["loader/wait_fraction"]) <= 1
-        assert float(r["loader/wait_s"]) >= 0 and float(r["loader/wait_p95_ms"]) >= 0
-        assert float(r["loader/buffered_batches"]) >= 0
-        assert float(r["loader/buffered_bytes"]) >= 0
+        assert float(r["loader/last_4_steps/rows_per_s"]) > 0
+        assert float(r["loader/last_4_steps/steps"]) == 4
+        assert 0 <= float(r["loader/last_4_steps/wait_fraction"]) <= 1
+        assert float(r["loader/last_4_steps/wait_ms_per_step"]) >= 0
+        assert float(r["loader/epoch/wait_p95_ms"]) >= 0
+        assert float(r["loader/now/buffered_batches"]) >= 0
+        assert float(r["loader/now/buffered_bytes"]) >= 0
 
 
 def test_callback_is_reexported_and_validates():

@@ -217,8 +217,7 @@ def test_stopping_at_len_without_the_end_of_the_epoch_is_a_finished_epoch():
     last = [next(it)["id"] for _ in range(len(loader))][-1]
     sd = loader.state_dict()
     assert sd["epoch"] == 1 and sd["consumed"]["count"] == 0
-    loader.consumer_lag = 1  # ... unless the last batch is not trained on yet
-    sd = loader.state_dict()
+    sd = loader._state_dict(consumer_lag=1)  # ... unless the last one is not trained on yet
     assert sd["epoch"] == 0 and sd["consumed"]["count"] == sd["rows_consumed"] == 1000 - len(last)
     assert not set(last.tolist()) & set(ConsumedSet.decode(sd["consumed"]).sorted_keys().tolist())
     it.close()

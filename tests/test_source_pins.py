@@ -108,3 +108,12 @@ def test_materialized_dataset_is_served_from_cache_without_an_executor():
         it._on_iteration_end(executor)
     assert executor is None
     assert ds._meta_count() == 100
+
+
+def test_ray_train_worker_check():
+    from ray.train.utils import _in_ray_train_worker
+
+    from torch_raydata.pipeline.source import ray_train_device
+
+    assert _in_ray_train_worker() is False  # the test process is no Ray Train worker
+    assert ray_train_device() is None

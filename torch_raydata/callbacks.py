@@ -3,7 +3,7 @@
 Owns the Lightning view of :class:`~torch_raydata.LoaderStats`:
 
 * ``LoaderStatsCallback`` — a Lightning ``Callback`` logging data wait time, rows/s and
-  buffered batches to every logger of the trainer every N training steps.
+  buffered batches to every logger of the trainer, on Lightning's own rows (step, epoch).
 
 Re-exports :class:`EpochProgressBar`, the tqdm bar of the plain-PyTorch path
 (``pipeline/progress_bar.py``). Does not own the numbers (``pipeline/stats.py``) nor the
@@ -25,32 +25,65 @@ from .pipeline.progress_bar import EpochProgressBar
 __all__ = ["EpochProgressBar", "LoaderStatsCallback", "loader_metrics"]  # noqa: F822 - lazy
 
 
-def loader_metrics(stats: Any, previous: Any = None, prefix: str = "loader/") -> dict[str, float]:
+def loader_metrics(
+    stats: Any,
+    previous: Any = None,
+    prefix: str = "loader/",
+    *,
+    window: str = "since_last",
+    previous_epoch_end: Any = None,
+) -> dict[str, float]:
     """Metrics of a :class:`~torch_raydata.LoaderStats` snapshot, as logged by
-    ``LoaderStatsCallback``. With ``previous`` (an earlier snapshot of the same epoch),
-    ``wait_s``, ``wait_fraction`` and ``rows_per_s`` cover the interval between the two;
-    else the epoch so far.
+    ``LoaderStatsCallback``; each name says its window.
 
-    Keys (after ``prefix``): ``wait_s`` (seconds the training step waited for data),
-    ``wait_fraction`` (of wall time), ``wait_p50_ms``/``wait_p95_ms`` (per batch, epoch so
-    far), ``rows_per_s``, ``buffered_batches``, ``buffered_bytes``, ``rows_dropped``.
+    ``{prefix}{window}/...`` cover the interval since ``previous`` (an earlier snapshot;
+    None: the epoch so far). If ``previous`` is of an earlier epoch, ``previous_epoch_end``
+    (that epoch's last snapshot) joins the two: the rest of that epoch, then this one
+    (between epochs nothing is counted). Keys: ``wait_ms_per_step`` (mean time the step
+    waited for a batch), ``wait_fraction`` (of the loader's wall time), ``rows_per_s``,
+    ``steps`` (batches in the window).
+
+    ``{prefix}epoch/...`` cover the epoch so far: ``wait_p50_ms``, ``wait_p95_ms`` (per
+    batch), ``rows_dropped``. ``{prefix}now/...`` are the state at the snapshot:
+    ``buffered_batches``, ``buffered_bytes``.
     """
-    same_epoch = previous is not None and previous.epoch == stats.epoch
-    base_wait = previous.wait_total_seconds if same_epoch else 0.0
-    base_rows = previous.rows if same_epoch else 0
-    base_wall = previous.wall_seconds if same_epoch else 0.0
-    wall = max(stats.wall_seconds - base_wall, 1e-9)
-    wait = stats.wait_total_seconds - base_wait
+    wait, rows, wall, steps = _totals(stats)
+    if previous is not None and previous.epoch == stats.epoch:
+        base = _totals(previous)
+    elif previous is not None and previous_epoch_end is not None and (
+        previous_epoch_end.epoch == previous.epoch
+    ):
+        rest = [a - b for a, b in zip(_totals(previous_epoch_end), _totals(previous), strict=True)]
+        base = tuple(-r for r in rest)  # the previous epoch's remainder joins this window
+    else:
+        base = (0.0, 0, 0.0, 0)
+    wait, rows, wall, steps = (a - b for a, b in zip((wait, rows, wall, steps), base, strict=True))
+    wall = max(wall, 1e-9)
+    w = f"{prefix}{window}/"
     return {
-        f"{prefix}wait_s": wait,
-        f"{prefix}wait_fraction": min(1.0, wait / wall),
-        f"{prefix}wait_p50_ms": stats.wait_p50_ms,
-        f"{prefix}wait_p95_ms": stats.wait_p95_ms,
-        f"{prefix}rows_per_s": (stats.rows - base_rows) / wall,
-        f"{prefix}buffered_batches": float(stats.buffered_batches),
-        f"{prefix}buffered_bytes": float(stats.buffered_bytes),
-        f"{prefix}rows_dropped": float(stats.rows_dropped),
+        f"{w}wait_ms_per_step": 1e3 * wait / steps if steps else 0.0,
+        f"{w}wait_fraction": min(1.0, max(0.0, wait / wall)),
+        f"{w}rows_per_s": rows / wall,
+        f"{w}steps": float(steps),
+        f"{prefix}epoch/wait_p50_ms": stats.wait_p50_ms,
+        f"{prefix}epoch/wait_p95_ms": stats.wait_p95_ms,
+        f"{prefix}epoch/rows_dropped": float(stats.rows_dropped),
+        f"{prefix}now/buffered_batches": float(stats.buffered_batches),
+        f"{prefix}now/buffered_bytes": float(stats.buffered_bytes),
     }
+
+
+def _totals(stats: Any) -> tuple[float, int, float, int]:
+    return stats.wait_total_seconds, stats.rows, stats.wall_seconds, stats.batches
+
+
+def _lightning_step(trainer: Any) -> int:
+    """The step Lightning writes this training batch's own metrics at (its loggers' x
+    axis): the fit loop's count of batches that stepped, before this one is counted. No
+    public name for it; ``global_step`` (optimizer steps) is one more at this point."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    step = getattr(loop, "_batches_that_stepped", None)
+    return int(step) if step is not None else max(0, trainer.global_step - 1)
 
 
 def _build_loader_stats_callback() -> type:
@@ -63,41 +96,48 @@ def _build_loader_stats_callback() -> type:
         ) from e
 
     class LoaderStatsCallback(pl.Callback):
-        """Log the training loader's stats to every logger of the trainer, every N steps.
+        """Log the training loader's stats to every logger of the trainer, on the rows
+        Lightning writes its own training metrics to.
 
-        Logs :func:`loader_metrics` (data wait time and its fraction of wall time, rows/s
-        over the last N steps, wait percentiles, buffered batches and bytes, rows dropped)
-        with ``logger.log_metrics(metrics, step=trainer.global_step)`` for each of
-        ``trainer.loggers`` (CSV, TensorBoard, W&B, MLflow...). Only rank 0 logs, as
-        Lightning's loggers do.
+        Rows line up with Lightning's: logged at the step Lightning logs the same batch's
+        ``self.log(...)`` metrics at, every ``every_n_steps`` global steps counted as
+        Lightning counts them (``log_every_n_steps``: steps ``n-1, 2n-1, ...``, across
+        epochs), with an ``epoch`` column. Metrics (see :func:`loader_metrics`; each name
+        says its window): ``{prefix}last_{n}_steps/...`` (``wait_ms_per_step``,
+        ``wait_fraction``, ``rows_per_s``, ``steps``: the window since the previous row,
+        ``n`` steps except the first after a start or resume), ``{prefix}epoch/...``
+        (``wait_p50_ms``, ``wait_p95_ms``, ``rows_dropped``: the epoch so far),
+        ``{prefix}now/...`` (``buffered_batches``, ``buffered_bytes``). Only rank 0 logs,
+        as Lightning's loggers do.
 
         The loader is found by itself: the ``train`` split of a
         :class:`~torch_raydata.RayDataModule`, or the ``RayIterableDataset`` inside
         ``trainer.train_dataloader``; pass ``dataset=`` to choose one.
 
         Args:
-            every_n_steps: log after every this many training batches (>= 1).
+            every_n_steps: log every this many steps (>= 1); None: the trainer's
+                ``log_every_n_steps``, so the rows are Lightning's own.
             prefix: metric name prefix.
             dataset: the ``RayIterableDataset`` to watch (None: find it, see above).
 
         Example:
-            >>> trainer = pl.Trainer(logger=CSVLogger("logs"),
-            ...                      callbacks=[trd.callbacks.LoaderStatsCallback(every_n_steps=50)])
+            >>> trainer = pl.Trainer(logger=CSVLogger("logs"), log_every_n_steps=50,
+            ...                      callbacks=[trd.callbacks.LoaderStatsCallback()])
             >>> trainer.fit(model, datamodule=trd.RayDataModule(train=ds, batch_size=256))
         """
 
         def __init__(
-            self, every_n_steps: int = 50, prefix: str = "loader/", dataset: Any = None
+            self, every_n_steps: int | None = None, prefix: str = "loader/", dataset: Any = None
         ) -> None:
             super().__init__()
-            every_n_steps = check_int("every_n_steps", every_n_steps, 1)
+            every_n_steps = check_int("every_n_steps", every_n_steps, 1, allow_none=True)
             if not isinstance(prefix, str):
                 raise ValueError(f"{prefix=} must be a string")
             self.every_n_steps = every_n_steps
             self.prefix = prefix
             self.dataset = dataset
-            self._previous: Any = None
-            self._batches = 0
+            self._previous: Any = None  # the snapshot of the last row
+            self._epoch_end: Any = None  # the last snapshot of the previous epoch
 
         def _find_dataset(self, trainer: Any) -> Any:
             if self.dataset is not None:
@@ -112,23 +152,36 @@ def _build_loader_stats_callback() -> type:
             ds = getattr(loader, "dataset", None)
             return ds if isinstance(ds, RayIterableDataset) else None
 
-        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-            self._previous, self._batches = None, 0
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self._previous = self._epoch_end = None
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            ds = self._find_dataset(trainer)
+            if ds is not None and self._previous is not None:
+                self._epoch_end = ds.stats()  # the epoch's last numbers, for the next window
 
         def on_train_batch_end(
             self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
         ) -> None:
-            self._batches += 1
-            if self._batches % self.every_n_steps:
+            n = self.every_n_steps or trainer.log_every_n_steps
+            step = _lightning_step(trainer)
+            if not n or (step + 1) % n:  # Lightning's own rule (its logger connector)
                 return
             ds = self._find_dataset(trainer)
             if ds is None or not trainer.is_global_zero:
                 return
             stats = ds.stats()
-            metrics = loader_metrics(stats, self._previous, self.prefix)
-            self._previous = stats
+            metrics = loader_metrics(
+                stats,
+                self._previous,
+                self.prefix,
+                window=f"last_{n}_steps",
+                previous_epoch_end=self._epoch_end,
+            )
+            metrics["epoch"] = float(trainer.current_epoch)
+            self._previous, self._epoch_end = stats, None
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.log_metrics(metrics, step=step)
 
     LoaderStatsCallback.__module__ = __name__
     LoaderStatsCallback.__qualname__ = "LoaderStatsCallback"

@@ -21,11 +21,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
 from ._checks import check_bool, check_int
 from .collate import DefaultCollate
 from .distributed import RankSource, world
+from .guards import check_caller, check_loadable, is_peek, make_loader, mark_reproducible
 from .kernels.ids import check_column
 from .memory.buffers import BufferPool
 from .pipeline.batching import num_batches
@@ -44,10 +45,14 @@ __all__ = ["RayIterableDataset"]
 class RayIterableDataset(IterableDataset):
     """Batches from a Ray Dataset, ready for the training step.
 
-    Yields whole batches (``dict[str, torch.Tensor]`` by default), so wrap it as
-    ``DataLoader(ds, batch_size=None)`` or iterate it directly. Each ``iter()`` runs one
-    epoch; epochs count up from 0 (``set_epoch`` to choose). One epoch runs at a time per
-    dataset: starting a new iteration closes the previous one.
+    Yields whole batches (``dict[str, torch.Tensor]`` by default): iterate it directly, or
+    through ``ds.loader()`` (``DataLoader(ds, batch_size=None)``; a DataLoader that would
+    batch again is refused). Each ``iter()`` runs one epoch; epochs count up from 0
+    (``set_epoch`` to choose). One epoch runs at a time per dataset: a new ``iter()`` stops
+    the running one, and a ``next()`` on the stopped one raises (never a silently short
+    epoch). An iteration that stops after at most one batch (a peek:
+    ``next(iter(loader))``) does not use up its epoch: the next ``iter()`` runs the same
+    epoch from its start, with the same shuffle.
 
     Args:
         dataset: a ``ray.data.Dataset``, or a ``ray.data.DataIterator`` (e.g. the shard
@@ -85,6 +90,9 @@ class RayIterableDataset(IterableDataset):
             ``Dataset`` inputs only: a ``MaterializedDataset`` starts in milliseconds, and
             a DataIterator shard (Ray Train, DDP) starts its epochs in step with the other
             ranks. False: every epoch starts at ``iter()``.
+        spill_dir: a directory (e.g. the checkpoint's) where ``state_dict()`` writes a
+            consumed-ID set too large to keep inline (over 64 MB); None: such a state
+            raises.
 
     Edge cases: an empty dataset (0 rows) gives epochs of 0 batches and ``len() == 0``,
     not an error; ``batch_size`` larger than the dataset gives one partial batch (none
@@ -123,6 +131,7 @@ class RayIterableDataset(IterableDataset):
         num_rows: int | None = None,
         progress: bool | dict[str, Any] = False,
         prestart: bool = True,
+        spill_dir: str | None = None,
     ) -> None:
         super().__init__()
         num_rows = check_int("num_rows", num_rows, 0, allow_none=True)
@@ -141,6 +150,8 @@ class RayIterableDataset(IterableDataset):
             raise ValueError(
                 f"collate_fn={collate_fn!r} must be callable (pyarrow.Table -> batch) or None"
             )
+        if spill_dir is not None and not isinstance(spill_dir, str):
+            raise ValueError(f"spill_dir={spill_dir!r} must be a directory path (str) or None")
         if id_column is not None and not isinstance(id_column, str):
             raise ValueError(f"id_column={id_column!r} must be a column name (str) or None")
         # Under torch.distributed a Dataset is split across the ranks at the first epoch
@@ -173,12 +184,12 @@ class RayIterableDataset(IterableDataset):
             check_columns(names)  # e.g. dtypes/PadCollate naming a missing column: fail now
         self._next_epoch = 0
         # A loaded state's hold on the next epoch (torch_raydata.resume), and where to
-        # spill a consumed-ID set too large for a checkpoint (set to a checkpoint directory).
+        # spill a consumed-ID set too large for a checkpoint.
         self._resume = ResumeState()
-        self.spill_dir: str | None = None
-        # Batches the consumer has received but not yet trained on when it saves state
-        # (Lightning may fetch one batch ahead: RayDataModule sets this per checkpoint).
-        self.consumer_lag = 0
+        self._spill_dir = spill_dir
+        # The progress of the iteration that advanced the epoch counter, while a peek of it
+        # may still give the epoch back (guards.is_peek); None once set_epoch/load chose.
+        self._advanced_by: EpochProgress | None = None
         self._lock = threading.Lock()
         # Epoch pipelining (pipeline/prestart.py): the next epoch's stream, started while
         # this one runs. Single process, Dataset input only (a DataIterator shard starts
@@ -196,17 +207,13 @@ class RayIterableDataset(IterableDataset):
 
     # -- torch protocol ---------------------------------------------------------------------
     def __iter__(self) -> EpochRun:
-        if get_worker_info() is not None:
-            raise RuntimeError(
-                "RayIterableDataset is running inside a DataLoader worker process: Ray calls in "
-                "forked workers hang (Ray #13407). Use DataLoader(ds, batch_size=None, "
-                "num_workers=0) and set RayIterableDataset(num_workers=...) for parallel collate."
-            )
+        check_caller(self.config.batch_size)
         t_iter = time.perf_counter()
         with self._lock:
             previous = self._current_run()
             if previous is not None:
-                previous.close()
+                previous.supersede()  # its next() raises from now on, never ends it quietly
+            self._give_back_peek()
             epoch = self._next_epoch
             self._next_epoch += 1
             skip = self._resume.begin(epoch)
@@ -239,6 +246,7 @@ class RayIterableDataset(IterableDataset):
             self._run_ref = weakref.ref(run)
             # Kept strongly: a run dropped after `break` is collected, its progress is not.
             self._progress = getattr(run, "progress", None)
+            self._advanced_by = self._progress
             if self._progress is not None:
                 self._progress.expected_batches = self._epoch_batches(max_batches, total_rows)
             self._last_stats = stats
@@ -320,6 +328,31 @@ class RayIterableDataset(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration runs (seeds the shuffle)."""
         self._next_epoch = check_int("epoch", epoch, 0)
+        self._advanced_by = None  # chosen: a peek gives nothing back
+
+    def loader(self, **kwargs: Any) -> DataLoader:
+        """A ``torch.utils.data.DataLoader`` over this dataset, configured for it:
+        ``batch_size=None`` (batches come whole) and no worker processes (collate runs on
+        this dataset's ``num_workers`` threads). ``kwargs`` go to the DataLoader (e.g.
+        ``pin_memory``, ``collate_fn`` applied to each whole batch); ``batch_size``,
+        ``shuffle``, ``sampler``, ``batch_sampler``, ``drop_last`` and ``num_workers``
+        are refused with the option of this dataset that does the job.
+
+        Example:
+            >>> for batch in ds.loader(): ...
+        """
+        return make_loader(self, **kwargs)
+
+    def _give_back_peek(self) -> None:
+        """A peek (guards.is_peek) gives its epoch back, and a best-effort resume's skip."""
+        p = self._advanced_by
+        run = self._current_run()
+        if p is None or p is not self._progress or not is_peek(p, run is not None and not run.closed):
+            return
+        self._next_epoch = p.epoch
+        if p.batches_skipped:
+            self._resume.skip_batches = p.batches_skipped
+        self._advanced_by = self._progress = None
 
     def _current_run(self) -> EpochRun | None:
         return self._run_ref() if self._run_ref is not None else None
@@ -335,20 +368,38 @@ class RayIterableDataset(IterableDataset):
         best-effort skip-ahead (``exact=False``; not exact under shuffle or a changed block
         order).
 
+        A shuffle with neither ``shuffle_seed`` nor ``id_column`` cannot resume mid-epoch:
+        such a state carries ``reproducible=False``, a ``RuntimeWarning`` says so when it
+        is taken, and :meth:`load_state_dict` refuses it unless ``strict=False``. A peek
+        (see the class docstring) consumed nothing.
+
         Raises ``ValueError`` when the ``id_column`` values yielded this epoch repeat (a
         non-unique column would make the resume skip rows never trained on): checked here,
         before any state is written. Repeats across ranks are not seen by one rank.
         """
-        return self._resume.state_dict(
+        return self._state_dict(consumer_lag=0)
+
+    def _state_dict(self, *, consumer_lag: int) -> dict[str, Any]:
+        """:meth:`state_dict`, leaving out the last ``consumer_lag`` batches yielded
+        (received, not yet trained on: Lightning may fetch one ahead, RayDataModule)."""
+        with self._lock:
+            self._give_back_peek()
+        state = self._resume.state_dict(
             self._progress,
             next_epoch=self._next_epoch,
-            consumer_lag=self.consumer_lag,
+            consumer_lag=consumer_lag,
             id_column=self.config.id_column,
             batch_size=self.config.batch_size,
             fingerprint=fingerprint(self.config, self._source),
             world_size=world()[1],
-            spill_dir=self.spill_dir,
+            spill_dir=self._spill_dir,
         )
+        return mark_reproducible(state, self.config)
+
+    @property
+    def spill_dir(self) -> str | None:
+        """Where large consumed-ID sets are spilled (the ``spill_dir`` argument)."""
+        return self._spill_dir
 
     def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
         """Resume from :meth:`state_dict` (possibly merged over ranks): the next iteration
@@ -356,8 +407,11 @@ class RayIterableDataset(IterableDataset):
 
         A state from another configuration (``id_column``, columns, row count, or — for the
         skip-ahead mode — batch size and seed) raises ``ValueError`` rather than silently
-        starting afresh; ``strict=False`` accepts a differing batch size or seed.
+        starting afresh; so does a state that cannot resume exactly (``reproducible=False``,
+        see :meth:`state_dict`). ``strict=False`` accepts a differing batch size or seed,
+        and a state that cannot resume exactly (a best-effort skip-ahead).
         """
+        check_loadable(state, strict)
         epoch = self._resume.load(
             state,
             fingerprint=fingerprint(self.config, self._source),

@@ -34,6 +34,7 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess without
     ) from e
 
 from . import distributed
+from ._checks import check_bool
 from .callbacks import LoaderStatsCallback  # noqa: F401 - re-exported
 from .dataset import RayIterableDataset
 from .kernels.nested import iter_leaves
@@ -119,6 +120,9 @@ class RayDataModule(pl.LightningDataModule):
         batch_size: rows per batch, every split.
         train_options, val_options, test_options, predict_options: per-split
             ``RayIterableDataset`` options, over the shared ones and the eval defaults.
+        strict_resume: passed as ``strict`` to the train split's ``load_state_dict`` when a
+            checkpoint is loaded (False accepts a state that cannot resume exactly, e.g.
+            of a shuffle without ``shuffle_seed``: a best-effort skip-ahead).
         **options: ``RayIterableDataset`` options for every split.
 
     Example:
@@ -141,9 +145,11 @@ class RayDataModule(pl.LightningDataModule):
         val_options: Mapping[str, Any] | None = None,
         test_options: Mapping[str, Any] | None = None,
         predict_options: Mapping[str, Any] | None = None,
+        strict_resume: bool = True,
         **options: Any,
     ) -> None:
         super().__init__()
+        self.strict_resume = check_bool("strict_resume", strict_resume)
         from ray.data import DataIterator, Dataset
 
         self.inputs: dict[str, Any] = {"train": train, "val": val, "test": test, "predict": predict}
@@ -327,11 +333,7 @@ class RayDataModule(pl.LightningDataModule):
         splits = {}
         for split, ds in self._datasets.items():
             if split == "train":
-                ds.consumer_lag = self._train_lag(ds)
-                try:
-                    state = ds.state_dict()
-                finally:
-                    ds.consumer_lag = 0
+                state = ds._state_dict(consumer_lag=self._train_lag(ds))
             else:
                 state = ds.state_dict()
             splits[split] = distributed.gather_state_dict(state, spill_dir=ds.spill_dir)
@@ -368,10 +370,9 @@ class RayDataModule(pl.LightningDataModule):
             else:
                 self._pending_state[split] = state
 
-    @staticmethod
-    def _apply(ds: RayIterableDataset, split: str, state: dict[str, Any]) -> None:
+    def _apply(self, ds: RayIterableDataset, split: str, state: dict[str, Any]) -> None:
         if split == "train":
-            ds.load_state_dict(state)
+            ds.load_state_dict(state, strict=self.strict_resume)
         else:
             ds.set_epoch(state["epoch"])
 

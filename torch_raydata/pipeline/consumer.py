@@ -105,6 +105,7 @@ class EpochConsumer:
         self._pulled = 0
         self._on_consume = on_consume if on_consume is not None else _same
         self._closed = False
+        self._superseded = False  # closed by another iter() of the dataset: next() raises
         # Called (after close) when the epoch fails: the dataset drops a prestarted next
         # epoch then, rather than holding cluster resources for a run that is failing.
         self.on_error: Callable[[], None] | None = None
@@ -124,6 +125,15 @@ class EpochConsumer:
 
     def __next__(self) -> Any:
         if self._closed:
+            if self._superseded:
+                raise RuntimeError(
+                    f"epoch {self.epoch} was stopped after {self.progress.batches_yielded} "
+                    "batches because iter() was called again on the same RayIterableDataset "
+                    "while it ran (a nested loop: a quick eval, a peek): one epoch runs at a "
+                    "time per dataset, and continuing would silently skip the rest of this "
+                    "one. Use a second RayIterableDataset for the inner pass, or finish (or "
+                    "close()) this epoch first"
+                )
             raise StopIteration
         assert self._batches is not None
         try:
@@ -202,6 +212,13 @@ class EpochConsumer:
             self.stats.add_dropped(
                 rows, f"max_batches={self._max_batches} (equal steps across ranks)"
             )
+        self.close()
+
+    def supersede(self) -> None:
+        """Another ``iter()`` of the dataset took over: close, and make any later ``next()``
+        raise (rather than end the epoch early without a word)."""
+        if not self._closed:
+            self._superseded = True
         self.close()
 
     def close(self) -> None:

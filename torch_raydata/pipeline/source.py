@@ -37,6 +37,8 @@ THE one module that touches Ray internals. What it relies on (pinned by
   ``_batches``, ``_coalesce_bytes``, ``FooterReader.read_footers`` and
   ``_file_chunks_to_manifest``, ``TaskContext``): see ``_list_in_process``; if any of
   them changes, Ray's listing runs instead and ``tests/test_prestart.py`` fails.
+* ``ray.train.utils._in_ray_train_worker()``: whether this process is a Ray Train worker
+  (``iter_torch_batches(device="auto")`` then uses ``ray.train.torch.get_device()``).
 * ``Dataset.copy(ds, _deep_copy=True)`` to give every epoch its own execution cache and
   DataContext (``preserve_order=True`` and the training-sized ``target_max_block_size``
   are set on the copy, never on the caller's dataset or the global context).
@@ -67,6 +69,7 @@ __all__ = [
     "is_ray_input",
     "split_for_ranks",
     "teardown_counts",
+    "ray_train_device",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,6 +85,19 @@ def teardown_counts() -> dict[str, int]:
     """How this process's early-stopped epochs were torn down so far (a copy)."""
     with _TEARDOWNS_LOCK:
         return dict(_TEARDOWNS)
+
+
+def ray_train_device() -> Any:
+    """Inside a Ray Train worker, the worker's torch device (``ray.train.torch.get_device``);
+    else None. Uses ``ray.train.utils._in_ray_train_worker`` (what Ray's own
+    ``iter_torch_batches(device="auto")`` asks)."""
+    from ray.train.utils import _in_ray_train_worker
+
+    if not _in_ray_train_worker():
+        return None
+    from ray.train.torch import get_device
+
+    return get_device()
 
 
 def is_ray_input(obj: Any) -> bool:
