@@ -30,6 +30,11 @@ class _Stream:
     def producer_done(self) -> bool:
         return self.done
 
+    def has_idle_cpus(self) -> bool:
+        return self.idle
+
+    idle = True  # the running executor leaves a CPU idle
+
     def release(self) -> None:
         self.released = True
 
@@ -124,6 +129,25 @@ def test_the_lead_is_the_measured_start_latency_at_this_epochs_rate():
         # 100 rows/s after the first block: 2 s left at 800 rows
         assert (len(opener.streams) == 2) == (100 * i >= 800), i
     assert nxt.start_latency == 2.0  # an on-time prestart leaves the estimate alone
+
+
+def test_no_early_start_while_the_running_epoch_keeps_every_cpu_busy():
+    """The time rule alone would start here; with every CPU busy the next epoch would
+    take CPU from this one (measured slower on W7), so it waits for an idle CPU."""
+    clock = _Clock()
+    opener = _Opener()
+    nxt = NextEpoch(opener, enabled=True, clock=clock)
+    nxt.start_latency = 2.0
+    current = _timed_stream(clock)
+    current.idle = False
+    observe = nxt.watch(current, window_rows=10, expected_rows=1000)
+    for i in range(1, 10):
+        clock.now += 1.0
+        observe(100 * i, False, 100)
+    assert opener.streams == []
+    current.idle = True  # a task ended and none replaced it: the tail
+    observe(950, False, 100)
+    assert len(opener.streams) == 1
 
 
 def test_never_before_half_the_epoch_and_a_late_prestart_raises_the_latency():

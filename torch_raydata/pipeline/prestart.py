@@ -11,20 +11,25 @@ in-memory data). Started while the current epoch still runs, that time overlaps 
 training steps instead of stalling them.
 
 When: the current epoch's stream reports each block it hands to the prefetch thread
-(``observe(rows, done)``, on that thread). The next epoch starts when the current one's
-producer has about as much work left as a new executor takes to its first block: once an
-epoch of this stream has run to its end, its row count is known, and the rows still to
-come at the rate measured in this epoch give the time left; the start latency is measured
-on streams started at ``iter()`` (time from the open to the first block) and corrected by
-every prestart that came too late (the claim waited for its first block). It also starts
-as soon as the stream has ended or its executor has finished (every block produced, some
-still to be consumed), and never before half the epoch's rows have come. Starting much
-earlier was tried and measured: on a machine whose CPUs the running epoch keeps busy
-(image decode on 2 cores, benchmark W7), an executor started while the current one still
-has most of its work takes CPU from it, and the three epochs got slower (14.5 s against
-12.7 s without prestart), with a higher object-store peak. Started only after the
-current executor was done, the first batch of the next epoch still waited 0.8-1.5 s
-(the measured lead was 0.15-0.23 s: the step consumes the buffered tail fast).
+(``observe(rows, done)``, on that thread). The next epoch starts as soon as the current
+one's stream has ended or its executor has finished (every block produced, some still to
+be consumed), or earlier when both hold:
+  * the producer has about as much work left as a new executor takes to its first block:
+    once an epoch of this stream has run to its end (or the row count is known), the rows
+    still to come at the rate measured in this epoch give the time left; the start
+    latency is measured on streams started at ``iter()`` (open to first block) and
+    raised by every prestart that came too late (its claim found no block); never
+    before half the epoch's rows;
+  * the running executor leaves a CPU idle (fewer of its tasks run than the cluster has
+    CPUs): its tail, or a pipeline held back by a slow step.
+Why the second condition: on a machine whose CPUs the running epoch keeps busy (image
+decode on 2 cores, benchmark W7), a next epoch started on the time rule alone took CPU
+from the running one: 3 epochs 15.1 s against 13.2 s without prestart in one run (steady
+rows/s 306-341 against 363-451), although the third epoch's first batch came 0.03 s
+after ``iter()``. Starting at the very beginning of an epoch was worse still (14.5 s
+against 12.7 s, higher object-store peak). A prestart only at the stream's end came too
+late to hide the start (the step consumes the buffered tail in ~0.2 s on W7, the start
+takes ~1 s) but costs the running epoch nothing.
 
 Memory: the prestarted executor starts no new task once ``hold_bytes`` of its output
 wait for us (the prefetch window's bytes, counted in ``stats()`` as the next epoch's);
@@ -53,6 +58,8 @@ class Prestartable(Protocol):
     """What :class:`NextEpoch` needs of a block stream (``source.EpochBlocks``)."""
 
     def producer_done(self) -> bool: ...
+
+    def has_idle_cpus(self) -> bool: ...
 
     def release(self) -> None: ...
 
@@ -128,7 +135,9 @@ class NextEpoch:
             if done:
                 self.epoch_rows = rows
             if enabled and self._slot is None and (
-                done or stream.producer_done() or self._due(rows, expected, first, now)
+                done
+                or stream.producer_done()
+                or (self._due(rows, expected, first, now) and stream.has_idle_cpus())
             ):
                 self.start(self.hold_for(window_rows))
 
