@@ -525,7 +525,7 @@ def test_in_process_listing_equals_rays(tmp_path, layout):
     import ray
     from ray.data._internal.logical.operators import ListFiles
 
-    from torch_raydata.pipeline import source
+    from torch_raydata.pipeline import source_listing as listing
 
     kwargs = {}
     if layout == "flat":
@@ -546,9 +546,9 @@ def test_in_process_listing_equals_rays(tmp_path, layout):
         kwargs = {"columns": ["id"]}
     ds = ray.data.read_parquet(str(tmp_path), **kwargs)
     (op,) = [o for o in ds._logical_plan.dag.post_order_iter() if isinstance(o, ListFiles)]
-    local = source._list_in_process(ds, op)
+    local = listing.list_in_process(ds, op)
     assert local is not None, "the in-process listing did not apply (Ray's listing changed?)"
-    assert _manifest_rows(local) == _manifest_rows(source._list_with_ray(ds, op))
+    assert _manifest_rows(local) == _manifest_rows(listing.list_with_ray(ds, op))
     loader = trd.RayIterableDataset(ds, batch_size=64)
     want = sorted(ray.data.read_parquet(str(tmp_path), **kwargs).to_pandas()["id"].tolist())
     assert sorted(_ids(loader)) == want
@@ -561,12 +561,12 @@ def test_many_files_are_listed_by_ray(tmp_path, monkeypatch):
     """Past LOCAL_LISTING_MAX_FILES, Ray's footer-reading actors list (once)."""
     import ray
 
-    from torch_raydata.pipeline import source
+    from torch_raydata.pipeline import source_listing as listing
 
-    monkeypatch.setattr(source, "LOCAL_LISTING_MAX_FILES", 2)
+    monkeypatch.setattr(listing, "LOCAL_LISTING_MAX_FILES", 2)
     calls = []
-    real = source._list_with_ray
-    monkeypatch.setattr(source, "_list_with_ray", lambda *a: calls.append(1) or real(*a))
+    real = listing.list_with_ray
+    monkeypatch.setattr(listing, "list_with_ray", lambda *a: calls.append(1) or real(*a))
     loader = trd.RayIterableDataset(ray.data.read_parquet(_parquet(tmp_path)), batch_size=16)
     for _ in range(2):
         assert sorted(_ids(loader)) == list(range(120))

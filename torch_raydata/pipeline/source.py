@@ -35,7 +35,7 @@ THE one module that touches Ray internals. What it relies on (pinned by
   made in this process by Ray's own listing functions (``list_files_for_each_block``,
   ``partition_files``, ``FooterFileIndexer`` with ``_iter_file_infos_for_list``,
   ``_batches``, ``_coalesce_bytes``, ``FooterReader.read_footers`` and
-  ``_file_chunks_to_manifest``, ``TaskContext``): see ``_list_in_process``; if any of
+  ``_file_chunks_to_manifest``, ``TaskContext``): see ``source_listing.py``; if any of
   them changes, Ray's listing runs instead and ``tests/test_prestart.py`` fails.
 * ``ray.train.utils._in_ray_train_worker()``: whether this process is a Ray Train worker
   (``iter_torch_batches(device="auto")`` then uses ``ray.train.torch.get_device()``).
@@ -59,6 +59,7 @@ import ray
 from ray.data import DataIterator, Dataset
 from ray.data.dataset import MaterializedDataset
 
+from . import source_listing
 from .constants import TEARDOWN_POLL, TEARDOWN_WAIT, TRAINING_BLOCK_BYTES
 from .types import SourceBlock
 
@@ -455,8 +456,8 @@ class RaySource:
         """Run ``listing_op`` alone; its manifest tables, or False if not applicable."""
         if listing_op.shuffle_config_factory() is not None:
             return False  # a new file order every execution: list every epoch
-        local = _list_in_process(ds, listing_op)
-        return local if local is not None else _list_with_ray(ds, listing_op)
+        local = source_listing.list_in_process(ds, listing_op)
+        return local if local is not None else source_listing.list_with_ray(ds, listing_op)
 
     def _epoch_copy(self, ds: Dataset) -> Dataset:
         """An epoch-private copy (own execution cache and context). Ray's
@@ -474,139 +475,6 @@ class RaySource:
         if target is None or target > self.block_bytes:
             ctx.target_max_block_size = self.block_bytes
         return ds
-
-
-def _list_with_ray(ds: Dataset, listing_op: Any) -> Any:
-    """Ray's listing of ``listing_op``, run alone in an executor of its own: its
-    manifest tables, or False if that failed."""
-    try:
-        from ray.data._internal.logical.interfaces import LogicalPlan
-
-        ctx = ds.context.copy()
-        listed = Dataset(LogicalPlan(listing_op, ctx), ctx, copy.copy(ds._in_stats))
-        out = []
-        for bundle in listed.iter_internal_ref_bundles():
-            for entry in bundle.blocks:
-                out.append((ray.get(entry.ref), entry.metadata, bundle.schema))
-        return out
-    except Exception:  # noqa: BLE001 - an optimization: Ray's own listing still works
-        logger.warning("torch_raydata: listing the files once failed", exc_info=True)
-        return False
-
-
-# Up to this many files, the listing reads their footers in this process (see
-# _list_in_process); more, and Ray's listing spreads them over its footer-reading actors.
-LOCAL_LISTING_MAX_FILES = 64
-
-
-def _list_in_process(ds: Dataset, op: Any) -> list[tuple[Any, Any, Any]] | None:
-    """The listing of a few files, made in this process; None to let Ray list.
-
-    Ray 2.60 lists a ``read_parquet`` in a task of its own executor that starts 32
-    footer-reading actor processes whatever the file count: measured 2.4-3.9 s for 6
-    files on 2 cores, all of it before the first block of the first epoch is read, plus
-    the cost of 31 idle processes starting next to that read. Footers of a few files
-    are a few small reads: this runs Ray's own listing functions (path discovery, the
-    footer reader, the bin packer) here, on copies of the operator's indexer and
-    partitioner, with a footer reader in this process instead of actors. Anything
-    unexpected -- another indexer, a pushed-down limit, many files, an error -- returns
-    None and Ray's listing runs as before.
-    """
-    try:
-        import pyarrow as pa
-        from ray.data._internal.datasource_v2.common.listing_utils import (
-            list_files_for_each_block,
-            partition_files,
-        )
-        from ray.data._internal.datasource_v2.common.non_sampling_file_indexer import (
-            NonSamplingFileIndexer,
-        )
-        from ray.data._internal.datasource_v2.formats.parquet import footer_file_indexer as ffi
-        from ray.data._internal.datasource_v2.formats.parquet.footer_reader import FooterReader
-        from ray.data._internal.datasource_v2.interfaces.file_manifest import PATH_COLUMN_NAME
-        from ray.data._internal.execution.interfaces import TaskContext
-        from ray.data.block import BlockAccessor
-    except ImportError:
-        return None
-    indexer = op.file_indexer
-    if type(indexer) not in (ffi.FooterFileIndexer, NonSamplingFileIndexer) or op.limit is not None:
-        return None
-
-    class _Local(type(indexer)):  # type: ignore[misc, valid-type]
-        """The indexer, with its footer reads made here (``list_files`` of Ray's
-        FooterFileIndexer minus the actor pool; the rest is Ray's)."""
-
-        files: list[Any] = []
-
-        def _iter_file_infos_for_list(self, *args: Any, **kwargs: Any) -> Any:
-            self.files = list(super()._iter_file_infos_for_list(*args, **kwargs))
-            if len(self.files) > LOCAL_LISTING_MAX_FILES:
-                raise _TooManyFiles
-            return iter(self.files)
-
-        def list_files(self, paths: Any, **kw: Any) -> Any:
-            if not isinstance(indexer, ffi.FooterFileIndexer):
-                yield from super().list_files(paths, **kw)
-                return
-            infos = self._iter_file_infos_for_list(
-                paths,
-                **{k: kw.get(k) for k in ("filesystem", "pruners", "shuffle_config")},
-                preserve_order=kw.get("preserve_order", False),
-                execution_idx=kw.get("execution_idx", 0),
-                excluded_read_unit_ids=kw.get("excluded_read_unit_ids"),
-            )
-            # io_concurrency: the reader sets Arrow's process-wide IO thread count to it;
-            # passing the current count leaves this process's setting as it was.
-            reader = FooterReader(
-                kw.get("filesystem"),
-                pa.io_thread_count(),
-                kw.get("predicate"),
-                kw.get("projected_columns"),
-                self._coalesce_bytes,
-                excluded_read_unit_ids=kw.get("excluded_read_unit_ids"),
-            )
-            try:
-                for batch in self._batches(infos):
-                    for chunks in reader.read_footers(batch, preserve_order=True):
-                        for file_chunks in chunks:
-                            yield ffi._file_chunks_to_manifest(file_chunks)
-            finally:
-                reader.pool.shutdown(wait=True)
-
-    try:
-        local = copy.deepcopy(indexer)
-        local.__class__ = _Local
-        ctx = TaskContext(task_idx=0, op_name="ListFiles")
-        blocks: Any = list_files_for_each_block(
-            [pa.table({PATH_COLUMN_NAME: list(op.paths)})],
-            ctx,
-            indexer=local,
-            filesystem=op.filesystem,
-            file_extensions=op.file_extensions,
-            partition_filter=op.partition_filter,
-            partition_pruner=op.partition_pruner,
-            preserve_order=ds.context.execution_options.preserve_order,
-            predicate=op.predicate,
-            limit=None,
-            projected_columns=op.projected_columns,
-            shuffle_config=None,
-        )
-        if op.file_partitioner is not None:
-            blocks = partition_files(blocks, ctx, partitioner=copy.deepcopy(op.file_partitioner))
-        out = []
-        for block in blocks:
-            acc = BlockAccessor.for_block(block)
-            out.append((block, acc.get_metadata(), acc.schema()))
-        return out
-    except _TooManyFiles:
-        return None
-    except Exception:  # noqa: BLE001 - an optimization: Ray's own listing still works
-        logger.warning("torch_raydata: listing the files in process failed", exc_info=True)
-        return None
-
-
-class _TooManyFiles(Exception):
-    pass
 
 
 def split_for_ranks(ds: Dataset, n: int, *, preserve_order: bool = False) -> list[DataIterator]:
