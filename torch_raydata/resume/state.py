@@ -155,12 +155,12 @@ class ResumeState:
             if consumed is not None:
                 if consumed.repeats:
                     raise ValueError(
-                        f"id_column={id_column!r} is not unique: {consumed.repeats} of the "
-                        f"{consumed.added} rows yielded this epoch carry an ID already "
-                        "consumed, and a resume by ID would skip every row sharing an ID "
-                        "with a consumed one. Make the column unique (e.g. add a row "
-                        "number in a map_batches step), or pass id_column=None for a "
-                        "best-effort resume"
+                        f"id_column={id_column!r} is not unique: the {consumed.added} rows "
+                        f"yielded this epoch carry {consumed.added - consumed.repeats} "
+                        "distinct IDs (not counting those of a loaded state), and a resume "
+                        "by ID would skip every row sharing an ID with a consumed one. Make "
+                        "the column unique (e.g. add a row number in a map_batches step), or "
+                        "pass id_column=None for a best-effort resume"
                     )
                 consumed_enc = consumed.encode(spill_dir=spill_dir, lag=consumer_lag)
         elif self.epoch is not None and self.epoch == next_epoch:
