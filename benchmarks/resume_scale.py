@@ -167,7 +167,7 @@ def run_case(n: int, pattern: str, world: int, impl: str, step_ms: float, spill:
 
 
 # -- the filter, in a Ray worker ----------------------------------------------------------------
-def run_filter(n: int, pattern: str, impl: str, blocks: int) -> dict:
+def run_filter(n: int, pattern: str, impl: str, blocks: int, cache_mb: int = 0) -> dict:
     import ray
 
     from benchmarks._resume_before import before_mask
@@ -178,7 +178,9 @@ def run_filter(n: int, pattern: str, impl: str, blocks: int) -> dict:
     for keys in rank_batches(n, pattern, 0, 1):
         s.add(keys)
     s.bitmap()
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    env = {"TORCH_RAYDATA_RESUME_CACHE_BYTES": str(cache_mb << 20)} if cache_mb else {}
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": env})
     if impl == "after":
         shared = SharedConsumedSet.put(s)
         nbytes, chunks = shared.nbytes, shared.num_chunks
@@ -193,15 +195,15 @@ def run_filter(n: int, pattern: str, impl: str, blocks: int) -> dict:
         from pyroaring import BitMap64
 
         rng = np.random.default_rng(0)
+        starts = rng.integers(0, 2 * n - BLOCK, blocks)
+        kinds = {  # the blocks' IDs, made before the memory baseline
+            "consecutive": [np.arange(a, a + BLOCK, dtype=np.uint64) for a in starts],
+            "shuffled": [rng.integers(0, 2 * n, BLOCK).astype(np.uint64) for _ in range(blocks)],
+        }
         before = _private_bytes()
         res: dict = {}
         bm = None
-        for kind in ("consecutive", "shuffled"):
-            if kind == "consecutive":
-                starts = rng.integers(0, 2 * n - BLOCK, blocks)
-                ids = [np.arange(a, a + BLOCK, dtype=np.uint64) for a in starts]
-            else:
-                ids = [rng.integers(0, 2 * n, BLOCK).astype(np.uint64) for _ in range(blocks)]
+        for kind, ids in kinds.items():
             t = time.perf_counter()
             hits = 0
             for k in ids:
@@ -222,7 +224,9 @@ def run_filter(n: int, pattern: str, impl: str, blocks: int) -> dict:
     out = ray.get(work.remote(shared, n, blocks))
     ray.shutdown()
     out.update(n=n, pattern=pattern, impl=impl, object_store_bytes=nbytes, chunks=chunks,
-               worker_cache_budget_mb=rf.WORKER_CACHE_BYTES / 2**20)
+               worker_cache_budget_mb=cache_mb or rf.WORKER_CACHE_BYTES / 2**20)
+    if cache_mb:
+        out["impl"] = f"after, cache {cache_mb} MiB"
     return out
 
 
@@ -243,8 +247,8 @@ def _mb(b: float) -> str:
 def table(cases: list[dict], filters: list[dict]) -> str:
     rows = ["| IDs | pattern | ranks | impl | state_dict ms (step thread) | step overshoot p99 ms (set / none) | "
             "fold ns/ID (bg) | state MB/rank | merged MB | form | merge ms | checkpoint ms | "
-            "union at resume ms | peak RSS growth MB |",
-            "|---:|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+            "union at resume ms | peak RSS growth MB | load |",
+            "|---:|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for c in cases:
         def f(key: str, fmt: str = "{:.1f}", c: dict = c) -> str:
             v = c.get(key)
@@ -254,18 +258,18 @@ def table(cases: list[dict], filters: list[dict]) -> str:
             f"{f('stall_p99_ms')} / {f('stall_base_p99_ms')} | {f('fold_ns_per_id', '{:.0f}')} | {_mb(c['state_bytes_rank'])} | "
             f"{_mb(c['merged_bytes'])} | {c['form'] if c['impl'] == 'after' else 'single'} | "
             f"{f('merge_ms')} | {f('checkpoint_ms')} | {f('union_at_resume_ms')} | "
-            f"{c['rss_growth_mb']:.0f} |")
+            f"{c['rss_growth_mb']:.0f} | {c.get('loadavg', float('nan')):.1f} |")
     rows += ["", "Cluster-side filter (one Ray worker; blocks of 8,192 rows):", "",
              "| IDs | pattern | impl | object store MB/node | chunks | consecutive ns/row | "
-             "shuffled ns/row | worker private growth MB | cache peak MB (budget) |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+             "shuffled ns/row | worker private growth MB | cache peak MB (budget) | load |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in filters:
         cache = r.get("cache")
         peak = f"{cache['peak_bytes'] / 2**20:.1f} ({r['worker_cache_budget_mb']:.0f})" if cache else "—"
         rows.append(
             f"| {r['n'] / 1e6:g}M | {r['pattern']} | {r['impl']} | {_mb(r['object_store_bytes'])} | "
             f"{r['chunks']} | {r['consecutive_ns_per_row']:.0f} | {r['shuffled_ns_per_row']:.0f} | "
-            f"{r['worker_private_growth_mb']:.1f} | {peak} |")
+            f"{r['worker_private_growth_mb']:.1f} | {peak} | {r.get('loadavg', float('nan')):.1f} |")
     return "\n".join(rows)
 
 
@@ -277,6 +281,8 @@ def main() -> None:
     p.add_argument("--impls", default="before,after")
     p.add_argument("--out", default=str(HERE / "out"))
     p.add_argument("--write-results", action="store_true")
+    p.add_argument("--reuse-cases", default=None,
+                   help="an earlier results_resume.json: keep its cases of the impls not run now")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     p.add_argument("--filter", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -286,9 +292,9 @@ def main() -> None:
         n, pattern, world, impl = a.case.split(",")
         print(json.dumps(run_case(int(n), pattern, int(world), impl, a.step_ms, str(out / "parts"))))
         return
-    if a.filter:  # child: n,pattern,impl,blocks
-        n, pattern, impl, blocks = a.filter.split(",")
-        print(json.dumps(run_filter(int(n), pattern, impl, int(blocks))))
+    if a.filter:  # child: n,pattern,impl,blocks[,cache MiB]
+        n, pattern, impl, blocks, *cache = a.filter.split(",")
+        print(json.dumps(run_filter(int(n), pattern, impl, int(blocks), int(cache[0]) if cache else 0)))
         return
     sizes = [int(x) for x in a.sizes.split(",")] if a.sizes else (
         [1_000_000] if a.quick else [10_000_000, 100_000_000])
@@ -296,6 +302,12 @@ def main() -> None:
     impls = a.impls.split(",")
     load0 = os.getloadavg()
     cases, filters = [], []
+    if a.reuse_cases:  # an earlier run's cases of the other impls (e.g. "before")
+        cases = [c for c in json.loads(Path(a.reuse_cases).read_text())["cases"]
+                 if c["impl"] not in impls]
+        impls_filter = ["before", "after"]
+    else:
+        impls_filter = impls
     for n in sizes:
         for pattern in ("random", "contiguous"):
             for world in (1, 8):
@@ -305,16 +317,24 @@ def main() -> None:
                     c["loadavg"] = os.getloadavg()[0]
                     print(json.dumps(c), flush=True)
                     cases.append(c)
-            for impl in impls:
-                r = _sub(["--filter", f"{n},{pattern},{impl},{20 if a.quick else 200}"])
+            variants = [(impl, 0) for impl in impls_filter]
+            if pattern == "random" and "after" in impls_filter:  # a cache smaller than the set
+                variants.append(("after", 1 if a.quick else 8))
+            for impl, cache_mb in variants:
+                r = _sub(["--filter", f"{n},{pattern},{impl},{20 if a.quick else 200},{cache_mb}"])
                 r["loadavg"] = os.getloadavg()[0]
                 print(json.dumps(r), flush=True)
                 filters.append(r)
     load1 = os.getloadavg()
+    order = {"before": 0, "after": 1}
+    cases.sort(key=lambda c: (c["n"], c["pattern"] != "random", c["ranks"], order[c["impl"]]))
     md = table(cases, filters)
     machine = (f"{os.cpu_count()} cores, {platform.platform()}, python {platform.python_version()}; "
                f"load average (1 min) {load0[0]:.2f} at start, {load1[0]:.2f} at end, per case in "
                "results_resume.json (the machine is shared with other sessions)")
+    if a.reuse_cases:
+        machine += (f"; the {', '.join(sorted({c['impl'] for c in cases} - set(impls)))} cases "
+                    "come from an earlier run of this harness (same code for them)")
     payload = {"cases": cases, "filters": filters, "machine": machine, "step_ms": step}
     (out / "results_resume.json").write_text(json.dumps(payload, indent=1))
     (out / "table_resume.md").write_text(md + "\n")
@@ -333,6 +353,7 @@ plan for 1B IDs and 1,000 ranks built on these numbers: `docs/scale.md`.
 
 - {payload['machine']}
 - training step emulated per batch ("after"): {payload['step_ms']} ms; 1,000 batches per rank
+- "load": the 1-minute load average right after the case (2 cores; other sessions share them)
 
 {md}
 """

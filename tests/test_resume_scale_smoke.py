@@ -44,7 +44,9 @@ def test_quick_run_measures_and_tables_every_case(tmp_path):
             if c["ranks"] == 8:
                 assert c["count_check"] is True and c["form"] in ("single", "parts"), key
     filters = {(f["pattern"], f["impl"]) for f in payload["filters"]}
-    assert filters == {(p, i) for p in ("random", "contiguous") for i in ("before", "after")}
+    assert filters == {(p, i) for p in ("random", "contiguous") for i in ("before", "after")} | {
+        ("random", "after, cache 1 MiB")  # a worker cache budget of its own
+    }
     for f in payload["filters"]:
         assert f["consecutive_ns_per_row"] > 0 and f["shuffled_ns_per_row"] > 0
         # Half of the 2N range is consumed, whichever blocks are drawn from it.
