@@ -4,14 +4,16 @@
 Cases: IDs "random" (N of a 2N range: an affine permutation, so every 2^16-key container
 is half full, as after a global shuffle) or "contiguous" (blocks of 8,192 consecutive IDs
 dealt round-robin to the ranks, as a split without shuffle); 1 or 8 ranks. Each rank
-receives its share in 1,000 batches; "after" sleeps ``--step-ms`` per batch (a training
-step that releases the GIL, as one waiting on a GPU does) while the set folds the keys
-on its thread; "before" needs no step (its add is an append) and builds everything at
-``state_dict``. Each case runs in a fresh subprocess (honest peak RSS); the 8 ranks of a
+receives its share in 1,000 batches; "after" sleeps after each batch for the time a
+trainer consuming ``--rows-per-s`` rows per second (default 2M: faster than any trainer
+here) would take for it (a training step that releases the GIL, as one waiting on a GPU
+does) while the set folds the keys on its thread; "before" needs no step (its add is an
+append) and builds everything at ``state_dict``. Each case runs in a fresh subprocess (honest peak RSS); the 8 ranks of a
 case run one after the other in it (one rank's set alive at a time; the states of all).
 
 Measured per case: ``state_dict()`` on the step's thread (max over ranks); the step's
-worst stall by the set's thread (sleep overshoot); the fold's CPU (the thread's own
+stall by the set's thread (sleep overshoot, p99, next to the same steps without a set);
+the batches still queued at ``state_dict`` (folded there); the fold's CPU (the thread's own
 clock); state bytes per rank and merged; checkpoint time = max over ranks of (state +
 this rank's write) + the merge (before: every rank's encode, then the gathered sets
 decoded and united, which rank 0 does; the all-gather transfer is not included); the
@@ -19,7 +21,7 @@ union a resume builds from parts; peak RSS over the process baseline. Then, per 
 cluster-side filter in a Ray worker: ns per row for blocks of consecutive IDs and for
 shuffled blocks, the worker's private memory growth, object-store bytes per node.
 
-    python -m benchmarks.resume_scale [--quick] [--write-results] [--step-ms 5]
+    python -m benchmarks.resume_scale [--quick] [--write-results] [--rows-per-s 2e6]
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def _thread_cpu_s(native_id: int) -> float:
 
 
 # -- one case, in its own process ---------------------------------------------------------------
-def run_case(n: int, pattern: str, world: int, impl: str, step_ms: float, spill: str) -> dict:
+def run_case(n: int, pattern: str, world: int, impl: str, rows_per_s: float, spill: str) -> dict:
     from benchmarks._resume_before import BeforeSet, before_merge
     from torch_raydata.pipeline.consumer import EpochProgress
     from torch_raydata.resume import ConsumedSet, ResumeState, merge_states, part_state
@@ -89,10 +91,11 @@ def run_case(n: int, pattern: str, world: int, impl: str, step_ms: float, spill:
     states, state_ms, write_ms, stalls, fold_cpu, queued = [], [], [], [], 0.0, 0
     if impl == "after":  # the same steps without the set: the machine's own overshoot
         base = []
-        for _ in range(300):
+        step = -(-n // world // BATCHES) / rows_per_s
+        for _ in range(min(300, int(3 / step) + 1)):
             t = time.perf_counter()
-            time.sleep(step_ms / 1e3)
-            base.append(time.perf_counter() - t - step_ms / 1e3)
+            time.sleep(step)
+            base.append(time.perf_counter() - t - step)
         out.update(stall_base_p99_ms=float(np.percentile(base, 99)) * 1e3,
                    stall_base_max_ms=max(base) * 1e3)
     for rank in range(world):
@@ -111,9 +114,10 @@ def run_case(n: int, pattern: str, world: int, impl: str, step_ms: float, spill:
             p.batches_yielded += 1
             p.rows_yielded += len(keys)
             p.recent_rows.append(len(keys))
+            step = len(keys) / rows_per_s  # the training step, at rows_per_s
             t = time.perf_counter()
-            time.sleep(step_ms / 1e3)  # the training step
-            stalls.append(time.perf_counter() - t - step_ms / 1e3)
+            time.sleep(step)
+            stalls.append(time.perf_counter() - t - step)
             queued = max(queued, len(p.consumed._queue))
         t = time.perf_counter()
         st = ResumeState().state_dict(
@@ -246,22 +250,22 @@ def _mb(b: float) -> str:
 
 def table(cases: list[dict], filters: list[dict]) -> str:
     rows = ["| IDs | pattern | ranks | impl | state_dict ms (step thread) | step overshoot p99 ms (set / none) | "
-            "fold ns/ID (bg) | state MB/rank | merged MB | form | merge ms | checkpoint ms | "
-            "union at resume ms | peak RSS growth MB | load |",
-            "|---:|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+            "fold ns/ID (bg) | backlog batches | state MiB/rank | merged MiB | form | merge ms | "
+            "checkpoint ms | union at resume ms | peak RSS growth MiB | load |",
+            "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for c in cases:
         def f(key: str, fmt: str = "{:.1f}", c: dict = c) -> str:
             v = c.get(key)
             return "—" if v is None else fmt.format(v)
         rows.append(
             f"| {c['n'] / 1e6:g}M | {c['pattern']} | {c['ranks']} | {c['impl']} | {f('state_ms')} | "
-            f"{f('stall_p99_ms')} / {f('stall_base_p99_ms')} | {f('fold_ns_per_id', '{:.0f}')} | {_mb(c['state_bytes_rank'])} | "
+            f"{f('stall_p99_ms')} / {f('stall_base_p99_ms')} | {f('fold_ns_per_id', '{:.0f}')} | {f('max_queued_batches', '{:.0f}')} | {_mb(c['state_bytes_rank'])} | "
             f"{_mb(c['merged_bytes'])} | {c['form'] if c['impl'] == 'after' else 'single'} | "
             f"{f('merge_ms')} | {f('checkpoint_ms')} | {f('union_at_resume_ms')} | "
             f"{c['rss_growth_mb']:.0f} | {c.get('loadavg', float('nan')):.1f} |")
     rows += ["", "Cluster-side filter (one Ray worker; blocks of 8,192 rows):", "",
-             "| IDs | pattern | impl | object store MB/node | chunks | consecutive ns/row | "
-             "shuffled ns/row | worker private growth MB | cache peak MB (budget) | load |",
+             "| IDs | pattern | impl | object store MiB/node | chunks | consecutive ns/row | "
+             "shuffled ns/row | worker private growth MiB | cache peak MiB (budget) | load |",
              "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in filters:
         cache = r.get("cache")
@@ -276,7 +280,10 @@ def table(cases: list[dict], filters: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="1M IDs, short steps (smoke test)")
-    p.add_argument("--step-ms", type=float, default=5.0)
+    p.add_argument("--rows-per-s", type=float, default=2e6,
+                   help="the emulated training step's pace, rows per second per rank")
+    p.add_argument("--reuse-filters", default=None,
+                   help="an earlier results_resume.json: keep its filter rows, run none")
     p.add_argument("--sizes", default=None, help="e.g. 10000000,100000000")
     p.add_argument("--impls", default="before,after")
     p.add_argument("--out", default=str(HERE / "out"))
@@ -290,7 +297,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if a.case:  # child: n,pattern,ranks,impl
         n, pattern, world, impl = a.case.split(",")
-        print(json.dumps(run_case(int(n), pattern, int(world), impl, a.step_ms, str(out / "parts"))))
+        print(json.dumps(run_case(int(n), pattern, int(world), impl, a.rows_per_s, str(out / "parts"))))
         return
     if a.filter:  # child: n,pattern,impl,blocks[,cache MiB]
         n, pattern, impl, blocks, *cache = a.filter.split(",")
@@ -298,7 +305,7 @@ def main() -> None:
         return
     sizes = [int(x) for x in a.sizes.split(",")] if a.sizes else (
         [1_000_000] if a.quick else [10_000_000, 100_000_000])
-    step = 0.2 if a.quick else a.step_ms
+    pace = 2e7 if a.quick else a.rows_per_s
     impls = a.impls.split(",")
     load0 = os.getloadavg()
     cases, filters = [], []
@@ -312,7 +319,7 @@ def main() -> None:
         for pattern in ("random", "contiguous"):
             for world in (1, 8):
                 for impl in impls:
-                    c = _sub(["--case", f"{n},{pattern},{world},{impl}", "--step-ms", str(step),
+                    c = _sub(["--case", f"{n},{pattern},{world},{impl}", "--rows-per-s", str(pace),
                               "--out", str(out)])
                     c["loadavg"] = os.getloadavg()[0]
                     print(json.dumps(c), flush=True)
@@ -320,11 +327,15 @@ def main() -> None:
             variants = [(impl, 0) for impl in impls_filter]
             if pattern == "random" and "after" in impls_filter:  # a cache smaller than the set
                 variants.append(("after", 1 if a.quick else 8))
+            if a.reuse_filters:
+                variants = []
             for impl, cache_mb in variants:
                 r = _sub(["--filter", f"{n},{pattern},{impl},{20 if a.quick else 200},{cache_mb}"])
                 r["loadavg"] = os.getloadavg()[0]
                 print(json.dumps(r), flush=True)
                 filters.append(r)
+    if a.reuse_filters:
+        filters = json.loads(Path(a.reuse_filters).read_text())["filters"]
     load1 = os.getloadavg()
     order = {"before": 0, "after": 1}
     cases.sort(key=lambda c: (c["n"], c["pattern"] != "random", c["ranks"], order[c["impl"]]))
@@ -335,12 +346,21 @@ def main() -> None:
     if a.reuse_cases:
         machine += (f"; the {', '.join(sorted({c['impl'] for c in cases} - set(impls)))} cases "
                     "come from an earlier run of this harness (same code for them)")
-    payload = {"cases": cases, "filters": filters, "machine": machine, "step_ms": step}
+    if a.reuse_filters:
+        machine += "; the filter rows come from an earlier run of this harness"
+    payload = {"cases": cases, "filters": filters, "machine": machine, "rows_per_s": pace}
     (out / "results_resume.json").write_text(json.dumps(payload, indent=1))
     (out / "table_resume.md").write_text(md + "\n")
     print("\n" + md + "\n\n" + machine)
     if a.write_results:
         _write_results(payload, md)
+
+
+def rewrite_results(path: str) -> None:
+    """RESULTS_resume.md again from a run's results_resume.json (e.g. after a change to
+    the table's layout), without measuring anything."""
+    payload = json.loads(Path(path).read_text())
+    _write_results(payload, table(payload["cases"], payload["filters"]))
 
 
 def _write_results(payload: dict, md: str) -> None:
@@ -352,7 +372,8 @@ e059a5e (`benchmarks/_resume_before.py`), "after" this code; same harness, same 
 plan for 1B IDs and 1,000 ranks built on these numbers: `docs/scale.md`.
 
 - {payload['machine']}
-- training step emulated per batch ("after"): {payload['step_ms']} ms; 1,000 batches per rank
+- training step emulated per batch ("after"): a sleep of batch rows / {payload['rows_per_s']:,.0f}
+  rows/s (faster than any trainer here consumes); 1,000 batches per rank
 - "load": the 1-minute load average right after the case (2 cores; other sessions share them)
 
 {md}

@@ -9,13 +9,14 @@ filter). Does not own the ID keys (``torch_raydata.kernels.ids``), the cluster-s
 filter (``filter.py``), merging ranks' states (``merge.py``) or when state is taken
 (``state.py``).
 
-Compact form: a 64-bit roaring bitmap (``pyroaring.BitMap64``). Measured on this machine
-(benchmarks/resume_scale.py) against a numpy representation (sorted disjoint runs, two
-uint64 arrays): 100M IDs drawn at random from 200M are 25 MB as a bitmap and 400 MB as
-runs (two IDs per run on average); contiguous IDs are a few KB either way; folding a
-batch in costs ~30-40 ns per ID, the union of 8 ranks ~proportional to the compressed
-bytes. pyroaring holds the GIL, so the background thread folds at most ``_FOLD_KEYS``
-keys per call: the training step never waits more than one such call (~2 ms) for it.
+Compact form: a 64-bit roaring bitmap (``pyroaring.BitMap64``), a well-kept library
+(CRoaring); the alternative weighed, numpy sorted disjoint runs (two uint64 arrays), needs
+400 MB for 100M IDs drawn at random from 200M (two IDs per run on average) where the
+bitmap needs 25 MB; contiguous IDs are a few KB either way. Measured here
+(benchmarks/RESULTS_resume.md): folding costs 27-143 ns per ID on the set's thread,
+``state_dict()`` at 100M IDs 36 ms (was 22 s), the union of 8 ranks' parts ~0.8 ms per
+MiB. pyroaring holds the GIL, so the thread folds at most ``_FOLD_KEYS`` keys per call:
+the training step never waits more than one such call (~2 ms) for it.
 
 Encodings (``encode``/``decode``), the state's ``"consumed"`` entry:
 
@@ -44,9 +45,20 @@ __all__ = ["ConsumedSet", "check_parts", "read_blob", "write_blob"]
 #: Keys folded into the bitmap per pyroaring call (it holds the GIL for the whole call:
 #: 64K keys are ~2 ms on this machine).
 _FOLD_KEYS = 1 << 16
+#: Keys folded into the small bitmap before it is merged into the main one.
+_DELTA_KEYS = 1 << 20
 #: Batches whose keys a recording set keeps as they came, so a state can leave the last
 #: ``lag`` of them out (``EpochProgress.rows_consumed`` keeps as many row counts).
 RECENT_BATCHES = 16
+
+
+class _Batch:
+    """One batch's keys: the array as added, then (once folded) the batch's bitmap."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self, keys: np.ndarray) -> None:
+        self.keys: Any = keys
 
 
 def _bitmap(keys: np.ndarray | None = None) -> Any:
@@ -73,7 +85,9 @@ class ConsumedSet:
         self._bm_lock = threading.Lock()  # the bitmap and its fold
         self._cv = threading.Condition()  # the queue, the thread's state
         self._queue: collections.deque[Any] = collections.deque()
-        self._recent: collections.deque[np.ndarray] = collections.deque(maxlen=RECENT_BATCHES)
+        # The last batches' keys (for ``snapshot(lag)``): raw until folded, then as the
+        # batch's own bitmap (contiguous keys: bytes; scattered: ~2 bytes per key).
+        self._recent: collections.deque[_Batch] = collections.deque(maxlen=RECENT_BATCHES)
         self._background = background
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -81,10 +95,11 @@ class ConsumedSet:
         self.added = 0  # keys passed to add(), repeats included
         self._expected = len(self._bitmap)  # keys it would hold if none repeated
         self._unoptimized = 0  # keys folded since the last run_optimize
-        # Batches are folded into a small bitmap first, merged into the main one when it
-        # holds an eighth of it: a batch whose keys are spread over every container (one
-        # rank of many, after a global shuffle) then costs what the small bitmap is, not
-        # a pass over the main one (measured: 340 -> ~60 ns per key, benchmarks/).
+        # Batches are folded into a small bitmap first, merged into the main one every
+        # _DELTA_KEYS keys: a batch whose keys are spread over every container (one rank
+        # of many, after a global shuffle) then costs what the small bitmap is, not a pass
+        # over the main one (measured on one rank of 8 at 100M: ~1100 -> ~400 ns per key);
+        # a state_dict() merges at most that many keys on the step's thread.
         self._delta = _bitmap()
 
     @classmethod
@@ -98,8 +113,9 @@ class ConsumedSet:
         self._raise_error()
         keys = np.asarray(keys)
         with self._cv:
-            self._queue.append(keys)
-            self._recent.append(keys)
+            batch = _Batch(keys)
+            self._queue.append(batch)
+            self._recent.append(batch)
             self.added += len(keys)
             self._expected += len(keys)
             if self._background and not self._closed:
@@ -150,13 +166,19 @@ class ConsumedSet:
 
     def _fold(self, item: Any) -> None:
         """Fold one queued item into the bitmap (caller holds ``_bm_lock``)."""
-        self._unoptimized += len(item)
-        if not isinstance(item, np.ndarray):  # a BitMap64 (include)
+        self._unoptimized += len(item.keys) if isinstance(item, _Batch) else len(item)
+        if not isinstance(item, _Batch):  # a BitMap64 (include)
             self._bitmap |= item
             return
-        for i in range(0, len(item), _FOLD_KEYS):
-            self._delta |= _bitmap(item[i : i + _FOLD_KEYS])
-        if len(self._delta) >= max(1 << 20, len(self._bitmap) >> 3):
+        keys, own = item.keys, None
+        if not isinstance(keys, np.ndarray):  # folded already
+            return
+        for i in range(0, len(keys), _FOLD_KEYS):
+            piece = _bitmap(keys[i : i + _FOLD_KEYS])
+            self._delta |= piece
+            own = piece if own is None else own | piece
+        item.keys = own if own is not None else _bitmap()  # the raw array goes
+        if len(self._delta) >= _DELTA_KEYS:
             self._merge_delta()
 
     def _merge_delta(self) -> None:
@@ -225,7 +247,9 @@ class ConsumedSet:
             raise ValueError(f"{lag=} is more than the {len(self._recent)} batches kept")
         with self._bm_lock:
             self._fold_queued()
-            held = _bitmap(np.concatenate(list(self._recent)[-lag:])) if lag else None
+            held = None
+            for batch in list(self._recent)[len(self._recent) - lag :] if lag else ():
+                held = batch.keys if held is None else held | batch.keys
             if held is not None:  # out for the serialization, back in after it
                 self._bitmap -= held
             try:
