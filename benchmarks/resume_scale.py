@@ -131,7 +131,8 @@ def run_case(n: int, pattern: str, world: int, impl: str, rows_per_s: float, spi
         del p
         states.append(st)
     sizes = [len(s["consumed"]["bytes"]) for s in states]
-    out.update(state_ms=max(state_ms), state_bytes_rank=max(sizes), count_check=None)
+    out.update(state_ms=max(state_ms), state_ms_ranks=state_ms, state_bytes_rank=max(sizes),
+               count_check=None)
     if stalls:
         out.update(stall_max_ms=max(stalls) * 1e3, stall_p99_ms=float(np.percentile(stalls, 99)) * 1e3,
                    fold_ns_per_id=fold_cpu / n * 1e9, max_queued_batches=queued)
@@ -311,7 +312,7 @@ def main() -> None:
     cases, filters = [], []
     if a.reuse_cases:  # an earlier run's cases of the other impls (e.g. "before")
         cases = [c for c in json.loads(Path(a.reuse_cases).read_text())["cases"]
-                 if c["impl"] not in impls]
+                 if c["impl"] not in impls or c["n"] not in sizes]
         impls_filter = ["before", "after"]
     else:
         impls_filter = impls

@@ -13,9 +13,9 @@ Compact form: a 64-bit roaring bitmap (``pyroaring.BitMap64``), a well-kept libr
 (CRoaring); the alternative weighed, numpy sorted disjoint runs (two uint64 arrays), needs
 400 MB for 100M IDs drawn at random from 200M (two IDs per run on average) where the
 bitmap needs 25 MB; contiguous IDs are a few KB either way. Measured here
-(benchmarks/RESULTS_resume.md): folding costs 27-143 ns per ID on the set's thread,
-``state_dict()`` at 100M IDs 36 ms (was 22 s), the union of 8 ranks' parts ~0.8 ms per
-MiB. pyroaring holds the GIL, so the thread folds at most ``_FOLD_KEYS`` keys per call:
+(benchmarks/RESULTS_resume.md): folding costs 27-160 ns per ID on the set's thread,
+``state_dict()`` at 100M random IDs 36-68 ms depending on load (was 22 s; one
+serialization of 24 MiB), the union of 8 ranks' parts ~0.8 ms per MiB. pyroaring holds the GIL, so the thread folds at most ``_FOLD_KEYS`` keys per call:
 the training step never waits more than one such call (~2 ms) for it.
 
 Encodings (``encode``/``decode``), the state's ``"consumed"`` entry:
