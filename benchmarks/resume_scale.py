@@ -22,6 +22,7 @@ cluster-side filter in a Ray worker: ns per row for blocks of consecutive IDs an
 shuffled blocks, the worker's private memory growth, object-store bytes per node.
 
     python -m benchmarks.resume_scale [--quick] [--write-results] [--rows-per-s 2e6]
+    python -m benchmarks.resume_scale --representations 10000000   # roaring vs numpy runs
 """
 
 from __future__ import annotations
@@ -235,6 +236,33 @@ def run_filter(n: int, pattern: str, impl: str, blocks: int, cache_mb: int = 0) 
     return out
 
 
+# -- the representation chosen ---------------------------------------------------------------------
+def compare_representations(n: int) -> str:
+    """The roaring bitmap against numpy sorted disjoint runs (start, stop uint64 pairs) for
+    the benchmark's IDs: bytes and the time to build each from the keys (one process)."""
+    from torch_raydata.resume import ConsumedSet
+
+    rows = ["| IDs | pattern | numpy runs: runs | numpy runs MiB | build ms | roaring MiB | "
+            "fold + serialize ms |", "|---:|---|---:|---:|---:|---:|---:|"]
+    for pattern in ("random", "contiguous"):
+        keys = np.concatenate(list(rank_batches(n, pattern, 0, 1)))
+        t = time.perf_counter()
+        k = np.sort(keys)
+        cut = np.flatnonzero(np.diff(k) != 1) + 1
+        starts = k[np.concatenate([[0], cut])]
+        stops = k[np.concatenate([cut - 1, [len(k) - 1]])] + np.uint64(1)
+        numpy_ms = (time.perf_counter() - t) * 1e3
+        s = ConsumedSet()
+        t = time.perf_counter()
+        s.add(keys)
+        blob, _ = s.snapshot()
+        roaring_ms = (time.perf_counter() - t) * 1e3
+        nbytes = starts.nbytes + stops.nbytes
+        rows.append(f"| {n / 1e6:g}M | {pattern} | {len(starts):,} | {nbytes / 2**20:.2f} | "
+                    f"{numpy_ms:.0f} | {len(blob) / 2**20:.2f} | {roaring_ms:.0f} |")
+    return "\n".join(rows)
+
+
 # -- driver ----------------------------------------------------------------------------------------
 def _sub(args: list[str]) -> dict:
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
@@ -291,6 +319,8 @@ def main() -> None:
     p.add_argument("--write-results", action="store_true")
     p.add_argument("--reuse-cases", default=None,
                    help="an earlier results_resume.json: keep its cases of the impls not run now")
+    p.add_argument("--representations", type=int, default=0,
+                   help="N: compare roaring with numpy runs at N IDs, print, exit")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     p.add_argument("--filter", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -299,6 +329,9 @@ def main() -> None:
     if a.case:  # child: n,pattern,ranks,impl
         n, pattern, world, impl = a.case.split(",")
         print(json.dumps(run_case(int(n), pattern, int(world), impl, a.rows_per_s, str(out / "parts"))))
+        return
+    if a.representations:
+        print(compare_representations(a.representations))
         return
     if a.filter:  # child: n,pattern,impl,blocks[,cache MiB]
         n, pattern, impl, blocks, *cache = a.filter.split(",")
