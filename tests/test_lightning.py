@@ -311,6 +311,7 @@ ROWS, BATCH = 1152, 32  # 36 batches per epoch: step 36 is the last batch of epo
 def _script(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])  # this checkout's package
     return subprocess.run(
         [sys.executable, str(RESUME_SCRIPT), *args], env=env, capture_output=True, text=True,
         timeout=240,

@@ -249,6 +249,7 @@ class RayIterableDataset(IterableDataset):
             self._advanced_by = self._progress
             if self._progress is not None:
                 self._progress.expected_batches = self._epoch_batches(max_batches, total_rows)
+                self._resume.attach(self._progress, rank=world()[0])
             self._last_stats = stats
             if self.progress is not False:
                 self._attach_progress_bar(stats, epoch, skip, max_batches, total_rows)
@@ -393,6 +394,7 @@ class RayIterableDataset(IterableDataset):
             fingerprint=fingerprint(self.config, self._source),
             world_size=world()[1],
             spill_dir=self._spill_dir,
+            rank=world()[0],
         )
         return mark_reproducible(state, self.config)
 
@@ -417,6 +419,7 @@ class RayIterableDataset(IterableDataset):
             fingerprint=fingerprint(self.config, self._source),
             id_column=self.config.id_column,
             strict=strict,
+            search_dir=self.spill_dir,
         )
         self._next.discard()  # the resumed epoch may run another stream (a filter)
         self.set_epoch(epoch)

@@ -36,6 +36,7 @@ def _run_ranks(out: Path, *args: str, timeout: float = 150) -> tuple[list[dict],
         MASTER_PORT=str(_free_port()),
         WORLD_SIZE="2",
         TORCH_RAYDATA_STRAGGLER_SECONDS="1",
+        PYTHONPATH=str(Path(__file__).resolve().parents[2]),  # this checkout's package
     )
     t0 = time.monotonic()
     procs = [

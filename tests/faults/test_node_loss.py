@@ -30,6 +30,7 @@ def test_blocks_on_a_removed_node_are_reconstructed_and_no_row_is_lost(tmp_path)
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])  # this checkout's package
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(out)],
         env=env,

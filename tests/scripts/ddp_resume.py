@@ -6,8 +6,11 @@ at step ``--kill-at`` every rank SIGKILLs itself. ``resume`` (torchrun with any 
 ranks, or plain python for one): load the merged state on every rank, run the rest of
 the epoch and one more epoch, and write what each rank saw to ``<out>/<tag>_rank<r>.json``.
 
-    torchrun --standalone --nproc_per_node=2 ddp_resume.py train OUT
+    torchrun --standalone --nproc_per_node=2 ddp_resume.py train OUT [--parts]
     python ddp_resume.py resume OUT --tag one
+
+``--parts``: states saved as per-rank part files (``gather_state_dict`` with
+``max_gather_bytes=0``). ``train`` also runs as one plain process (then 1 -> N).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--kill-at", type=int, default=11)
     p.add_argument("--tag", default="resume")
+    p.add_argument("--parts", action="store_true", help="save per-rank parts (no gather)")
     a = p.parse_args()
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo")
@@ -63,14 +67,22 @@ def main() -> None:
                 log.write(json.dumps({"step": step, "ids": batch["id"].tolist()}) + "\n")
                 log.flush()
                 if step % 4 == 0:
-                    state = trd.distributed.gather_state_dict(ds.state_dict())
+                    if a.parts:  # each rank writes its own set; the state lists the files
+                        state = trd.distributed.gather_state_dict(
+                            ds.state_dict(), spill_dir=os.path.join(a.out, "parts"),
+                            max_gather_bytes=0,
+                        )
+                    else:
+                        state = trd.distributed.gather_state_dict(ds.state_dict())
                     if rank == 0:
                         with open(ckpt_path + ".tmp", "wb") as f:
                             pickle.dump({"step": step, "loader": state}, f)
                         os.replace(ckpt_path + ".tmp", ckpt_path)
-                    dist.barrier()  # the checkpoint is on disk before anyone goes on
+                    if dist.is_initialized():
+                        dist.barrier()  # the checkpoint is on disk before anyone goes on
                 if step == a.kill_at:
-                    dist.barrier()
+                    if dist.is_initialized():
+                        dist.barrier()
                     os.kill(os.getpid(), signal.SIGKILL)
         raise SystemExit("the epoch ended before --kill-at")
     with open(ckpt_path, "rb") as f:

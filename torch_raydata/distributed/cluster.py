@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..resume.merge import merge_states
+from ..resume.merge import GATHER_MAX_BYTES, inline_bytes, merge_states, part_state
 
 __all__ = [
     "STRAGGLER_SECONDS",
@@ -75,25 +75,51 @@ def broadcast(obj: Any, where: str = "a broadcast from rank 0") -> Any:
     return box[0]
 
 
-def gather_state_dict(state: dict[str, Any], *, spill_dir: str | None = None) -> dict[str, Any]:
+def gather_state_dict(
+    state: dict[str, Any],
+    *,
+    spill_dir: str | None = None,
+    max_gather_bytes: int = GATHER_MAX_BYTES,
+) -> dict[str, Any]:
     """Every rank's ``RayIterableDataset.state_dict()`` merged into one (collective).
 
     Call it on every rank at the same training step; every rank gets the same merged
-    state, whose consumed-ID set is the union of the ranks' sets. Load it into every rank
-    of the resumed run (any world size: the rest of the epoch is split afresh among the
-    ranks). Single-process: returns ``state`` as is.
+    state, which resumes at any world size (the rest of the epoch is split afresh among
+    the ranks). Single-process: returns ``state`` as is.
 
-        state = trd.distributed.gather_state_dict(ds.state_dict())
+    Two forms (``torch_raydata.resume.merge``): when the ranks' consumed-ID sets are at
+    most ``max_gather_bytes`` together, they are gathered and united into the state
+    (single form). Larger, each rank writes its own set to a file in ``spill_dir`` (a
+    directory every rank can write and the resumed run can read, e.g. the checkpoint
+    directory) and the state lists the files (parts form): no rank receives the others'
+    sets, and the union is built when a run loads the state.
+
+        state = trd.distributed.gather_state_dict(ds.state_dict(), spill_dir=ckpt_dir)
         if dist.get_rank() == 0:
             torch.save({"model": ..., "loader": state}, path)
+
+    Raises:
+        ValueError: the sets are larger than ``max_gather_bytes`` and no ``spill_dir``
+            is given (on every rank alike), or the ranks' states disagree.
     """
-    if world()[1] == 1:
+    rank, size = world()
+    if size == 1:
         return state
-    states: list[Any] = [None] * world()[1]
-    collective(
-        "gather_state_dict() (every rank saves loader state)",
-        torch.distributed.all_gather_object, states, state,
-    )
+    where = "gather_state_dict() (every rank saves loader state)"
+    sizes: list[Any] = [None] * size
+    collective(where, torch.distributed.all_gather_object, sizes, inline_bytes(state))
+    total = sum(sizes)
+    if total > max_gather_bytes:
+        if spill_dir is None:
+            raise ValueError(
+                f"the ranks' consumed-ID sets are {total:,} bytes together (> "
+                f"{max_gather_bytes=}): set RayIterableDataset.spill_dir (or pass spill_dir=) "
+                "to a directory every rank can write and the resumed run can read (e.g. the "
+                "checkpoint directory); each rank then saves its own part there"
+            )
+        state = part_state(state, spill_dir, rank, size)
+    states: list[Any] = [None] * size
+    collective(where, torch.distributed.all_gather_object, states, state)
     return merge_states(states, spill_dir=spill_dir)
 
 

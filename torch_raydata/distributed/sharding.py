@@ -261,8 +261,10 @@ class RankSource:
         if transform is not None:
             if self._world_size() == 1 or self._base.is_shard:
                 return self._base.open(transform)
+            # Only rank 0's dataset is split: the other ranks build no filter (nor put
+            # the consumed set into the object store once more).
             s = shard(
-                transform(self._base.data),
+                transform(self._base.data) if world()[0] == 0 else None,
                 preserve_order=self._base.preserve_order,
                 num_rows=total_rows,
             )

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..resume.consumed import ConsumedSet
+from ..resume.consumed import RECENT_BATCHES, ConsumedSet
 from .stats import StatsRecorder
 from .types import Batch
 
@@ -39,8 +39,12 @@ class EpochProgress:
         # Batches in the whole epoch (skipped ones included) when known up front: a consumer
         # that stops at len() never sees the end of the epoch, yet has finished it.
         self.expected_batches: int | None = None
-        self.recent_rows: collections.deque[int] = collections.deque(maxlen=16)  # per batch
-        self.ids: list[np.ndarray] | None = [] if record_ids else None
+        self.recent_rows: collections.deque[int] = collections.deque(
+            maxlen=RECENT_BATCHES
+        )  # rows per batch
+        # Exact resume: the IDs yielded, compressed as they come by the set's own thread
+        # (joined when the epoch closes); no per-ID buffer lives for the epoch.
+        self.consumed: ConsumedSet | None = ConsumedSet.recording() if record_ids else None
 
     def finished(self, lag: int = 0) -> bool:
         """Every batch of the epoch reached the training step (minus the last ``lag``)."""
@@ -54,13 +58,10 @@ class EpochProgress:
         held = list(self.recent_rows)[len(self.recent_rows) - lag :] if lag else []
         return self.rows_yielded - sum(held)
 
-    def consumed_set(self, lag: int = 0):  # type: ignore[no-untyped-def]
-        """A resume.ConsumedSet of the IDs yielded, minus the last ``lag`` batches."""
-        out = ConsumedSet()
-        ids = self.ids or []
-        for keys in ids[: len(ids) - lag] if lag else ids:
-            out.add(keys)
-        return out
+    def close(self) -> None:
+        """The epoch is over: join the consumed set's thread (the set stays readable)."""
+        if self.consumed is not None:
+            self.consumed.close()
 
 
 def _same(data: Any) -> Any:
@@ -174,8 +175,8 @@ class EpochConsumer:
         p.batches_yielded += 1
         p.rows_yielded += batch.num_rows
         p.recent_rows.append(batch.num_rows)
-        if p.ids is not None and batch.ids is not None:
-            p.ids.append(batch.ids)
+        if p.consumed is not None and batch.ids is not None:
+            p.consumed.add(batch.ids)
         self._settle_slot()  # last: the worker this wakes runs during the step
         return data
 
@@ -194,10 +195,11 @@ class EpochConsumer:
         return self.progress.rows_yielded
 
     def consumed_ids(self) -> np.ndarray:
-        """IDs of every row yielded to the training step so far this epoch."""
-        if not self.progress.ids:
+        """Keys (uint64, ascending) of every row yielded to the training step so far
+        this epoch."""
+        if self.progress.consumed is None:
             return np.empty(0, dtype=np.uint64)
-        return np.concatenate(self.progress.ids)
+        return self.progress.consumed.sorted_keys()
 
     def _drop_rest(self) -> None:
         """``max_batches`` reached: drain the rest of the epoch so its rows are counted
@@ -230,6 +232,7 @@ class EpochConsumer:
         # it raised): it must not keep the stages, stage 1's executor or their blocks.
         self._batches = None
         self._shutdown()
+        self.progress.close()
         self.stats.finish(time.perf_counter())
         self.stats.clear_buffered()
 
