@@ -21,7 +21,8 @@ be consumed), or earlier when both hold:
     raised by every prestart that came too late (its claim found no block); never
     before half the epoch's rows;
   * the running executor leaves a CPU idle (fewer of its tasks run than the cluster has
-    CPUs): its tail, or a pipeline held back by a slow step.
+    CPUs, less one for the training process, which Ray does not count): its tail, or a
+    pipeline held back by a slow step.
 Why the second condition: on a machine whose CPUs the running epoch keeps busy (image
 decode on 2 cores, benchmark W7), a next epoch started on the time rule alone took CPU
 from the running one: 3 epochs 15.1 s against 13.2 s without prestart in one run (steady
@@ -29,7 +30,9 @@ rows/s 306-341 against 363-451), although the third epoch's first batch came 0.0
 after ``iter()``. Starting at the very beginning of an epoch was worse still (14.5 s
 against 12.7 s, higher object-store peak). A prestart only at the stream's end came too
 late to hide the start (the step consumes the buffered tail in ~0.2 s on W7, the start
-takes ~1 s) but costs the running epoch nothing.
+takes ~1 s) but costs the running epoch nothing. Gated by "fewer tasks than CPUs" (not
+less one), three W7 A/B runs gave -1%, +2% and -10% on the 3-epoch wall (epoch 3's first
+batch 0.3 s instead of 0.9 s): Ray's CPU count leaves out the trainer's own CPU use.
 
 Memory: the prestarted executor starts no new task once ``hold_bytes`` of its output
 wait for us (the prefetch window's bytes, counted in ``stats()`` as the next epoch's);

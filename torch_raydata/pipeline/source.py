@@ -213,10 +213,12 @@ class EpochBlocks:
             return 0
 
     def has_idle_cpus(self) -> bool:
-        """Fewer of this executor's tasks run than the cluster has CPUs, so a task started
-        now by another executor would use a CPU this epoch leaves idle (its tail, or a
-        pipeline held back by a slow step). Counts tasks, not their CPU requests (Ray
-        Data's map tasks take one CPU by default). False for streams we did not start."""
+        """Fewer of this executor's tasks run than the cluster has CPUs less one, so a task
+        started now by another executor would use a CPU this epoch leaves idle (its tail,
+        or a pipeline held back by a slow step). Less one: the training process (its step,
+        collate and prefetch threads) needs a CPU that Ray does not count. Counts tasks,
+        not their CPU requests (Ray Data's map tasks take one CPU by default). False for
+        streams we did not start."""
         executor = self._executor
         if executor is None or self._hold is None or self._closed:
             return False
@@ -225,7 +227,7 @@ class EpochBlocks:
             cpus = ray.cluster_resources().get("CPU", 0)
         except Exception:  # noqa: BLE001 - unknown: assume busy (no early start)
             return False
-        return running < cpus
+        return running < cpus - 1
 
     def producer_done(self) -> bool:
         """Ray's executor for this stream has finished: every block is produced (they
