@@ -112,9 +112,10 @@ class NextEpoch:
     ) -> Callable[..., None]:
         """An observer for the running epoch's ``stream`` (``observer(rows, done,
         size_bytes)``, called on the prefetch thread after each block and at its end) that
-        starts the next epoch once this one has nothing left to compute (when enabled;
-        it measures the row size either way). ``window_rows``: the prefetch window, in
-        rows, the next epoch's hold admits (at the row size measured here)."""
+        starts the next epoch when the module doc's "When" says so (when enabled; it
+        measures the row size and start latency either way). ``window_rows``: the prefetch
+        window, in rows, the next epoch's hold admits (at the row size measured here);
+        ``expected_rows``: the epoch's rows if known before one has run to its end."""
         nbytes = [0]
         enabled = self.enabled
         # Rows this epoch will deliver: counted when one ran to its end, else as known.
@@ -131,10 +132,8 @@ class NextEpoch:
             now = self._clock()
             if not first and rows:
                 first.append((now, rows))
-                if not prestarted:  # started at iter()
-                    self._measure_latency(opened, now, late=False)
-                elif late:  # prestarted, and its claim waited for this block
-                    self._measure_latency(opened, now, late=True)
+                if not prestarted or late:  # an on-time prestart tells nothing
+                    self._measure_latency(opened, now, late=late)
             if done:
                 self.epoch_rows = rows
             if enabled and self._slot is None and (

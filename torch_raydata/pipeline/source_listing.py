@@ -82,13 +82,11 @@ def list_in_process(ds: Dataset, op: Any) -> list[tuple[Any, Any, Any]] | None:
         """The indexer, with its footer reads made here (``list_files`` of Ray's
         FooterFileIndexer minus the actor pool; the rest is Ray's)."""
 
-        files: list[Any] = []
-
         def _iter_file_infos_for_list(self, *args: Any, **kwargs: Any) -> Any:
-            self.files = list(super()._iter_file_infos_for_list(*args, **kwargs))
-            if len(self.files) > LOCAL_LISTING_MAX_FILES:
+            files = list(super()._iter_file_infos_for_list(*args, **kwargs))
+            if len(files) > LOCAL_LISTING_MAX_FILES:
                 raise _TooManyFiles
-            return iter(self.files)
+            return iter(files)
 
         def list_files(self, paths: Any, **kw: Any) -> Any:
             if not isinstance(indexer, ffi.FooterFileIndexer):
