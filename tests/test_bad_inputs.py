@@ -58,7 +58,7 @@ CONSTRUCTION = [
     ("batch_size str", _range, {"batch_size": "32"}, ValueError, r"batch_size='32' must be an int"),
     ("batch_size bool", _range, {"batch_size": True}, ValueError, r"batch_size=True must be an int"),
     ("num_workers=0", _range, {"num_workers": 0}, ValueError, r"num_workers=0 must be an int >= 1"),
-    ("num_workers None", _range, {"num_workers": None}, ValueError, r"num_workers=None must be"),
+    ("num_workers 1.5", _range, {"num_workers": 1.5}, ValueError, r"num_workers=1.5 must be an int >= 1 or None"),
     ("prefetch<0", _range, {"prefetch_batches": -1}, ValueError, r"prefetch_batches=-1 must be"),
     ("shuffle_buffer=0", _range, {"shuffle_buffer_size": 0}, ValueError, r"shuffle_buffer_size=0"),
     ("shuffle_buffer float", _range, {"shuffle_buffer_size": 1.5}, ValueError, r"shuffle_buffer_size=1.5"),

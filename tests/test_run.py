@@ -186,3 +186,18 @@ def test_the_consumer_takes_any_chain_of_stages():
     with pytest.raises(RuntimeError, match=r"ended after 2 batches .* max_batches=3"):
         list(short)
     assert short.shutdowns == 1 and not short.progress.exhausted
+
+
+def test_stats_count_collate_threads_and_the_loaders_cpu():
+    fixed = _run(make_blocks([64] * 4), num_workers=3)
+    assert sum(len(b["id"]) for b in fixed) == 256
+    s = fixed.stats.snapshot(0)
+    assert s.collate_threads == 3
+    assert s.loader_cpu_ms_per_batch > 0  # prefetch + 3 collate threads reported at exit
+    assert "3 collate threads" in str(s) and "ms/batch" in str(s)
+    grown = _run(make_blocks([64] * 4), num_workers=3, grow_workers=True)
+    first = next(grown)
+    assert 1 <= grown.stats.snapshot(0).collate_threads <= 3
+    assert sum(len(b["id"]) for b in grown) + len(first["id"]) == 256
+    assert 1 <= grown.stats.snapshot(0).collate_threads <= 3
+    assert _trd_threads() == []

@@ -213,3 +213,133 @@ def test_a_worker_that_cannot_start_is_an_error_on_the_consumer(monkeypatch):
         for _ in it:
             pass
     assert any("starting iter_threaded worker" in n for n in getattr(info.value, "__notes__", []))
+
+
+# -- growing pool (initial_workers < num_workers) -------------------------------------------
+class _Gate:
+    """fn for the growing tests: each call says it entered, then waits for a pass."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Semaphore(0)
+        self.passes = threading.Semaphore(0)
+        self.threads: set[str] = set()
+
+    def __call__(self, x: int) -> int:
+        self.threads.add(threading.current_thread().name)
+        self.entered.release()
+        assert self.passes.acquire(timeout=30), "test never let this item through"
+        return x
+
+
+def test_pool_grows_one_thread_per_starved_streak_up_to_num_workers():
+    from torch_raydata.pipeline.threaded import GROW_AFTER
+
+    gate = _Gate()
+    it = trd.iter_threaded(range(40), gate, num_workers=3, output_buffer_size=6, initial_workers=1)
+    grown: list[int] = []
+    it._on_grow = grown.append
+    assert gate.entered.acquire(timeout=30)  # worker 0 is inside fn; nothing is ready
+    assert it.workers == 1
+    for expected in (2, 3):
+        for _ in range(GROW_AFTER - 1):
+            it._maybe_grow()
+            assert it.workers == expected - 1  # one starved call is not enough
+        it._maybe_grow()
+        assert it.workers == expected
+        assert gate.entered.acquire(timeout=30)  # the new worker took an item and is in fn
+    for _ in range(3 * GROW_AFTER):
+        it._maybe_grow()
+    assert it.workers == 3 and grown == [2, 3]  # never beyond num_workers
+    for _ in range(40):
+        gate.passes.release()
+    assert sorted(it) == list(range(40))  # every item once, whatever thread ran it
+    assert len(gate.threads) == 3
+    assert _trd_threads() == []
+
+
+def test_a_ready_result_resets_the_starved_streak():
+    from torch_raydata.pipeline.threaded import GROW_AFTER
+
+    gate = _Gate()
+    it = trd.iter_threaded(range(4), gate, num_workers=3, output_buffer_size=4, initial_workers=1)
+    assert gate.entered.acquire(timeout=30)
+    for _ in range(GROW_AFTER - 1):
+        it._maybe_grow()  # starved, but not yet long enough
+    gate.passes.release()  # item 0 completes; worker 0 then takes item 1
+    assert gate.entered.acquire(timeout=30)
+    for _ in range(100_000):  # detector: item 0's result reached the queue
+        if it.has_ready():
+            break
+        threading.Event().wait(0.0005)
+    assert next(it) == 0  # found a result waiting: the streak starts over
+    for _ in range(GROW_AFTER - 1):
+        it._maybe_grow()
+    assert it.workers == 1
+    for _ in range(3):
+        gate.passes.release()
+    assert sorted(it) == [1, 2, 3]
+
+
+def test_pool_does_not_grow_when_the_input_is_the_bottleneck():
+    more = threading.Semaphore(0)
+    waiting = threading.Event()
+
+    def source():
+        for i in range(3):
+            waiting.set()
+            assert more.acquire(timeout=30)
+            yield i
+
+    it = trd.iter_threaded(source(), lambda x: x, num_workers=3, output_buffer_size=4, initial_workers=1)
+    assert waiting.wait(timeout=30)  # worker 0 waits on the input, not inside fn
+    for _ in range(10):
+        it._maybe_grow()
+    assert it.workers == 1
+    for _ in range(3):
+        more.release()
+    assert sorted(it) == [0, 1, 2]
+    assert _trd_threads() == []
+
+
+def test_a_consumer_slower_than_fn_keeps_one_thread():
+    def fn(x: int) -> int:
+        return x * 3
+
+    it = trd.iter_threaded(range(300), fn, num_workers=4, output_buffer_size=6, initial_workers=1)
+    out = []
+    for _ in range(300):
+        while not it.has_ready():  # the consumer is the slow side: a result always waits
+            threading.Event().wait(0.0002)
+        out.append(next(it))
+    assert out and sorted(out) == [3 * i for i in range(300)]
+    assert it.workers == 1
+    assert list(it) == []
+    assert _trd_threads() == []
+
+
+def test_growing_pool_forwards_errors_and_stops_every_thread():
+    gate = _Gate()
+
+    def fn(x: int) -> int:
+        if x == 7:
+            raise KeyError("collate broke at 7")
+        return gate(x)
+
+    it = trd.iter_threaded(range(50), fn, num_workers=3, output_buffer_size=4, initial_workers=1)
+    assert gate.entered.acquire(timeout=30)
+    for _ in range(4):
+        it._maybe_grow()
+    assert it.workers == 3
+    for _ in range(50):
+        gate.passes.release()
+    with pytest.raises(KeyError, match="collate broke at 7"):
+        list(it)
+    assert _trd_threads() == []
+
+
+def test_thread_cpu_is_reported_once_per_worker():
+    seen: list[float] = []
+    it = trd.iter_threaded(range(20), lambda x: x, num_workers=2, output_buffer_size=4)
+    it._s.on_thread_cpu = seen.append
+    assert sorted(it) == list(range(20))
+    assert len(seen) == 2 and all(s >= 0 for s in seen)

@@ -30,7 +30,7 @@ from .guards import check_caller, check_loadable, is_peek, make_loader, mark_rep
 from .kernels.ids import check_column
 from .memory.buffers import BufferPool
 from .pipeline.batching import num_batches
-from .pipeline.constants import TRAINING_BLOCK_BYTES
+from .pipeline.constants import TRAINING_BLOCK_BYTES, usable_cpus
 from .pipeline.prestart import NextEpoch
 from .pipeline.progress_bar import EpochProgressBar
 from .pipeline.run import EpochProgress, EpochRun, PipelineConfig
@@ -60,6 +60,11 @@ class RayIterableDataset(IterableDataset):
         batch_size: rows per batch.
         collate_fn: ``pyarrow.Table -> batch``; None means ``trd.collate.DefaultCollate()``.
         num_workers: threads of the format/collate pool (stage 4). Not DataLoader workers.
+            None (default): start one and add one at a time, up to ``min(4, CPU cores this
+            process may use)``, while the training step waits on collate; every thread
+            that wants the GIL takes it from the step, so none is started that the load
+            does not need (docs/performance.md, "The step's own time"). An int: exactly
+            that many threads from the start.
         prefetch_batches: how many batches stages 2-4 run ahead of the training step.
         preserve_order: yield batches in dataset order (stage 5; also asks Ray's executor
             to keep block order for a ``Dataset`` input, without mutating the caller's).
@@ -119,7 +124,7 @@ class RayIterableDataset(IterableDataset):
         *,
         batch_size: int = 256,
         collate_fn: Callable[[Any], Any] | None = None,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         prefetch_batches: int = 4,
         preserve_order: bool = False,
         drop_last: bool = False,
@@ -142,7 +147,10 @@ class RayIterableDataset(IterableDataset):
             raise ValueError(f"{progress=} must be True, False or a dict of tqdm arguments")
         self.progress = progress
         batch_size = check_int("batch_size", batch_size, 1)
-        num_workers = check_int("num_workers", num_workers, 1)
+        num_workers = check_int("num_workers", num_workers, 1, allow_none=True)
+        grow_workers = num_workers is None
+        if num_workers is None:
+            num_workers = min(4, usable_cpus())
         prefetch_batches = check_int("prefetch_batches", prefetch_batches, 1)
         shuffle_buffer_size = check_int("shuffle_buffer_size", shuffle_buffer_size, 1, True)
         shuffle_seed = check_int("shuffle_seed", shuffle_seed, 0, allow_none=True)
@@ -163,6 +171,7 @@ class RayIterableDataset(IterableDataset):
         self.config = PipelineConfig(
             batch_size=batch_size,
             num_workers=num_workers,
+            grow_workers=grow_workers,
             prefetch_batches=prefetch_batches,
             preserve_order=preserve_order,
             drop_last=drop_last,
@@ -492,7 +501,8 @@ class RayIterableDataset(IterableDataset):
     def __repr__(self) -> str:
         c = self.config
         return (
-            f"RayIterableDataset(batch_size={c.batch_size}, num_workers={c.num_workers}, "
+            f"RayIterableDataset(batch_size={c.batch_size}, num_workers="
+            f"{f'up to {c.num_workers}' if c.grow_workers else c.num_workers}, "
             f"prefetch_batches={c.prefetch_batches}, preserve_order={c.preserve_order}, "
             f"shuffle_buffer_size={c.shuffle_buffer_size}, transport={self.transport!r})"
         )

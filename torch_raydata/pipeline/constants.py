@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
     "QUEUE_TIMEOUT",
     "JOIN_TIMEOUT",
@@ -10,6 +12,7 @@ __all__ = [
     "TRAINING_BLOCK_BYTES",
     "TEARDOWN_WAIT",
     "TEARDOWN_POLL",
+    "usable_cpus",
 ]
 
 # How long a blocked queue get/put or semaphore acquire waits before re-checking the
@@ -44,3 +47,12 @@ TRAINING_BLOCK_BYTES = 8 << 20
 # how often to look.
 TEARDOWN_WAIT = 10.0
 TEARDOWN_POLL = 0.005
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or
+    ``taskset``'s limit, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)

@@ -147,6 +147,7 @@ class Finalizer:
             if not self._stop.is_set():
                 self._out.put(ExceptionWrapper.capture(e, "the input of stage 6 (finalize)"))
         finally:
+            self._stats.add_thread_cpu(time.thread_time())
             self._out.put(_END)
 
     # -- consumer side ----------------------------------------------------------------------

@@ -176,6 +176,7 @@ class Prefetcher:
             unsent = sum(e[0].size_bytes for e in entries)
             if unsent:
                 self._account(-unsent)
+            self._stats.add_thread_cpu(time.thread_time())
             self._out.put(_END)
 
     def _wait_for_space(self) -> None:

@@ -73,6 +73,9 @@ class PipelineConfig:
     batch_size: int = 256
     num_workers: int = 4
     prefetch_batches: int = 4
+    #: Start one collate thread and add more (up to ``num_workers``) only while the
+    #: training step waits on collate (threaded.py, "Growing").
+    grow_workers: bool = False
     preserve_order: bool = False
     drop_last: bool = False
     shuffle_buffer_size: int | None = None
@@ -152,7 +155,11 @@ class EpochRun(EpochConsumer):
                 describe=lambda b: f"batch {b.idx}",
                 manual_release=config.preserve_order,
                 on_busy=functools.partial(self.stats.add_time, "collate"),
+                initial_workers=1 if config.grow_workers else None,
+                on_grow=self.stats.set_collate_threads,
+                on_thread_cpu=self.stats.add_thread_cpu,
             )
+            self.stats.set_collate_threads(1 if config.grow_workers else config.num_workers)
             # Step 5 (optional): restore batch order; its buffer counts against the pool bound.
             upstream: Iterable[Batch] = self._pool
             # Inline finalize and no reorder: the consumer itself pulls from the pool, and

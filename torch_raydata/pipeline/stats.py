@@ -63,6 +63,13 @@ class LoaderStats:
     next_epoch_bytes: int = 0
     #: Remote collate actors working for this epoch (transport='nixl'; kept across epochs).
     collate_actors: int = 0
+    #: Collate threads in this process at the end of the epoch (or now): with
+    #: ``num_workers=None`` they grow from 1 while the step waits on collate.
+    collate_threads: int = 0
+    #: CPU milliseconds per batch that the loader's threads in this process used
+    #: (prefetch, collate, finalize; not Ray's workers): time they want the GIL, which
+    #: they take from the training step. Counted as each thread ends (the epoch's end).
+    loader_cpu_ms_per_batch: float = 0.0
     #: The transport's staging memory, over its lifetime (``TransportStats``): pinned bytes
     #: held by batches, pinned bytes held in all, and reason -> tensors staged in pageable
     #: memory instead ("budget", "pin_failed", "not_staged").
@@ -102,7 +109,8 @@ class LoaderStats:
             f"  consumer wait ms p50={self.wait_p50_ms:.3f} p95={self.wait_p95_ms:.3f} "
             f"p99={self.wait_p99_ms:.3f} max={self.wait_max_ms:.3f} "
             f"(total {self.wait_total_seconds:.3f}s)\n"
-            f"  stage busy: {stages}\n"
+            f"  stage busy: {stages}; {self.collate_threads} collate threads; loader CPU in "
+            f"this process {self.loader_cpu_ms_per_batch:.3f} ms/batch\n"
             f"  buffered now {self.buffered_batches} batches / {self.buffered_bytes:,} B; "
             f"peak {self.peak_buffered_batches} batches / {self.peak_buffered_bytes:,} B; "
             f"{self.blocks} blocks{staging}"
@@ -133,6 +141,8 @@ class StatsRecorder:
         self._notes: list[str] = []
         self._listeners: list[Any] = []
         self.collate_actors = 0  # set by the remote epoch
+        self.collate_threads = 0
+        self._thread_cpu = 0.0
 
     def add_listener(self, listener: Any) -> None:
         """Call ``listener.on_batch(rows, wait_s)`` after each batch delivered (consumer
@@ -166,6 +176,14 @@ class StatsRecorder:
     def add_time(self, stage: str, seconds: float) -> None:
         with self._lock:
             self._stage[stage] += seconds
+
+    def set_collate_threads(self, n: int) -> None:
+        self.collate_threads = n
+
+    def add_thread_cpu(self, seconds: float) -> None:
+        """CPU time (``time.thread_time()``) a loader thread in this process used."""
+        with self._lock:
+            self._thread_cpu += seconds
 
     def add_block(self) -> None:
         with self._lock:
@@ -237,4 +255,8 @@ class StatsRecorder:
                 prestarted=self._prestart_lead is not None,
                 prestart_lead_seconds=self._prestart_lead,
                 collate_actors=self.collate_actors,
+                collate_threads=self.collate_threads,
+                loader_cpu_ms_per_batch=(
+                    self._thread_cpu / self.batches * 1e3 if self.batches else 0.0
+                ),
             )
