@@ -30,7 +30,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from . import ingest, report, start_local_ray
+from . import ingest, report, start_local_ray, step_tax
 from .competitors import COMPETITORS, LABELS, RayTorch, Trd, make_competitor
 from .measure import owns_memory, run_epoch, time_to_first_batch
 from .parquet import probe_parquet_layouts
@@ -136,6 +136,33 @@ def run_workload(wl: Any, keys: list[str], reps: int, expected_rows: int) -> dic
     return {k: report.summarize(epochs[k], ttfb[k], owns[k]) for k in keys}
 
 
+STEP_TAX_TITLE = (
+    "The training step's own time (W1's data; (a) under W4's 5 ms step, (b) a Python-heavy "
+    "step alone vs fed)"
+)
+#: Competitors of the step-tax measurement: the loaders a user would pick (memcpy and
+#: num_workers=0 do no background work: nothing to measure).
+STEP_TAX_KEYS = ("trd", "trd_best", "ray_torch", "ray_numpy", "dl2")
+
+
+def run_step_tax(
+    cache: dict[str, Any], rows: int, blocks: int, keys: list[str], reps: int, step_ms: float
+) -> dict[str, dict[str, float]]:
+    """Issue 13's two figures for every competitor of W1 that runs background work."""
+    wl = build_workload("fixed", rows, blocks, cache)
+    comps = {k: make_competitor(k, wl) for k in keys if k in STEP_TAX_KEYS}
+    held = {k: torch.from_numpy(v[:256].copy()) for k, v in wl.columns.items()}
+    log("step tax: (a) between-step overhead and (b) step inflation on W1's data")
+    gc.collect()
+    gc.freeze()
+    try:
+        return step_tax.inflation(comps, held, reps, step_ms)
+    finally:
+        for c in comps.values():
+            c.close()
+        gc.unfreeze()
+
+
 def sweep(rows: int, blocks: int, reps: int) -> None:
     """Tune trd's (num_workers, prefetch_batches) and Ray's prefetch on workload 1."""
     wl = build_workload("fixed", rows, blocks, {})
@@ -193,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "out"), help="JSON / markdown / PNG dir")
     ap.add_argument("--write-results", action="store_true", help="rewrite benchmarks/RESULTS.md")
     ap.add_argument("--sweep", action="store_true", help="tune settings on workload 1 and exit")
+    ap.add_argument(
+        "--no-step-tax", action="store_true", help="skip the step-tax measurement (W1's data)"
+    )
     args = ap.parse_args(argv)
     rows = args.rows or (300 if args.smoke else 20_000)
     reps = args.reps or (1 if args.smoke else 5)
@@ -249,12 +279,21 @@ def main(argv: list[str] | None = None) -> int:
         results[wk] = run_workload(wl, keys, reps, rows)
         load[wk] = os.getloadavg()
         print(report.markdown_workload(wl.title, results[wk]) + "\n", flush=True)
+    tax: dict[str, Any] | None = None
+    if "fixed" in workloads and not args.no_step_tax:
+        tax = run_step_tax(cache, rows, blocks, keys, 1 if args.smoke else 3, args.step_ms)
+        load["step_tax"] = os.getloadavg()
+        print(step_tax.markdown(STEP_TAX_TITLE, tax, LABELS) + "\n", flush=True)
     for wl in cache.values():
         if wl.cleanup is not None:
             wl.cleanup()
     info["loadavg_end"] = os.getloadavg()
     info["loadavg_after_workload"] = load
-    goal_items = report.goals(results) + (ingest.goals(w7) if w7 else [])
+    goal_items = (
+        report.goals(results)
+        + (report.step_tax_goals(tax) if tax else [])
+        + (ingest.goals(w7) if w7 else [])
+    )
     print(report.markdown_goals(goal_items))
     elapsed = time.perf_counter() - t_start
     payload = {
@@ -277,9 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "goals": goal_items,
         "w7": w7,
+        "step_tax": tax,
     }
     report.write_json(os.path.join(args.out, "results.json"), payload)
     tables = [report.markdown_workload(titles[w], results[w]) for w in results]
+    if tax:
+        tables.append(step_tax.markdown(STEP_TAX_TITLE, tax, LABELS))
     if w7:
         tables.append(ingest.markdown_w7(w7))
     with open(os.path.join(args.out, "table.md"), "w") as f:

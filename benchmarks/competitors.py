@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import torch_raydata as trd
+from torch_raydata.pipeline.constants import usable_cpus
 
 from .workloads import Workload
 
@@ -31,7 +32,7 @@ RAY_PREFETCH = 4  # Ray's default is 1; 4 matches trd's default (docs/performanc
 TRD_BEST = {"num_workers": 2, "prefetch_batches": 8}
 
 LABELS = {
-    "trd": "trd RayIterableDataset (default: w4 p4)",
+    "trd": f"trd RayIterableDataset (default: 1 -> {min(4, usable_cpus())} threads as needed, p4)",
     "trd_best": "trd RayIterableDataset (best: w{num_workers} p{prefetch_batches})".format(
         **TRD_BEST
     ),

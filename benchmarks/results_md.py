@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import ingest, report
+from . import ingest, report, step_tax
+from .competitors import LABELS
 
 __all__ = ["write_results"]
 
@@ -112,6 +113,18 @@ def write_results(path: str, payload: dict[str, Any]) -> None:
             report.ratio_matrix(rows),
             "",
             "</details>",
+            "",
+        ]
+    if payload.get("step_tax"):
+        parts += [
+            "## The training step's own time (issue 13)",
+            "W1's data, one process, competitors interleaved per repetition. (a): from one "
+            "step's end to the next batch in hand in `for batch in loader` under a 5 ms "
+            "`time.sleep` step (the previous batch's release included). (b): a Python-heavy "
+            "step (small torch ops forward and backward, one torch thread) timed alone right "
+            "before each competitor's epoch, then fed by it. Percentiles pool every batch.",
+            "",
+            step_tax.markdown("step tax", payload["step_tax"], LABELS).split("\n", 2)[2],
             "",
         ]
     if payload.get("parquet_probe"):

@@ -105,6 +105,7 @@ def inflation(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the step runs on one torch thread (the setting)
     step = PythonHeavyStep(ops)
+    _alone(step, held, 50)  # warm-up: autograd's first calls are slow
     try:
         for c in comps.values():  # warm-up epoch each (untimed)
             for _ in c.epoch():

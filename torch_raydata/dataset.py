@@ -30,11 +30,11 @@ from .guards import check_caller, check_loadable, is_peek, make_loader, mark_rep
 from .kernels.ids import check_column
 from .memory.buffers import BufferPool
 from .pipeline.batching import num_batches
-from .pipeline.constants import TRAINING_BLOCK_BYTES, usable_cpus
+from .pipeline.constants import MATERIALIZED_CACHE_BYTES, TRAINING_BLOCK_BYTES, usable_cpus
 from .pipeline.prestart import NextEpoch
 from .pipeline.progress_bar import EpochProgressBar
 from .pipeline.run import EpochProgress, EpochRun, PipelineConfig
-from .pipeline.source import EpochBlocks, RayFetcher, RaySource
+from .pipeline.source import BlockCache, EpochBlocks, RayFetcher, RaySource
 from .pipeline.stats import LoaderStats, StatsRecorder
 from .resume import ResumeState, fingerprint
 from .transports import RemoteCollate, Transport, resolve_transport
@@ -211,6 +211,8 @@ class RayIterableDataset(IterableDataset):
         )
         weakref.finalize(self, self._next.close)
         self._run_ref: weakref.ref[EpochRun] | None = None
+        # A MaterializedDataset's blocks, deserialized once (source.BlockCache).
+        self._block_cache = BlockCache(MATERIALIZED_CACHE_BYTES)
         self._progress: EpochProgress | None = None  # of the running or last epoch
         self._last_stats: StatsRecorder | None = None
 
@@ -237,9 +239,14 @@ class RayIterableDataset(IterableDataset):
             max_batches = self._source.max_batches(
                 self.config.batch_size, self.config.drop_last, total_rows
             )
+            cached = (
+                run_class is EpochRun  # remote collate actors fetch blocks themselves
+                and world()[1] == 1
+                and self._source.ray_source.serves_materialized(plan.transform)
+            )
             run = run_class(
                 blocks,
-                RayFetcher(),
+                self._block_cache.fetcher() if cached else RayFetcher(),
                 self.collate_fn,
                 self.transport,
                 self.config,
@@ -464,6 +471,8 @@ class RayIterableDataset(IterableDataset):
             pinned_bytes_in_use=memory.pinned_bytes_in_use,
             pinned_bytes_reserved=memory.pinned_bytes_reserved,
             pageable_fallbacks=dict(memory.pageable_fallbacks),
+            cached_blocks=len(self._block_cache),
+            cached_block_bytes=self._block_cache.bytes,
         )
 
     def close(self, *, close_transport: bool = True) -> None:
@@ -480,6 +489,7 @@ class RayIterableDataset(IterableDataset):
                 self.transport.close()
         finally:
             self.buffer_pool.clear()
+            self._block_cache.clear()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -488,11 +498,13 @@ class RayIterableDataset(IterableDataset):
         state["_progress"] = None
         state["_last_stats"] = None
         state["_next"] = None  # a prestarted stream belongs to this process
+        state["_block_cache"] = None  # deserialized blocks belong to this process
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._block_cache = BlockCache(MATERIALIZED_CACHE_BYTES)
         self._next = NextEpoch(
             functools.partial(_open_prestarted, self._prestart_source, self.config.batch_size),
             enabled=False,

@@ -13,6 +13,7 @@ __all__ = [
     "TEARDOWN_WAIT",
     "TEARDOWN_POLL",
     "usable_cpus",
+    "MATERIALIZED_CACHE_BYTES",
 ]
 
 # How long a blocked queue get/put or semaphore acquire waits before re-checking the
@@ -47,6 +48,11 @@ TRAINING_BLOCK_BYTES = 8 << 20
 # how often to look.
 TEARDOWN_WAIT = 10.0
 TEARDOWN_POLL = 0.005
+
+# A MaterializedDataset's deserialized blocks kept across epochs (source.BlockCache), at
+# most this many bytes per RayIterableDataset. On the node holding the blocks this costs
+# no copy; a block from another node pins its local copy, hence a bound.
+MATERIALIZED_CACHE_BYTES = 4 << 30
 
 
 def usable_cpus() -> int:

@@ -76,6 +76,10 @@ class LoaderStats:
     pinned_bytes_in_use: int = 0
     pinned_bytes_reserved: int = 0
     pageable_fallbacks: dict[str, int] = field(default_factory=dict)
+    #: A MaterializedDataset's blocks kept deserialized across epochs by this dataset
+    #: (zero-copy views of object-store memory the MaterializedDataset pins anyway).
+    cached_blocks: int = 0
+    cached_block_bytes: int = 0
 
     @property
     def rows_per_second(self) -> float:
@@ -114,6 +118,12 @@ class LoaderStats:
             f"  buffered now {self.buffered_batches} batches / {self.buffered_bytes:,} B; "
             f"peak {self.peak_buffered_batches} batches / {self.peak_buffered_bytes:,} B; "
             f"{self.blocks} blocks{staging}"
+            + (
+                f"; {self.cached_blocks} blocks ({self.cached_block_bytes:,} B) kept "
+                "deserialized for the MaterializedDataset"
+                if self.cached_blocks
+                else ""
+            )
         )
 
 
