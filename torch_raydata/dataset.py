@@ -63,7 +63,7 @@ class RayIterableDataset(IterableDataset):
             None (default): start one and add one at a time, up to ``min(4, CPU cores this
             process may use)``, while the training step waits on collate; every thread
             that wants the GIL takes it from the step, so none is started that the load
-            does not need (docs/performance.md, "The step's own time"). An int: exactly
+            does not need (docs/performance.md, section 4). An int: exactly
             that many threads from the start.
         prefetch_batches: how many batches stages 2-4 run ahead of the training step.
         preserve_order: yield batches in dataset order (stage 5; also asks Ray's executor
