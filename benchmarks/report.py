@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from torch_raydata.pipeline.constants import usable_cpus
+
 from .competitors import LABELS, TRD_BEST
 
 __all__ = [
@@ -132,7 +134,7 @@ def goals(results: dict[str, dict[str, dict]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     w1, w4 = results.get("fixed", {}), results.get("consumer", {})
     bounds = {
-        "trd": 2 * 4 + 4,
+        "trd": 2 * min(4, usable_cpus()) + 4,  # num_workers=None grows up to min(4, cores)
         "trd_best": 2 * TRD_BEST["num_workers"] + TRD_BEST["prefetch_batches"],
     }
 

@@ -145,9 +145,9 @@ class EpochConsumer:
                 t0 = time.perf_counter()
                 batch = next(self._batches)
                 now = time.perf_counter()
-                self.stats.buffer(-1, -batch.nbytes)
                 self._pulled += 1
                 if self._skip > 0:  # best-effort resume without id_column: skip ahead
+                    self.stats.buffer(-1, -batch.nbytes)
                     self._skip -= 1
                     self._settle_slot()
                     continue
@@ -170,7 +170,9 @@ class EpochConsumer:
                 self.on_error()
             raise
         data = self._on_consume(batch.data)  # on the training step's thread
-        self.stats.delivered(batch.num_rows, now - t0, now)
+        # One stats call (one lock) per batch on this thread: it also takes the batch off
+        # the buffered books.
+        self.stats.delivered(batch.num_rows, now - t0, now, nbytes=batch.nbytes)
         p = self.progress
         p.batches_yielded += 1
         p.rows_yielded += batch.num_rows

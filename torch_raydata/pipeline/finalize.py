@@ -34,6 +34,7 @@ from .types import Batch
 __all__ = ["Finalizer"]
 
 _END = object()
+_FLUSH_EVERY = 16  # inline finalize: batches between hand-offs of its time to the stats
 
 
 class Finalizer:
@@ -57,6 +58,12 @@ class Finalizer:
         # The base fetch_multiple just calls fetch: inline, call it directly (no request
         # object per batch on the training step's thread).
         self._sync_fetch = type(transport).fetch_multiple is Transport.fetch_multiple
+        # Inline path: finalize time is summed here (the training step's thread only) and
+        # handed to the stats every _FLUSH_EVERY batches and at the end, not under the
+        # stats lock per batch (that lock is shared with the collate threads: waiting for
+        # it hands the GIL to them inside next()).
+        self._inline_seconds = 0.0
+        self._inline_count = 0
         if transport.needs_thread:
             self._slots = Slots(in_flight)
             self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -78,8 +85,16 @@ class Finalizer:
                 (batch.data,) = self._transport.wait_fetch_complete(req)
         except BaseException as e:
             ExceptionWrapper.capture(e, f"stage 6 (finalize), batch {batch.idx}").reraise()
-        self._stats.add_time("finalize", time.perf_counter() - t0)
+        self._inline_seconds += time.perf_counter() - t0
+        self._inline_count += 1
+        if self._inline_count % _FLUSH_EVERY == 0:
+            self._flush_inline_time()
         return batch
+
+    def _flush_inline_time(self) -> None:
+        seconds, self._inline_seconds = self._inline_seconds, 0.0
+        if seconds:
+            self._stats.add_time("finalize", seconds)
 
     # -- threaded path --------------------------------------------------------------------
     def _upstream_ready(self) -> bool:
@@ -162,6 +177,7 @@ class Finalizer:
                 return self._inline_next()
             except StopIteration:
                 self._done = True
+                self._flush_inline_time()
                 raise
         try:
             item = self._inbox.next()
@@ -181,6 +197,7 @@ class Finalizer:
     def close(self) -> None:
         self.stop()
         self.join()
+        self._flush_inline_time()
         self._input = iter(())  # drop upstream stages (and their blocks) even if kept alive
         if self._thread is not None:
             drain(self._out)

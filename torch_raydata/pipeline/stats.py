@@ -220,14 +220,18 @@ class StatsRecorder:
             self._buf_batches = 0
             self._buf_bytes = 0
 
-    def delivered(self, rows: int, wait_s: float, now: float) -> None:
-        """Called on the consumer thread for each batch handed to the training step."""
+    def delivered(self, rows: int, wait_s: float, now: float, nbytes: int | None = None) -> None:
+        """Called on the consumer thread for each batch handed to the training step;
+        ``nbytes``: the batch also leaves the buffered books (``buffer(-1, -nbytes)``)."""
         with self._lock:
             if self._first_batch is None and self._start is not None:
                 self._first_batch = now - self._start
             self.batches += 1
             self.rows += rows
             self._waits.append(wait_s)
+            if nbytes is not None:
+                self._buf_batches -= 1
+                self._buf_bytes -= nbytes
         for listener in self._listeners:
             listener.on_batch(rows, wait_s)
 
