@@ -117,3 +117,45 @@ def test_ray_train_worker_check():
 
     assert _in_ray_train_worker() is False  # the test process is no Ray Train worker
     assert ray_train_device() is None
+
+
+def test_job_table_shows_other_drivers_until_they_disconnect(ray_session):
+    """``other_live_drivers`` reads the GCS job table (``ray._private.state.jobs()``): a
+    driver connected to our cluster shows up, and its entry turns dead once it has
+    disconnected (here: its process ends without calling ray.shutdown itself)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import ray
+    from ray._private import state
+
+    from torch_raydata.pipeline.source import other_live_drivers
+
+    own = ray.get_runtime_context().get_job_id()
+    assert {"JobID", "DriverPid", "IsDead"} <= set(state.jobs()[0])
+    assert own in {j["JobID"] for j in state.jobs()}
+    assert other_live_drivers() == []
+    address = ray.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    code = (
+        f"import ray, sys; ray.init(address={address!r}, log_to_driver=False); "
+        "print('connected', flush=True); sys.stdin.read()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True, env=env,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "connected"
+        assert [pid for _, pid in other_live_drivers()] == [proc.pid]
+    finally:
+        proc.stdin.close()  # the driver returns; Ray's atexit hook disconnects it
+        proc.wait(timeout=60)
+    deadline = time.monotonic() + 60  # a hang guard, not a timing claim
+    while other_live_drivers():
+        assert time.monotonic() < deadline, "the driver's job never turned dead"
+        time.sleep(0.05)  # polls the GCS for the event (no subscription API)
+

@@ -37,6 +37,10 @@ THE one module that touches Ray internals. What it relies on (pinned by
   ``_batches``, ``_coalesce_bytes``, ``FooterReader.read_footers`` and
   ``_file_chunks_to_manifest``, ``TaskContext``): see ``source_listing.py``; if any of
   them changes, Ray's listing runs instead and ``tests/test_prestart.py`` fails.
+* ``ray._private.state.jobs()`` (the GCS job table: one entry per driver, with
+  ``JobID``, ``DriverPid``, ``IsDead``) and ``ray.get_runtime_context().get_job_id()``:
+  which other drivers are still connected to a cluster this process started
+  (:func:`other_live_drivers`, for ``distributed.init_ray``'s exit wait).
 * ``ray.train.utils._in_ray_train_worker()``: whether this process is a Ray Train worker
   (``iter_torch_batches(device="auto")`` then uses ``ray.train.torch.get_device()``).
 * ``Dataset.copy(ds, _deep_copy=True)`` to give every epoch its own execution cache and
@@ -71,6 +75,7 @@ __all__ = [
     "split_for_ranks",
     "teardown_counts",
     "ray_train_device",
+    "other_live_drivers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -99,6 +104,21 @@ def ray_train_device() -> Any:
     from ray.train.torch import get_device
 
     return get_device()
+
+
+def other_live_drivers() -> list[tuple[str, int]]:
+    """``(job id, pid)`` of the drivers other than this one still connected to this
+    process's Ray cluster, from the GCS job table (a driver's entry turns dead when it
+    disconnects: ``ray.shutdown()`` or its process ending). Ray has no public API for it
+    without the dashboard (``ray.util.state.list_jobs`` needs one)."""
+    from ray._private import state
+
+    own = ray.get_runtime_context().get_job_id()
+    return [
+        (job["JobID"], int(job["DriverPid"]))
+        for job in state.jobs()
+        if not job["IsDead"] and job["JobID"] != own
+    ]
 
 
 def is_ray_input(obj: Any) -> bool:
