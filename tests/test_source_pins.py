@@ -159,3 +159,23 @@ def test_job_table_shows_other_drivers_until_they_disconnect(ray_session):
         assert time.monotonic() < deadline, "the driver's job never turned dead"
         time.sleep(0.05)  # polls the GCS for the event (no subscription API)
 
+
+def test_row_count_marks_of_logical_operators():
+    """``source_listing.rows_of_listing`` trusts Ray's ``can_modify_num_rows`` marks (and
+    recognises ``add_column``'s batch function by name); see tests/test_listed_rows.py."""
+    import ray
+
+    from torch_raydata.pipeline.source_listing import _ADD_COLUMN
+
+    def last(ds):
+        return ds._logical_plan.dag
+
+    ds = ray.data.range(10)
+    assert last(ds.map(lambda r: r)).can_modify_num_rows is False
+    assert last(ds.select_columns(["id"])).can_modify_num_rows is False
+    assert last(ds.map_batches(lambda b: b)).can_modify_num_rows is True
+    assert last(ds.filter(lambda r: True)).can_modify_num_rows is True
+    assert last(ds.flat_map(lambda r: [r])).can_modify_num_rows is True
+    added = last(ds.add_column("z", lambda b: b["id"]))
+    assert type(added).__name__ == "MapBatches" and added.per_block_limit is None
+    assert (added.fn.__module__, added.fn.__qualname__) == _ADD_COLUMN, "add_column's fn moved"

@@ -36,7 +36,13 @@ THE one module that touches Ray internals. What it relies on (pinned by
   ``partition_files``, ``FooterFileIndexer`` with ``_iter_file_infos_for_list``,
   ``_batches``, ``_coalesce_bytes``, ``FooterReader.read_footers`` and
   ``_file_chunks_to_manifest``, ``TaskContext``): see ``source_listing.py``; if any of
-  them changes, Ray's listing runs instead and ``tests/test_prestart.py`` fails.
+  them changes, Ray's listing runs instead and ``tests/test_prestart.py`` fails. The
+  epoch's exact row count from that listing (``listed_rows``, for the prestart's lead):
+  the manifest's ``FILE_CHUNK_METADATA_COLUMN_NAME`` (``num_rows``, ``fully_matched``),
+  ``ReadFiles.scanner`` (``ParquetScanner``: ``predicate``, ``partition_predicate``,
+  ``limit``) and ``block_udf``, ``ListFiles.{predicate,limit}``, ``AbstractOneToOne``'s
+  ``can_modify_num_rows`` and ``per_block_limit``, and ``Dataset.add_column``'s batch
+  function name (pinned in ``tests/test_source_pins.py``).
 * ``ray._private.state.jobs()`` (the GCS job table: one entry per driver, with
   ``JobID``, ``DriverPid``, ``IsDead``) and ``ray.get_runtime_context().get_job_id()``:
   which other drivers are still connected to a cluster this process started
@@ -364,6 +370,17 @@ class RaySource:
                 return None
             return int(n) if n is not None else None
         return None
+
+    def listed_rows(self) -> int | None:
+        """Rows per epoch, exact, from the file listing made at the first epoch (its
+        parquet footers), when the plan keeps every listed row
+        (``source_listing.rows_of_listing``); None before the listing, or when unsure.
+        For the next epoch's prestart only: ``num_rows()`` (len(), the DDP cap) does not
+        change once the first epoch ran."""
+        listing = self._listing
+        if not isinstance(listing, list) or not isinstance(self.data, Dataset):
+            return None
+        return source_listing.rows_of_listing(self.data, listing)
 
     def ends_in_map(self) -> bool:
         """True when the dataset's last stage is a map (a read, or task-pool
