@@ -171,6 +171,28 @@ def test_exit_wait_survives_an_unreadable_job_table(caplog):
     assert "could not read Ray's job table" in caplog.records[-1].getMessage()
 
 
+@pytest.mark.parametrize("ending", ["normal", "uncaught exception", "wait off", "ray down"])
+def test_exit_hook_waits_only_after_a_normal_end(monkeypatch, caplog, ending):
+    """An uncaught exception ends rank 0 at once: the other ranks may be blocked in a
+    collective with it, and the launcher stops them only once it has exited."""
+    import ray
+
+    from torch_raydata.distributed import cluster
+
+    waits = []
+    monkeypatch.setattr(cluster, "wait_for_other_drivers", waits.append)
+    monkeypatch.setattr(cluster, "_exit_wait", 0.0 if ending == "wait off" else 7.0)
+    monkeypatch.setattr(ray, "is_initialized", lambda: ending != "ray down")
+    if ending == "uncaught exception":
+        monkeypatch.setattr(sys, "last_value", RuntimeError("step failed"), raising=False)
+    else:
+        monkeypatch.delattr(sys, "last_value", raising=False)
+    cluster._wait_at_exit()
+    assert waits == ([7.0] if ending == "normal" else [])
+    if ending == "uncaught exception":
+        assert "ends with an error" in caplog.text
+
+
 def test_init_ray_rejects_a_negative_exit_wait():
     with pytest.raises(ValueError, match=r"exit_wait=-1 must be >= 0"):
         distributed.init_ray(exit_wait=-1)

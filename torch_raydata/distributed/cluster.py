@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -224,6 +225,15 @@ def _wait_at_exit() -> None:
 
     timeout = _exit_wait
     if not timeout or not ray.is_initialized():  # off, or the user shut Ray down already
+        return
+    if getattr(sys, "last_value", None) is not None:
+        # An uncaught exception ends this process (Python sets sys.last_value when it
+        # prints one): the other ranks may be blocked in a collective with it, and the
+        # launcher tears them down once it has exited; waiting would delay that.
+        logger.warning(
+            "torch_raydata: this process ends with an error; it does not wait for the other "
+            "ranks to leave the Ray cluster it started"
+        )
         return
     wait_for_other_drivers(timeout)
 
