@@ -6,6 +6,8 @@ Lightning re-runs this script once per extra rank; every rank builds the same
 
 * ``trd.distributed.init_ray()`` in the launching process starts one local Ray and
   exports ``RAY_ADDRESS``; the ranks Lightning starts inherit it and join that cluster.
+  The launching process (rank 0) keeps Ray up at its exit until the other ranks have
+  disconnected, so a rank that ends later never loses the cluster.
 * At the first epoch each split is divided once with ``streaming_split(2, equal=True)``;
   rank 0 hands rank 1 its shard through a named Ray actor.
 * Every rank yields the same number of batches each epoch (rows the equal split leaves
@@ -136,7 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         print(f"train rows {n_train}, val rows {n_val}, epochs {epochs}, 2 ranks")
         print(f"val accuracy: {float(trainer.callback_metrics['val_acc']):.4f}", flush=True)
-    trainer.strategy.barrier()  # rank 0 owns Ray and the files: let the others finish first
+    # Rank 0 deletes the files: let the others finish with them first. Ray needs no
+    # barrier: init_ray() started it in this process, which keeps it up at exit until
+    # the other ranks have left it (trd.distributed.EXIT_WAIT_SECONDS).
+    trainer.strategy.barrier()
     if owner:
         shutil.rmtree(root, ignore_errors=True)
 

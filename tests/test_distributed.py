@@ -29,15 +29,18 @@ from torch_raydata.transports import LocalTransport
 from .fakes import make_blocks, source_of
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_ranks.py"
+EXIT_SCRIPT = Path(__file__).parent / "scripts" / "ddp_exit.py"
 
 
-def _torchrun(out: Path, *args: str, timeout: float = 240) -> list[dict]:
+def _run_torchrun(script: Path, out: Path, *args: str, timeout: float = 240) -> Path:
+    """``script OUT *args`` on 2 ranks; fails the test with each rank's stderr unless the
+    run succeeds. Returns the directory of the ranks' logs."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])  # this checkout's package
     logs = out / "logs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "--log-dir", str(logs), "--redirects", "3", str(SCRIPT), str(out), *args]
+           "--log-dir", str(logs), "--redirects", "3", str(script), str(out), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:  # each rank's own stderr, then torchrun's
         ranks = "".join(
@@ -45,6 +48,11 @@ def _torchrun(out: Path, *args: str, timeout: float = 240) -> list[dict]:
             for f in sorted(logs.rglob("stderr.log"))
         )
         pytest.fail(f"torchrun failed ({proc.returncode}):{ranks}\n--- torchrun:\n{proc.stderr[-3000:]}")
+    return logs
+
+
+def _torchrun(out: Path, *args: str, timeout: float = 240) -> list[dict]:
+    _run_torchrun(SCRIPT, out, *args, timeout=timeout)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -80,6 +88,114 @@ def test_two_ranks_every_row_once_and_equal_batches(tmp_path):
         assert e0["rows_dropped"] == e1["rows_dropped"] == 500 - 448
         assert len(ids) + e0["rows_dropped"] + e1["rows_dropped"] == 1001 - 1
         assert e0["ids"] == sorted(e0["ids"])  # preserve_order within the shard
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_rank0_exit_keeps_ray_up_until_the_other_rank_left(tmp_path):
+    """Rank 0 started Ray and returns while rank 1 has not used it yet; rank 1 uses Ray
+    only once rank 0 is at its exit (scripts/ddp_exit.py orders this by events). Rank 0's
+    exit waits for rank 1's driver to disconnect, so rank 1's tasks run and both ranks
+    end with exit code 0 (without the wait: rank 1 loses the cluster and exits 1)."""
+    logs = _run_torchrun(EXIT_SCRIPT, tmp_path)
+    assert json.loads((tmp_path / "rank1.json").read_text()) == {
+        "rank0": "waiting", "got": [0, 1, 4, 9, 7],
+    }
+    rank0_log = "".join(f.read_text() for f in logs.rglob("stderr.log") if "/0/" in str(f))
+    assert "1 other driver(s)" in rank0_log and "TORCH_RAYDATA_EXIT_WAIT_SECONDS" in rank0_log
+
+
+class _Clock:
+    """A fake clock whose sleep advances it (the exit wait without real time)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _exit_wait(drivers, timeout=10.0):
+    clock = _Clock()
+    calls = []
+
+    def list_drivers():
+        calls.append(clock.now)
+        step = drivers[min(len(calls), len(drivers)) - 1]
+        if isinstance(step, Exception):
+            raise step
+        return step
+
+    done = distributed.wait_for_other_drivers(
+        timeout, list_drivers=list_drivers, poll=1.0, clock=clock, sleep=clock.sleep
+    )
+    return done, calls
+
+
+def test_exit_wait_returns_at_once_without_other_drivers(caplog):
+    with caplog.at_level("INFO", logger="torch_raydata.distributed.cluster"):
+        assert _exit_wait([[]]) == (True, [0.0])
+    assert not caplog.records  # nothing to wait for, nothing said
+
+
+def test_exit_wait_ends_when_the_other_drivers_left(caplog):
+    others = [("02000000", 41), ("03000000", 42)]
+    with caplog.at_level("INFO", logger="torch_raydata.distributed.cluster"):
+        done, calls = _exit_wait([others, others[1:], []])
+    assert done and calls == [0.0, 1.0, 2.0]
+    (info,) = caplog.records
+    assert info.levelname == "INFO" and "2 other driver(s) (pids 41, 42)" in info.getMessage()
+    assert "waiting up to 10 s" in info.getMessage()
+
+
+def test_exit_wait_is_bounded_and_says_so(caplog, monkeypatch):
+    from torch_raydata.distributed import cluster
+
+    monkeypatch.setattr(cluster, "STRAGGLER_SECONDS", 3.0)
+    with caplog.at_level("INFO", logger="torch_raydata.distributed.cluster"):
+        done, calls = _exit_wait([[("02000000", 41)]], timeout=6.0)
+    assert not done and calls == [float(t) for t in range(7)]  # polled until the bound
+    levels = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [lv for lv, _ in levels] == ["INFO", "WARNING", "WARNING"]
+    assert "waiting for 1 driver(s) (pids 41" in levels[1][1]  # after STRAGGLER_SECONDS
+    assert "after waiting 6 s" in levels[2][1] and "lose it" in levels[2][1]
+
+
+def test_exit_wait_survives_an_unreadable_job_table(caplog):
+    with caplog.at_level("INFO", logger="torch_raydata.distributed.cluster"):
+        done, calls = _exit_wait([[("02000000", 41)], ConnectionError("GCS gone")])
+    assert not done and len(calls) == 2
+    assert "could not read Ray's job table" in caplog.records[-1].getMessage()
+
+
+@pytest.mark.parametrize("ending", ["normal", "uncaught exception", "wait off", "ray down"])
+def test_exit_hook_waits_only_after_a_normal_end(monkeypatch, caplog, ending):
+    """An uncaught exception ends rank 0 at once: the other ranks may be blocked in a
+    collective with it, and the launcher stops them only once it has exited."""
+    import ray
+
+    from torch_raydata.distributed import cluster
+
+    waits = []
+    monkeypatch.setattr(cluster, "wait_for_other_drivers", waits.append)
+    monkeypatch.setattr(cluster, "_exit_wait", 0.0 if ending == "wait off" else 7.0)
+    monkeypatch.setattr(ray, "is_initialized", lambda: ending != "ray down")
+    if ending == "uncaught exception":
+        monkeypatch.setattr(sys, "last_value", RuntimeError("step failed"), raising=False)
+    else:
+        monkeypatch.delattr(sys, "last_value", raising=False)
+    cluster._wait_at_exit()
+    assert waits == ([7.0] if ending == "normal" else [])
+    if ending == "uncaught exception":
+        assert "ends with an error" in caplog.text
+
+
+def test_init_ray_rejects_a_negative_exit_wait():
+    with pytest.raises(ValueError, match=r"exit_wait=-1 must be >= 0"):
+        distributed.init_ray(exit_wait=-1)
 
 
 def _epoch(sizes, max_batches, batch_size=10, skip=0):

@@ -137,3 +137,65 @@ def test_materialized_dataset_hands_the_same_block_refs_every_epoch():
 
     first, second = refs(), refs()
     assert len(first) == 4 and first == second
+
+
+def test_job_table_shows_other_drivers_until_they_disconnect(ray_session):
+    """``other_live_drivers`` reads the GCS job table (``ray._private.state.jobs()``): a
+    driver connected to our cluster shows up, and its entry turns dead once it has
+    disconnected (here: its process ends without calling ray.shutdown itself)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import ray
+    from ray._private import state
+
+    from torch_raydata.pipeline.source import other_live_drivers
+
+    own = ray.get_runtime_context().get_job_id()
+    assert {"JobID", "DriverPid", "IsDead"} <= set(state.jobs()[0])
+    assert own in {j["JobID"] for j in state.jobs()}
+    assert other_live_drivers() == []
+    address = ray.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    code = (
+        f"import ray, sys; ray.init(address={address!r}, log_to_driver=False); "
+        "print('connected', flush=True); sys.stdin.read()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True, env=env,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "connected"
+        assert [pid for _, pid in other_live_drivers()] == [proc.pid]
+    finally:
+        proc.stdin.close()  # the driver returns; Ray's atexit hook disconnects it
+        proc.wait(timeout=60)
+    deadline = time.monotonic() + 60  # a hang guard, not a timing claim
+    while other_live_drivers():
+        assert time.monotonic() < deadline, "the driver's job never turned dead"
+        time.sleep(0.05)  # polls the GCS for the event (no subscription API)
+
+
+def test_row_count_marks_of_logical_operators():
+    """``source_listing.rows_of_listing`` trusts Ray's ``can_modify_num_rows`` marks (and
+    recognises ``add_column``'s batch function by name); see tests/test_listed_rows.py."""
+    import ray
+
+    from torch_raydata.pipeline.source_listing import _ADD_COLUMN
+
+    def last(ds):
+        return ds._logical_plan.dag
+
+    ds = ray.data.range(10)
+    assert last(ds.map(lambda r: r)).can_modify_num_rows is False
+    assert last(ds.select_columns(["id"])).can_modify_num_rows is False
+    assert last(ds.map_batches(lambda b: b)).can_modify_num_rows is True
+    assert last(ds.filter(lambda r: True)).can_modify_num_rows is True
+    assert last(ds.flat_map(lambda r: [r])).can_modify_num_rows is True
+    added = last(ds.add_column("z", lambda b: b["id"]))
+    assert type(added).__name__ == "MapBatches" and added.per_block_limit is None
+    assert (added.fn.__module__, added.fn.__qualname__) == _ADD_COLUMN, "add_column's fn moved"

@@ -295,9 +295,12 @@ class RayIterableDataset(IterableDataset):
         blocks.on_first_block = stats.first_block
         if plain:
             window = self.config.prefetch_batches * self.config.batch_size
-            blocks.observer = self._next.watch(
-                blocks, window_rows=window, expected_rows=self.num_rows()
-            )
+            # Rows of this epoch for the lead: known to Ray, or (first epoch of a file
+            # read Ray cannot count) from the footers of the listing made at its open.
+            expected = self.num_rows()
+            if expected is None:
+                expected = self._source.ray_source.listed_rows()
+            blocks.observer = self._next.watch(blocks, window_rows=window, expected_rows=expected)
         return blocks
 
     def _epoch_batches(self, max_batches: int | None, total_rows: int | None) -> int | None:

@@ -86,11 +86,6 @@ def main() -> None:
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.barrier()  # no rank leaves (and takes Ray's split coordinator with it) early
-    # Rank 0 started the Ray these ranks joined: the others leave it before rank 0 exits
-    # (and takes it down), else their Ray core worker ends them with exit code 1.
-    if rank != 0:
-        ray.shutdown()
-    dist.barrier()
     dist.destroy_process_group()
 
 

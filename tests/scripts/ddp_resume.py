@@ -97,11 +97,6 @@ def main() -> None:
     with open(os.path.join(a.out, f"{a.tag}_rank{rank}.json"), "w") as f:
         json.dump({"epochs": epochs}, f)
     if dist.is_initialized():
-        # Rank 0 started the Ray these ranks joined: the others leave it before rank 0
-        # exits (and takes it down), else their Ray core worker ends them with exit code 1.
-        ds.close()
-        if rank != 0:
-            ray.shutdown()
         dist.barrier()
         dist.destroy_process_group()
 

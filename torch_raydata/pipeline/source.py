@@ -36,7 +36,17 @@ THE one module that touches Ray internals. What it relies on (pinned by
   ``partition_files``, ``FooterFileIndexer`` with ``_iter_file_infos_for_list``,
   ``_batches``, ``_coalesce_bytes``, ``FooterReader.read_footers`` and
   ``_file_chunks_to_manifest``, ``TaskContext``): see ``source_listing.py``; if any of
-  them changes, Ray's listing runs instead and ``tests/test_prestart.py`` fails.
+  them changes, Ray's listing runs instead and ``tests/test_prestart.py`` fails. The
+  epoch's exact row count from that listing (``listed_rows``, for the prestart's lead):
+  the manifest's ``FILE_CHUNK_METADATA_COLUMN_NAME`` (``num_rows``, ``fully_matched``),
+  ``ReadFiles.scanner`` (``ParquetScanner``: ``predicate``, ``partition_predicate``,
+  ``limit``) and ``block_udf``, ``ListFiles.{predicate,limit}``, ``AbstractOneToOne``'s
+  ``can_modify_num_rows`` and ``per_block_limit``, and ``Dataset.add_column``'s batch
+  function name (pinned in ``tests/test_source_pins.py``).
+* ``ray._private.state.jobs()`` (the GCS job table: one entry per driver, with
+  ``JobID``, ``DriverPid``, ``IsDead``) and ``ray.get_runtime_context().get_job_id()``:
+  which other drivers are still connected to a cluster this process started
+  (:func:`other_live_drivers`, for ``distributed.init_ray``'s exit wait).
 * ``ray.train.utils._in_ray_train_worker()``: whether this process is a Ray Train worker
   (``iter_torch_batches(device="auto")`` then uses ``ray.train.torch.get_device()``).
 * ``Dataset.copy(ds, _deep_copy=True)`` to give every epoch its own execution cache and
@@ -73,6 +83,7 @@ __all__ = [
     "split_for_ranks",
     "teardown_counts",
     "ray_train_device",
+    "other_live_drivers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -101,6 +112,21 @@ def ray_train_device() -> Any:
     from ray.train.torch import get_device
 
     return get_device()
+
+
+def other_live_drivers() -> list[tuple[str, int]]:
+    """``(job id, pid)`` of the drivers other than this one still connected to this
+    process's Ray cluster, from the GCS job table (a driver's entry turns dead when it
+    disconnects: ``ray.shutdown()`` or its process ending). Ray has no public API for it
+    without the dashboard (``ray.util.state.list_jobs`` needs one)."""
+    from ray._private import state
+
+    own = ray.get_runtime_context().get_job_id()
+    return [
+        (job["JobID"], int(job["DriverPid"]))
+        for job in state.jobs()
+        if not job["IsDead"] and job["JobID"] != own
+    ]
 
 
 def is_ray_input(obj: Any) -> bool:
@@ -346,6 +372,17 @@ class RaySource:
                 return None
             return int(n) if n is not None else None
         return None
+
+    def listed_rows(self) -> int | None:
+        """Rows per epoch, exact, from the file listing made at the first epoch (its
+        parquet footers), when the plan keeps every listed row
+        (``source_listing.rows_of_listing``); None before the listing, or when unsure.
+        For the next epoch's prestart only: ``num_rows()`` (len(), the DDP cap) does not
+        change once the first epoch ran."""
+        listing = self._listing
+        if not isinstance(listing, list) or not isinstance(self.data, Dataset):
+            return None
+        return source_listing.rows_of_listing(self.data, listing)
 
     def ends_in_map(self) -> bool:
         """True when the dataset's last stage is a map (a read, or task-pool

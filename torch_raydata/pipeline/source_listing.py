@@ -2,6 +2,9 @@
 internals (only ``source.py`` imports this module; what it relies on is listed in
 ``source.py``'s docstring and pinned by ``tests/test_prestart.py``).
 
+Also: the exact row count of an epoch from a listing's footers, when the plan keeps
+every listed row (:func:`rows_of_listing`; the prestart's lead at the first epoch).
+
 Why a listing of our own: Ray 2.60 lists a ``read_parquet`` at every execution, in a task
 of its own that starts 32 footer-reading actor processes whatever the file count; see
 ``RaySource._listed`` for the reuse across epochs and :func:`list_in_process` for the
@@ -17,7 +20,7 @@ from typing import Any
 import ray
 from ray.data import Dataset
 
-__all__ = ["LOCAL_LISTING_MAX_FILES", "list_in_process", "list_with_ray"]
+__all__ = ["LOCAL_LISTING_MAX_FILES", "list_in_process", "list_with_ray", "rows_of_listing"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,3 +154,69 @@ def list_in_process(ds: Dataset, op: Any) -> list[tuple[Any, Any, Any]] | None:
 
 class _TooManyFiles(Exception):
     pass
+
+
+# Dataset.add_column's batch function: it returns its input batch with one column set,
+# so it keeps every row (or fails), though Ray marks its map_batches as row-changing.
+_ADD_COLUMN = ("ray.data.dataset", "Dataset.add_column.<locals>.add_column")
+
+
+def rows_of_listing(ds: Dataset, listing: list[tuple[Any, Any, Any]]) -> int | None:
+    """Rows one epoch of ``ds`` yields, exact, from its file listing; None unless sure.
+
+    Sure only when the plan is a chain: ``ListFiles`` (no predicate, no limit) ->
+    ``ReadFiles`` of parquet (no predicate, partition predicate or limit in its scanner,
+    no block function) -> operators that keep every row: those Ray itself marks
+    ``can_modify_num_rows=False`` (``map``, ``select_columns``, ``drop_columns``,
+    ``rename_columns``, ``with_column``, ``map_batches(udf_modifying_row_count=False)``;
+    the marks Ray's own ``count()`` relies on) and ``add_column``, with no pushed-down
+    per-block limit. Then the epoch reads exactly the listed row groups, whose footer row
+    counts the listing carries (each chunk ``fully_matched``). Anything else --
+    ``filter``, ``map_batches``, ``flat_map``, ``limit``, another format, a listing
+    without row counts -- gives None.
+    """
+    try:
+        from ray.data._internal.datasource_v2.formats.parquet.parquet_scanner import (
+            ParquetScanner,
+        )
+        from ray.data._internal.datasource_v2.interfaces.file_manifest import (
+            FILE_CHUNK_METADATA_COLUMN_NAME,
+        )
+        from ray.data._internal.logical.operators import ListFiles, ReadFiles
+        from ray.data._internal.logical.operators.one_to_one_operator import AbstractOneToOne
+
+        op = ds._logical_plan.dag
+        while not isinstance(op, ReadFiles):
+            if not isinstance(op, AbstractOneToOne) or not _keeps_rows(op):
+                return None
+            (op,) = op.input_dependencies
+        scanner = op.scanner
+        if type(scanner) is not ParquetScanner or op.block_udf is not None or any(
+            getattr(scanner, a) is not None for a in ("predicate", "partition_predicate", "limit")
+        ):
+            return None
+        (listing_op,) = op.input_dependencies
+        if type(listing_op) is not ListFiles or listing_op.predicate is not None:
+            return None
+        if listing_op.limit is not None:
+            return None
+        rows = 0
+        for table, _md, _schema in listing:
+            for chunk in table.column(FILE_CHUNK_METADATA_COLUMN_NAME).to_pylist():
+                if not chunk or chunk.get("num_rows") is None or not chunk.get("fully_matched"):
+                    return None
+                rows += int(chunk["num_rows"])
+        return rows
+    except Exception:  # noqa: BLE001 - a plan or listing of another shape: not sure
+        return None
+
+
+def _keeps_rows(op: Any) -> bool:
+    if getattr(op, "per_block_limit", None) is not None:
+        return False
+    if not op.can_modify_num_rows:
+        return True
+    fn = getattr(op, "fn", None)
+    return type(op).__name__ == "MapBatches" and (
+        getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    ) == _ADD_COLUMN
