@@ -1,11 +1,11 @@
-"""source.BlockCache: a MaterializedDataset's blocks deserialized once per dataset."""
+"""pipeline.block_cache: a MaterializedDataset's blocks deserialized once per dataset."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 import pytest
 
-from torch_raydata.pipeline.source import BlockCache
+from torch_raydata.pipeline.block_cache import BlockCache
 
 from .fakes import FakeFetcher, make_blocks
 

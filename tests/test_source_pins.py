@@ -120,7 +120,7 @@ def test_ray_train_worker_check():
 
 
 def test_materialized_dataset_hands_the_same_block_refs_every_epoch():
-    """source.BlockCache keys deserialized blocks by reference: a MaterializedDataset must
+    """block_cache.BlockCache keys deserialized blocks by reference: a MaterializedDataset must
     hand the same ObjectRefs at every iteration (else the cache never hits and only its
     byte budget stops it from pinning more)."""
     import ray

@@ -30,11 +30,12 @@ from .guards import check_caller, check_loadable, is_peek, make_loader, mark_rep
 from .kernels.ids import check_column
 from .memory.buffers import BufferPool
 from .pipeline.batching import num_batches
+from .pipeline.block_cache import BlockCache
 from .pipeline.constants import MATERIALIZED_CACHE_BYTES, TRAINING_BLOCK_BYTES, usable_cpus
 from .pipeline.prestart import NextEpoch
 from .pipeline.progress_bar import EpochProgressBar
 from .pipeline.run import EpochProgress, EpochRun, PipelineConfig
-from .pipeline.source import BlockCache, EpochBlocks, RayFetcher, RaySource
+from .pipeline.source import EpochBlocks, RayFetcher, RaySource
 from .pipeline.stats import LoaderStats, StatsRecorder
 from .resume import ResumeState, fingerprint
 from .transports import RemoteCollate, Transport, resolve_transport
@@ -211,7 +212,7 @@ class RayIterableDataset(IterableDataset):
         )
         weakref.finalize(self, self._next.close)
         self._run_ref: weakref.ref[EpochRun] | None = None
-        # A MaterializedDataset's blocks, deserialized once (source.BlockCache).
+        # A MaterializedDataset's blocks, deserialized once (block_cache.BlockCache).
         self._block_cache = BlockCache(MATERIALIZED_CACHE_BYTES)
         self._progress: EpochProgress | None = None  # of the running or last epoch
         self._last_stats: StatsRecorder | None = None
@@ -246,7 +247,7 @@ class RayIterableDataset(IterableDataset):
             )
             run = run_class(
                 blocks,
-                self._block_cache.fetcher() if cached else RayFetcher(),
+                self._block_cache.fetcher(RayFetcher()) if cached else RayFetcher(),
                 self.collate_fn,
                 self.transport,
                 self.config,

@@ -49,7 +49,7 @@ TRAINING_BLOCK_BYTES = 8 << 20
 TEARDOWN_WAIT = 10.0
 TEARDOWN_POLL = 0.005
 
-# A MaterializedDataset's deserialized blocks kept across epochs (source.BlockCache), at
+# A MaterializedDataset's deserialized blocks kept across epochs (block_cache.BlockCache), at
 # most this many bytes per RayIterableDataset. On the node holding the blocks this costs
 # no copy; a block from another node pins its local copy, hence a bound.
 MATERIALIZED_CACHE_BYTES = 4 << 30
