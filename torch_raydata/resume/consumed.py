@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .blobs import check_parts, decode_one, encode_blobs, read_blob, write_blob
-from .pieces import Pieces, fold_sorted, since_of
+from .pieces import Pieces, fold_sorted, portable, since_of
 
 __all__ = ["ConsumedSet", "check_parts", "read_blob", "write_blob"]
 
@@ -43,7 +43,13 @@ __all__ = ["ConsumedSet", "check_parts", "read_blob", "write_blob"]
 _FOLD_KEYS = 1 << 16
 #: Keys added since the pieces were made above which the thread makes them again (or a
 #: 64th of the set if more): what a ``state_dict()`` serializes on the step's thread.
-_FRESH_KEYS = 1 << 20
+_FRESH_KEYS = 1 << 18
+#: Serialized batches since the pieces were made above which the thread unites them
+#: into one blob (a state of fewer, larger blobs decodes faster).
+_FRESH_BLOBS = 8
+#: Queued batches the thread folds together at most.
+_GROUP = 64
+
 #: Batches whose keys a recording set keeps as they came, so a state can leave the last
 #: ``lag`` of them out (``EpochProgress.rows_consumed`` keeps as many row counts).
 RECENT_BATCHES = 16
@@ -65,6 +71,10 @@ def _bitmap(keys: np.ndarray | None = None) -> Any:
         return BitMap64()
     keys = np.sort(np.asarray(keys).astype(np.uint64, copy=False))  # sorted: ~2x faster
     return BitMap64(array.array("Q", keys.tobytes()))
+
+
+def _nbytes(fresh: list[tuple[bytes, Any]]) -> int:
+    return sum(len(b) for b, _ in fresh)
 
 
 class ConsumedSet:
@@ -152,33 +162,48 @@ class ConsumedSet:
                     if self._closed:
                         return
                 with self._bm_lock:  # popped under the bitmap's lock: a snapshot sees it
-                    with self._cv:
-                        item = self._queue.popleft() if self._queue else None
-                    if item is not None:
-                        self._fold(item)
-                item = None  # not kept alive while waiting for the next batch
+                    with self._cv:  # a backlog is folded together (one sort, few calls)
+                        n = min(len(self._queue), _GROUP)
+                        items = [self._queue.popleft() for _ in range(n)]
+                    if items:
+                        self._fold(items)
+                items = []  # not kept alive while waiting for the next batch
                 if self._fresh_keys >= self._refresh_at():
                     self._refresh()
+                elif len(self._fresh) > _FRESH_BLOBS:
+                    self._unite_fresh()
         except BaseException as e:  # noqa: BLE001 - re-raised on the training step
             self._error = e
 
-    def _fold(self, item: Any) -> None:
-        """Fold one queued item into the bitmap (caller holds ``_bm_lock``)."""
-        if not isinstance(item, _Batch):  # a BitMap64 (include)
-            self._bitmap |= item
+    def _fold(self, items: list[Any]) -> None:
+        """Fold queued items into the bitmap (caller holds ``_bm_lock``): their keys
+        together, then each batch still in the lag window serialized on its own."""
+        batches = []
+        for item in items:
+            if isinstance(item, _Batch):
+                if isinstance(item.keys, np.ndarray):  # else folded already
+                    batches.append(item)
+                continue
+            self._bitmap |= item  # a BitMap64 (include)
             if not self._pieces.scattered:
                 self._fresh.append((item.serialize(), None))
                 self._fresh_keys += len(item)
+        if not batches:
             return
-        if not isinstance(item.keys, np.ndarray):  # folded already
-            return
-        k = np.sort(item.keys.astype(np.uint64, copy=False))  # numpy: off the GIL
+        raw = [b.keys.astype(np.uint64, copy=False) for b in batches]
+        k = np.sort(raw[0] if len(raw) == 1 else np.concatenate(raw))  # numpy: off the GIL
         k = k[np.concatenate([[True], k[1:] != k[:-1]])] if len(k) else k
         pieces = fold_sorted(k, self._bitmap, _FOLD_KEYS)
         if not self._pieces.scattered:
             self._fresh += pieces
             self._fresh_keys += len(k)
-        item.keys = [blob for blob, _ in pieces]  # the raw array goes
+        if len(batches) == 1:
+            batches[0].keys = [blob for blob, _ in pieces]  # the raw array goes
+            return
+        recent = {id(b) for b in self._recent}
+        for b, keys in zip(batches, raw, strict=True):
+            keep = id(b) in recent and len(keys)
+            b.keys = [portable(np.unique(keys))] if keep else []
 
     def _refresh(self) -> None:
         """Bring the serialized pieces up to date, one piece per hold of the lock (the
@@ -199,6 +224,16 @@ class ConsumedSet:
             if self._pieces.scattered:
                 self._fresh, self._fresh_keys = [], 0
 
+    def _unite_fresh(self) -> None:
+        """The serialized batches since the pieces were made, as one blob."""
+        from pyroaring import BitMap64
+
+        with self._bm_lock:
+            bm = BitMap64()
+            for blob, _ in self._fresh:
+                bm |= BitMap64.deserialize(blob)
+            self._fresh = [(bm.serialize(), since_of(self._fresh))]
+
     def _refresh_at(self) -> int:
         """Keys added since the pieces were made above which they are made again."""
         return max(_FRESH_KEYS, len(self._bitmap) >> 6)
@@ -208,8 +243,7 @@ class ConsumedSet:
         with self._cv:
             items = list(self._queue)
             self._queue.clear()
-        for item in items:
-            self._fold(item)
+        self._fold(items)
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -323,8 +357,11 @@ class ConsumedSet:
             count = len(self._bitmap) - (len(held) if held is not None else 0)
             ranges = self._pieces.ranges
             if self._stale is None and not self._pieces.scattered and (
-                self._fresh_keys >= self._refresh_at() or any(r[2] is None for r in ranges)
-            ):  # never made (a set without a thread), or a backlog folded here: made here
+                any(r[2] is None for r in ranges) or _nbytes(self._fresh) > max(
+                    4 << 20, _nbytes([(b, None) for b in self._pieces.blobs()])
+                )
+            ):  # never made (a set without a thread), or a backlog larger than the set's
+                # pieces folded here (a thread far behind): made here
                 since = since_of(self._fresh)
                 i = 0
                 while i < len(ranges) and not self._pieces.scattered:
