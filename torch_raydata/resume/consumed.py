@@ -200,7 +200,8 @@ class ConsumedSet:
         if len(batches) == 1:
             batches[0].keys = [blob for blob, _ in pieces]  # the raw array goes
             return
-        recent = {id(b) for b in self._recent}
+        with self._cv:  # add() appends to it under _cv
+            recent = {id(b) for b in self._recent}
         for b, keys in zip(batches, raw, strict=True):
             keep = id(b) in recent and len(keys)
             b.keys = [portable(np.unique(keys))] if keep else []
