@@ -1,32 +1,26 @@
 """The consumed-ID set: the IDs of rows *yielded to the training step* in one epoch
 (never the prefetched or collated-and-waiting ones), kept compressed as it grows.
 
-Owns recording keys (an O(1) append on the training step's thread; a background thread,
-``trd-consumed``, folds them into the compressed set and keeps a serialized copy of it
-up to date), snapshots for a checkpoint, set algebra and splitting the set into
-key-range chunks (for the cluster-side filter). Does not own the ID keys
-(``torch_raydata.kernels.ids``), the encodings (``blobs.py``), the serialized pieces
-(``pieces.py``), the cluster-side filter (``filter.py``), merging ranks' states
-(``merge.py``) or when state is taken (``state.py``).
+Owns recording keys (an O(1) append on the step's thread; a thread, ``trd-consumed``,
+folds them into the set and keeps its serialized pieces up to date), states for a
+checkpoint, set algebra and key-range chunks for the cluster-side filter. Does not own
+the ID keys (``kernels.ids``), the encodings (``blobs.py``), the pieces (``pieces.py``),
+the filter (``filter.py``), merging ranks (``merge.py``) or when state is taken
+(``state.py``).
 
-Compact form: a 64-bit roaring bitmap (``pyroaring.BitMap64``), a well-kept library
-(CRoaring); the alternative weighed, numpy sorted disjoint runs (two uint64 arrays), needs
-400 MB for 100M IDs drawn at random from 200M (two IDs per run on average) where the
-bitmap needs 25 MB; contiguous IDs are a few KB either way.
-
-pyroaring holds the GIL in every call, and a thread holding the GIL that the OS preempts
-stalls the training step until it runs again (the stall measured before: p99 87 ms at
-100M random IDs under load). So the thread does its sorting in numpy (which releases the
-GIL), adds at most ``_FOLD_KEYS`` keys per pyroaring call, adds runs of consecutive keys
-as ranges (run containers: no ``run_optimize`` of the whole set), keeps the last batches'
-keys packed by numpy (not as bitmaps), and serializes in pieces of ~1 MiB. A state then
-serializes only the keys added since the pieces were made (``encode``). Measured:
-benchmarks/RESULTS_resume.md.
+Compact form: a 64-bit roaring bitmap (``pyroaring.BitMap64``, CRoaring); numpy sorted
+runs, the alternative weighed, need 400 MB for 100M IDs drawn at random from 200M where
+the bitmap needs 25 MB. pyroaring holds the GIL in every call, and a thread the OS
+preempts while holding it stalls the training step until it runs again (measured: a
+1.4 ms ``|=`` took 104 ms of wall time on 2 loaded cores). So the thread sorts with numpy
+(off the GIL), serializes batches with numpy and hands pyroaring ~1 ms calls, adds runs
+as ranges (no ``run_optimize`` of the whole set), and serializes in ~1 MiB pieces; a
+state references the pieces and the batches serialized since (``encode``). Measured:
+benchmarks/RESULTS_resume.md, docs/scale.md.
 """
 
 from __future__ import annotations
 
-import array
 import collections
 import threading
 from typing import Any
@@ -34,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from .blobs import check_parts, decode_one, encode_blobs, read_blob, write_blob
-from .pieces import Pieces, fold_sorted, portable, since_of
+from .pieces import Pieces, fold_sorted, nbytes, portable, since_of, unite
+from .pieces import bitmap_of as _bitmap
 
 __all__ = ["ConsumedSet", "check_parts", "read_blob", "write_blob"]
 
@@ -62,19 +57,6 @@ class _Batch:
 
     def __init__(self, keys: np.ndarray) -> None:
         self.keys: Any = keys
-
-
-def _bitmap(keys: np.ndarray | None = None) -> Any:
-    from pyroaring import BitMap64
-
-    if keys is None or len(keys) == 0:
-        return BitMap64()
-    keys = np.sort(np.asarray(keys).astype(np.uint64, copy=False))  # sorted: ~2x faster
-    return BitMap64(array.array("Q", keys.tobytes()))
-
-
-def _nbytes(fresh: list[tuple[bytes, Any]]) -> int:
-    return sum(len(b) for b, _ in fresh)
 
 
 class ConsumedSet:
@@ -227,13 +209,8 @@ class ConsumedSet:
 
     def _unite_fresh(self) -> None:
         """The serialized batches since the pieces were made, as one blob."""
-        from pyroaring import BitMap64
-
         with self._bm_lock:
-            bm = BitMap64()
-            for blob, _ in self._fresh:
-                bm |= BitMap64.deserialize(blob)
-            self._fresh = [(bm.serialize(), since_of(self._fresh))]
+            self._fresh = [unite(self._fresh)]
 
     def _refresh_at(self) -> int:
         """Keys added since the pieces were made above which they are made again."""
@@ -358,8 +335,8 @@ class ConsumedSet:
             count = len(self._bitmap) - (len(held) if held is not None else 0)
             ranges = self._pieces.ranges
             if self._stale is None and not self._pieces.scattered and (
-                any(r[2] is None for r in ranges) or _nbytes(self._fresh) > max(
-                    4 << 20, _nbytes([(b, None) for b in self._pieces.blobs()])
+                any(r[2] is None for r in ranges) or nbytes(self._fresh) > max(
+                    4 << 20, nbytes([(b, None) for b in self._pieces.blobs()])
                 )
             ):  # never made (a set without a thread), or a backlog larger than the set's
                 # pieces folded here (a thread far behind): made here
