@@ -134,3 +134,13 @@ def test_scattered_keys_are_one_blob_and_exact():
     s.close()
     assert ConsumedSet.decode(enc).bitmap() == _bm(keys[:25_000])
     assert s._pieces.scattered and isinstance(enc["bytes"], list) and len(enc["bytes"]) == 1
+
+
+def test_scattered_keys_are_one_chunk_for_the_filter():
+    """Hashed string IDs used to hang chunks() (a range bitmap over ~2^64 keys)."""
+    from torch_raydata.resume import hash_strings
+
+    s = ConsumedSet()
+    s.add(hash_strings([f"id{i}" for i in range(1000)]))
+    chunks = s.chunks(1 << 20)
+    assert len(chunks) == 1 and BitMap64.deserialize(chunks[0][2]) == s.bitmap()

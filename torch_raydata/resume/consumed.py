@@ -303,7 +303,10 @@ class ConsumedSet:
             return []
         bm.run_optimize()
         lo, hi = (bm.min() >> 16) << 16, ((bm.max() >> 16) + 1) << 16
-        pieces = max(1, -(-len(bm.serialize()) // max(1, target_bytes)))
+        if bm.__sizeof__() > 8 * len(bm):  # scattered (hashed IDs): a range would span
+            # billions of empty containers; one chunk (key 2^64 - 1 excluded: a uint64 stop)
+            return [(lo, min(hi, (1 << 64) - 1), bm.serialize())]
+        pieces = max(1, -(-bm.__sizeof__() // max(1, target_bytes)))  # serialized size
         step = max(1 << 16, (-(-(hi - lo) // pieces) >> 16) << 16)
         out: list[tuple[int, int, bytes]] = []
         todo = [(a, min(a + step, hi)) for a in range(lo, hi, step)][::-1]
