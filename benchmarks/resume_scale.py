@@ -74,6 +74,13 @@ def _private_bytes() -> int:
     return total
 
 
+def _enc_bytes(enc: dict) -> int:
+    """Bytes of an inline encoding: one blob, or the blobs of a union plus its minus."""
+    blobs = enc["bytes"]
+    n = sum(map(len, blobs)) if isinstance(blobs, list) else len(blobs)
+    return n + len(enc.get("minus") or b"")
+
+
 def _thread_cpu_s(native_id: int) -> float:
     return int(Path(f"/proc/self/task/{native_id}/schedstat").read_text().split()[0]) / 1e9
 
@@ -131,7 +138,7 @@ def run_case(n: int, pattern: str, world: int, impl: str, rows_per_s: float, spi
         p.close()
         del p
         states.append(st)
-    sizes = [len(s["consumed"]["bytes"]) for s in states]
+    sizes = [_enc_bytes(s["consumed"]) for s in states]
     out.update(state_ms=max(state_ms), state_ms_ranks=state_ms, state_bytes_rank=max(sizes),
                count_check=None)
     if stalls:
@@ -143,7 +150,7 @@ def run_case(n: int, pattern: str, world: int, impl: str, rows_per_s: float, spi
             t = time.perf_counter()
             merged = before_merge([s["consumed"] for s in states])
             merge_ms = (time.perf_counter() - t) * 1e3
-            out["merged_bytes"] = len(merged["bytes"])
+            out["merged_bytes"] = _enc_bytes(merged)
         else:
             if sum(sizes) > GATHER_MAX_BYTES:
                 form = "parts"
@@ -157,7 +164,7 @@ def run_case(n: int, pattern: str, world: int, impl: str, rows_per_s: float, spi
             merged = merge_states(states)
             merge_ms = (time.perf_counter() - t) * 1e3
             enc = merged["consumed"]
-            out["merged_bytes"] = sum(sizes) if form == "parts" else len(enc["bytes"])
+            out["merged_bytes"] = sum(sizes) if form == "parts" else _enc_bytes(enc)
             t = time.perf_counter()
             done = ConsumedSet.decode(enc)
             union_ms = (time.perf_counter() - t) * 1e3

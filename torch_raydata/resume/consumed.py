@@ -1,59 +1,57 @@
 """The consumed-ID set: the IDs of rows *yielded to the training step* in one epoch
-(never the prefetched or collated-and-waiting ones), kept compressed as it grows, and its
-checkpoint forms.
+(never the prefetched or collated-and-waiting ones), kept compressed as it grows.
 
-Owns recording keys (an O(1) append on the training step's thread; a background thread,
-``trd-consumed``, folds them into the compressed set), snapshots for a checkpoint, set
-algebra, the encodings and splitting the set into key-range chunks (for the cluster-side
-filter). Does not own the ID keys (``torch_raydata.kernels.ids``), the cluster-side
-filter (``filter.py``), merging ranks' states (``merge.py``) or when state is taken
+Owns recording keys (an O(1) append on the step's thread; a thread, ``trd-consumed``,
+folds them into the set and keeps its serialized pieces up to date), states for a
+checkpoint, set algebra and key-range chunks for the cluster-side filter. Does not own
+the ID keys (``kernels.ids``), the encodings (``blobs.py``), the pieces (``pieces.py``),
+the filter (``filter.py``), merging ranks (``merge.py``) or when state is taken
 (``state.py``).
 
-Compact form: a 64-bit roaring bitmap (``pyroaring.BitMap64``), a well-kept library
-(CRoaring); the alternative weighed, numpy sorted disjoint runs (two uint64 arrays), needs
-400 MB for 100M IDs drawn at random from 200M (two IDs per run on average) where the
-bitmap needs 25 MB; contiguous IDs are a few KB either way. Measured here
-(benchmarks/RESULTS_resume.md): folding costs 27-160 ns per ID on the set's thread,
-``state_dict()`` at 100M random IDs 36-68 ms depending on load (was 22 s; one
-serialization of 24 MiB), the union of 8 ranks' parts ~0.8 ms per MiB. pyroaring holds the GIL, so the thread folds at most ``_FOLD_KEYS`` keys per call:
-the training step never waits more than one such call (~2 ms) for it.
-
-Encodings (``encode``/``decode``), the state's ``"consumed"`` entry:
-
-* ``{"format": "roaring64", "bytes": <portable BitMap64>, "count": n}`` — inline; the
-  form every state had before the set was kept compressed (still written and read).
-* ``{"format": "roaring64", "path": <file>, "count": n}`` — the same bytes spilled to a
-  file under ``spill_dir`` when larger than ``max_inline_bytes``.
-* ``{"format": "roaring64-parts", "parts": [{"path", "count", "rank"}...], "count": n}``
-  — one file per rank (``torch_raydata.distributed.gather_state_dict`` above its gather
-  limit); the set is the union of the parts.
+Compact form: a 64-bit roaring bitmap (``pyroaring.BitMap64``, CRoaring); numpy sorted
+runs, the alternative weighed, need 400 MB for 100M IDs drawn at random from 200M where
+the bitmap needs 25 MB. pyroaring holds the GIL in every call, and a thread the OS
+preempts while holding it stalls the training step until it runs again (measured: a
+1.4 ms ``|=`` took 104 ms of wall time on 2 loaded cores). So the thread sorts with numpy
+(off the GIL), serializes batches with numpy and hands pyroaring ~1 ms calls, adds runs
+as ranges (no ``run_optimize`` of the whole set), and serializes in ~1 MiB pieces; a
+state references the pieces and the batches serialized since (``encode``). Measured:
+benchmarks/RESULTS_resume.md, docs/scale.md.
 """
 
 from __future__ import annotations
 
-import array
 import collections
-import os
 import threading
-import uuid
 from typing import Any
 
 import numpy as np
 
+from .blobs import check_parts, decode_one, encode_blobs, read_blob, write_blob
+from .pieces import Pieces, fold_sorted, nbytes, portable, since_of, unite
+from .pieces import bitmap_of as _bitmap
+
 __all__ = ["ConsumedSet", "check_parts", "read_blob", "write_blob"]
 
-#: Keys folded into the bitmap per pyroaring call (it holds the GIL for the whole call:
-#: 64K keys are ~2 ms on this machine).
+#: Keys added to the bitmap per pyroaring call (it holds the GIL for the whole call: 64K
+#: scattered keys are ~1 ms on this machine).
 _FOLD_KEYS = 1 << 16
-#: Keys folded into the small bitmap before it is merged into the main one.
-_DELTA_KEYS = 1 << 20
+#: Keys added since the pieces were made above which the thread makes them again (or a
+#: 64th of the set if more): what a ``state_dict()`` serializes on the step's thread.
+_FRESH_KEYS = 1 << 18
+#: Serialized batches since the pieces were made above which the thread unites them
+#: into one blob (a state of fewer, larger blobs decodes faster).
+_FRESH_BLOBS = 8
+#: Queued batches the thread folds together at most.
+_GROUP = 64
+
 #: Batches whose keys a recording set keeps as they came, so a state can leave the last
 #: ``lag`` of them out (``EpochProgress.rows_consumed`` keeps as many row counts).
 RECENT_BATCHES = 16
 
 
 class _Batch:
-    """One batch's keys: the array as added, then (once folded) the batch's bitmap."""
+    """One batch's keys: the array as added, then (once folded) serialized pieces."""
 
     __slots__ = ("keys",)
 
@@ -61,32 +59,23 @@ class _Batch:
         self.keys: Any = keys
 
 
-def _bitmap(keys: np.ndarray | None = None) -> Any:
-    from pyroaring import BitMap64
-
-    if keys is None or len(keys) == 0:
-        return BitMap64()
-    keys = np.sort(np.asarray(keys).astype(np.uint64, copy=False))  # sorted: ~2x faster
-    return BitMap64(array.array("Q", keys.tobytes()))
-
-
 class ConsumedSet:
     """A set of row IDs (uint64 keys), kept compressed.
 
     ``add()`` only queues the keys; a recording set (``ConsumedSet.recording()``) folds
     them into the bitmap on a background thread, started at the first ``add()`` and
-    joined by ``close()``; any other set folds them when it is next read. ``snapshot()``
-    is what a checkpoint takes on the training step's thread: the keys still queued
-    (normally none or one batch) are folded there, then the bitmap is serialized.
+    joined by ``close()``, which also keeps the set's serialized pieces up to date; any
+    other set folds them when it is next read. ``encode()`` is what a checkpoint takes on
+    the training step's thread: the keys still queued (normally none or one batch) are
+    folded there, then only the keys added since the pieces were made are serialized.
     """
 
     def __init__(self, bitmap: Any = None, *, background: bool = False) -> None:
         self._bitmap = bitmap if bitmap is not None else _bitmap()
-        self._bm_lock = threading.Lock()  # the bitmap and its fold
+        self._bm_lock = threading.Lock()  # the bitmap, the pieces and the fold
         self._cv = threading.Condition()  # the queue, the thread's state
         self._queue: collections.deque[Any] = collections.deque()
-        # The last batches' keys (for ``snapshot(lag)``): raw until folded, then as the
-        # batch's own bitmap (contiguous keys: bytes; scattered: ~2 bytes per key).
+        # The last batches' keys (for ``encode(lag)``): raw until folded, then serialized.
         self._recent: collections.deque[_Batch] = collections.deque(maxlen=RECENT_BATCHES)
         self._background = background
         self._thread: threading.Thread | None = None
@@ -94,13 +83,13 @@ class ConsumedSet:
         self._error: BaseException | None = None
         self.added = 0  # keys passed to add(), repeats included
         self._expected = len(self._bitmap)  # keys it would hold if none repeated
-        self._unoptimized = 0  # keys folded since the last run_optimize
-        # Batches are folded into a small bitmap first, merged into the main one every
-        # _DELTA_KEYS keys: a batch whose keys are spread over every container (one rank
-        # of many, after a global shuffle) then costs what the small bitmap is, not a pass
-        # over the main one (measured on one rank of 8 at 100M: ~1100 -> ~400 ns per key);
-        # a state_dict() merges at most that many keys on the step's thread.
-        self._delta = _bitmap()
+        # The set = the pieces' blobs | _stale | _fresh: _fresh holds the keys added since
+        # the pieces were last brought up to date (serialized, each with its distinct
+        # key >> 16, None: any), _stale (while they are) the ones before.
+        self._pieces = Pieces()
+        self._fresh: list[tuple[bytes, np.ndarray | None]] = []
+        self._fresh_keys = 0
+        self._stale: list[tuple[bytes, np.ndarray | None]] | None = None
 
     @classmethod
     def recording(cls) -> ConsumedSet:
@@ -155,54 +144,84 @@ class ConsumedSet:
                     if self._closed:
                         return
                 with self._bm_lock:  # popped under the bitmap's lock: a snapshot sees it
-                    with self._cv:
-                        item = self._queue.popleft() if self._queue else None
-                    if item is not None:
-                        self._fold(item)
-                        self._optimize_now_and_then()
-                item = None  # not kept alive while waiting for the next batch
+                    with self._cv:  # a backlog is folded together (one sort, few calls)
+                        n = min(len(self._queue), _GROUP)
+                        items = [self._queue.popleft() for _ in range(n)]
+                    if items:
+                        self._fold(items)
+                items = []  # not kept alive while waiting for the next batch
+                if self._fresh_keys >= self._refresh_at():
+                    self._refresh()
+                elif len(self._fresh) > _FRESH_BLOBS:
+                    self._unite_fresh()
         except BaseException as e:  # noqa: BLE001 - re-raised on the training step
             self._error = e
 
-    def _fold(self, item: Any) -> None:
-        """Fold one queued item into the bitmap (caller holds ``_bm_lock``)."""
-        self._unoptimized += len(item.keys) if isinstance(item, _Batch) else len(item)
-        if not isinstance(item, _Batch):  # a BitMap64 (include)
-            self._bitmap |= item
+    def _fold(self, items: list[Any]) -> None:
+        """Fold queued items into the bitmap (caller holds ``_bm_lock``): their keys
+        together, then each batch still in the lag window serialized on its own."""
+        batches = []
+        for item in items:
+            if isinstance(item, _Batch):
+                if isinstance(item.keys, np.ndarray):  # else folded already
+                    batches.append(item)
+                continue
+            self._bitmap |= item  # a BitMap64 (include)
+            if not self._pieces.scattered:
+                self._fresh.append((item.serialize(), None))
+                self._fresh_keys += len(item)
+        if not batches:
             return
-        keys, own = item.keys, None
-        if not isinstance(keys, np.ndarray):  # folded already
+        raw = [b.keys.astype(np.uint64, copy=False) for b in batches]
+        k = np.sort(raw[0] if len(raw) == 1 else np.concatenate(raw))  # numpy: off the GIL
+        k = k[np.concatenate([[True], k[1:] != k[:-1]])] if len(k) else k
+        pieces = fold_sorted(k, self._bitmap, _FOLD_KEYS)
+        if not self._pieces.scattered:
+            self._fresh += pieces
+            self._fresh_keys += len(k)
+        if len(batches) == 1:
+            batches[0].keys = [blob for blob, _ in pieces]  # the raw array goes
             return
-        for i in range(0, len(keys), _FOLD_KEYS):
-            piece = _bitmap(keys[i : i + _FOLD_KEYS])
-            self._delta |= piece
-            own = piece if own is None else own | piece
-        item.keys = own if own is not None else _bitmap()  # the raw array goes
-        if len(self._delta) >= _DELTA_KEYS:
-            self._merge_delta()
+        with self._cv:  # add() appends to it under _cv
+            recent = {id(b) for b in self._recent}
+        for b, keys in zip(batches, raw, strict=True):
+            keep = id(b) in recent and len(keys)
+            b.keys = [portable(np.unique(keys))] if keep else []
 
-    def _merge_delta(self) -> None:
-        """The small bitmap into the main one (caller holds ``_bm_lock``)."""
-        if len(self._delta):
-            self._bitmap |= self._delta
-            self._delta = _bitmap()
+    def _refresh(self) -> None:
+        """Bring the serialized pieces up to date, one piece per hold of the lock (the
+        set's thread; a state taken meanwhile is the pieces | _stale | _fresh)."""
+        with self._bm_lock:
+            self._stale = (self._stale or []) + self._fresh
+            self._fresh, self._fresh_keys = [], 0
+            since = since_of(self._stale)
+        i = 0
+        while True:  # to the end even if closed: a split piece is made whole
+            with self._bm_lock:
+                if self._pieces.scattered or i >= len(self._pieces.ranges):
+                    break
+                stale = self._pieces.stale(i, since)
+                i = self._pieces.make(i, self._bitmap) if stale else i + 1
+        with self._bm_lock:
+            self._stale = None
+            if self._pieces.scattered:
+                self._fresh, self._fresh_keys = [], 0
 
-    def _optimize_now_and_then(self) -> None:
-        """Runs of keys as run containers (contiguous IDs: a few bytes per 2^16 instead of
-        8 KiB), once a quarter of the set was folded since the last time (caller holds
-        ``_bm_lock``; ~20 ms per 100M keys, so not on the training step's thread)."""
-        if self._unoptimized >= max(1 << 22, len(self._bitmap) // 4):
-            self._bitmap.run_optimize()
-            self._unoptimized = 0
+    def _unite_fresh(self) -> None:
+        """The serialized batches since the pieces were made, as one blob."""
+        with self._bm_lock:
+            self._fresh = [unite(self._fresh)]
+
+    def _refresh_at(self) -> int:
+        """Keys added since the pieces were made above which they are made again."""
+        return max(_FRESH_KEYS, len(self._bitmap) >> 6)
 
     def _fold_queued(self) -> None:
         """Fold everything queued, on the caller's thread (caller holds ``_bm_lock``)."""
         with self._cv:
             items = list(self._queue)
             self._queue.clear()
-        for item in items:
-            self._fold(item)
-        self._merge_delta()
+        self._fold(items)
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -237,19 +256,30 @@ class ConsumedSet:
         has consumed: integer IDs are the keys viewed as uint64)."""
         return np.frombuffer(self.bitmap().to_array(), dtype=np.uint64)
 
-    def snapshot(self, lag: int = 0) -> tuple[bytes, int]:
-        """``(portable serialization, count)`` of the set without the keys of the last
-        ``lag`` batches added (taken, not yet trained on). Cost: folding what is still
-        queued plus one serialization (~15 ms for 25 MB here); the bitmap is not copied.
-        """
-        self._raise_error()
+    def _held(self, lag: int) -> Any:
+        """The keys of the last ``lag`` batches as a bitmap, or None (caller holds
+        ``_bm_lock``; everything queued is folded)."""
         if lag > len(self._recent):
             raise ValueError(f"{lag=} is more than the {len(self._recent)} batches kept")
+        if not lag:
+            return None
+        from pyroaring import BitMap64
+
+        held = BitMap64()
+        for batch in list(self._recent)[len(self._recent) - lag :]:
+            for blob in batch.keys:
+                held |= BitMap64.deserialize(blob)
+        return held
+
+    def snapshot(self, lag: int = 0) -> tuple[bytes, int]:
+        """``(portable serialization, count)`` of the set without the keys of the last
+        ``lag`` batches added (taken, not yet trained on), as one blob: a serialization
+        of the whole set on the caller's thread (``encode`` is what a checkpoint takes).
+        """
+        self._raise_error()
         with self._bm_lock:
             self._fold_queued()
-            held = None
-            for batch in list(self._recent)[len(self._recent) - lag :] if lag else ():
-                held = batch.keys if held is None else held | batch.keys
+            held = self._held(lag)
             if held is not None:  # out for the serialization, back in after it
                 self._bitmap -= held
             try:
@@ -273,7 +303,10 @@ class ConsumedSet:
             return []
         bm.run_optimize()
         lo, hi = (bm.min() >> 16) << 16, ((bm.max() >> 16) + 1) << 16
-        pieces = max(1, -(-len(bm.serialize()) // max(1, target_bytes)))
+        if bm.__sizeof__() > 8 * len(bm):  # scattered (hashed IDs): a range would span
+            # billions of empty containers; one chunk (key 2^64 - 1 excluded: a uint64 stop)
+            return [(lo, min(hi, (1 << 64) - 1), bm.serialize())]
+        pieces = max(1, -(-bm.__sizeof__() // max(1, target_bytes)))  # serialized size
         step = max(1 << 16, (-(-(hi - lo) // pieces) >> 16) << 16)
         out: list[tuple[int, int, bytes]] = []
         todo = [(a, min(a + step, hi)) for a in range(lo, hi, step)][::-1]
@@ -294,23 +327,45 @@ class ConsumedSet:
     def encode(
         self, *, spill_dir: str | None = None, max_inline_bytes: int = 64 << 20, lag: int = 0
     ) -> dict:
-        """The state's ``"consumed"`` entry (see the module docstring)."""
-        blob, count = self.snapshot(lag)
-        if len(blob) > max_inline_bytes:
-            if spill_dir is None:
-                raise ValueError(
-                    f"the consumed-ID set is {len(blob):,} bytes (> {max_inline_bytes=}); set "
-                    "RayIterableDataset.spill_dir to a checkpoint directory to spill it to a file"
+        """The state's ``"consumed"`` entry (see ``blobs.py``): the set's serialized
+        pieces as they are (made by the set's thread; on the caller's for a set without
+        one), the keys added since serialized now, and the last ``lag`` batches' keys
+        as the blob to subtract."""
+        self._raise_error()
+        with self._bm_lock:
+            self._fold_queued()
+            held = self._held(lag)
+            count = len(self._bitmap) - (len(held) if held is not None else 0)
+            ranges = self._pieces.ranges
+            if self._stale is None and not self._pieces.scattered and (
+                any(r[2] is None for r in ranges) or nbytes(self._fresh) > max(
+                    4 << 20, nbytes([(b, None) for b in self._pieces.blobs()])
                 )
-            return {"format": "roaring64", "path": write_blob(spill_dir, blob), "count": count}
-        return {"format": "roaring64", "bytes": blob, "count": count}
+            ):  # never made (a set without a thread), or a backlog larger than the set's
+                # pieces folded here (a thread far behind): made here
+                since = since_of(self._fresh)
+                i = 0
+                while i < len(ranges) and not self._pieces.scattered:
+                    stale = self._pieces.stale(i, since)
+                    i = self._pieces.make(i, self._bitmap) if stale else i + 1
+                if not self._pieces.scattered:
+                    self._fresh, self._fresh_keys = [], 0
+            if self._pieces.scattered:
+                blobs = [self._bitmap.serialize()]
+            else:
+                # The keys added since the pieces were made: serialized already.
+                blobs = self._pieces.blobs() + [b for b, _ in (self._stale or []) + self._fresh]
+            minus = held.serialize() if held is not None else None
+        if not blobs:
+            blobs = [_bitmap().serialize()]
+        return encode_blobs(
+            blobs, minus, count, spill_dir=spill_dir, max_inline_bytes=max_inline_bytes
+        )
 
     @classmethod
     def decode(cls, enc: Any, *, search_dir: str | None = None) -> ConsumedSet:
         """The set of an encoding; a spilled file or part whose recorded path is gone is
         looked for by name in ``search_dir`` (e.g. a checkpoint directory moved since)."""
-        from pyroaring import BitMap64
-
         fmt = enc.get("format") if isinstance(enc, dict) else None
         if fmt == "roaring64-parts":
             return cls._decode_parts(enc, search_dir)
@@ -318,22 +373,7 @@ class ConsumedSet:
             raise ValueError(
                 f"consumed-ID set must be a roaring64 or roaring64-parts encoding, got {enc!r:.120}"
             )
-        if "bytes" in enc:
-            blob = enc["bytes"]
-        elif "path" in enc:
-            blob = read_blob(enc["path"], search_dir)
-        else:
-            raise ValueError(f"consumed-ID set has neither bytes nor path: {enc!r:.120}")
-        try:
-            bm = BitMap64.deserialize(blob)
-        except Exception as e:  # pyroaring raises IndexError/ValueError on garbage
-            raise ValueError(
-                f"consumed-ID set is corrupt: {len(blob)} bytes that are not a roaring64 "
-                f"bitmap ({type(e).__name__}: {e}); restore the checkpoint's loader state"
-            ) from e
-        if "count" in enc and len(bm) != enc["count"]:
-            raise ValueError(f"consumed-ID set is corrupt: {len(bm)} IDs, expected {enc['count']}")
-        return cls(bm)
+        return cls(decode_one(enc, search_dir))
 
     @classmethod
     def _decode_parts(cls, enc: dict, search_dir: str | None) -> ConsumedSet:
@@ -345,9 +385,11 @@ class ConsumedSet:
         union = cls()
         total = 0
         for part in parts:
-            one = cls.decode({"format": "roaring64", **part}, search_dir=search_dir)
+            if not isinstance(part, dict):
+                raise ValueError(f"consumed-ID set has a part that is not a dict: {part!r:.120}")
+            one = decode_one({"format": "roaring64", **part}, search_dir)
             total += len(one)
-            union._bitmap |= one._bitmap
+            union._bitmap |= one
             del one
         n = len(union._bitmap)
         if n != total:
@@ -360,54 +402,3 @@ class ConsumedSet:
         union._expected = n
         return union
 
-
-def check_parts(enc: dict, search_dir: str | None = None) -> int:
-    """The ID count of a parts encoding whose every part file can be found (at its path or
-    by name in ``search_dir``); a clear error otherwise. Reads no part."""
-    parts = enc.get("parts")
-    if not isinstance(parts, list) or not parts:
-        raise ValueError(f"consumed-ID set has no parts: {enc!r:.200}")
-    for part in parts:
-        path = part.get("path") if isinstance(part, dict) else None
-        if not isinstance(path, str):
-            raise ValueError(f"consumed-ID set has a part without a path: {part!r:.120}")
-        found = os.path.exists(path) or (
-            search_dir is not None and os.path.exists(os.path.join(search_dir, os.path.basename(path)))
-        )
-        if not found:
-            read_blob(path, search_dir)  # raises the one error for a missing file
-    count = enc.get("count")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ValueError(f"consumed-ID set has count={count!r}, not an int >= 0: it is corrupt")
-    return count
-
-
-def write_blob(directory: str, blob: bytes, name: str | None = None) -> str:
-    """Write ``blob`` to a new file in ``directory`` (whole or not at all: written to a
-    temporary name, then renamed); return its path."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, name or f"trd-consumed-{uuid.uuid4().hex}.roaring")
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)
-    return path
-
-
-def read_blob(path: str, search_dir: str | None = None) -> bytes:
-    """A spilled set's bytes: at ``path``, else under its file name in ``search_dir``."""
-    candidates = [path]
-    if search_dir is not None:
-        candidates.append(os.path.join(search_dir, os.path.basename(path)))
-    for p in candidates:
-        try:
-            with open(p, "rb") as f:
-                return f.read()
-        except OSError as e:
-            err = e
-    where = f" nor in {search_dir!r}" if search_dir is not None else ""
-    raise ValueError(
-        f"the consumed-ID set was spilled to {path!r}, which cannot be read{where} "
-        f"({err}); restore the checkpoint directory with it, or set the loader's spill_dir "
-        "to the directory that now holds it"
-    )

@@ -21,7 +21,7 @@ import os
 import uuid
 from collections.abc import Sequence
 
-from .consumed import ConsumedSet, read_blob, write_blob
+from .consumed import ConsumedSet, write_blob
 
 __all__ = ["GATHER_MAX_BYTES", "PARTS", "inline_bytes", "merge_states", "part_state"]
 
@@ -37,16 +37,24 @@ def part_state(state: dict, spill_dir: str, rank: int, world_size: int) -> dict:
     enc = state["consumed"]
     if enc.get("format") == PARTS:
         return state
+    part: dict = {}
     if "path" in enc:
         path = enc["path"]
+        if "sizes" in enc:
+            part["sizes"] = enc["sizes"]
     else:
         name = (
             f"trd-consumed-e{state['epoch']}-rank{rank:05d}of{world_size:05d}-"
             f"{uuid.uuid4().hex[:12]}.roaring"
         )
-        path = write_blob(os.path.abspath(spill_dir), enc["bytes"], name)
+        blobs = enc["bytes"]  # one blob, or several written back to back
+        path = write_blob(os.path.abspath(spill_dir), blobs, name)
+        if isinstance(blobs, (list, tuple)):
+            part["sizes"] = [len(b) for b in blobs]
+    if enc.get("minus") is not None:
+        part["minus"] = enc["minus"]  # the last batches' keys, small: stays inline
     out = dict(state)
-    part = {"path": path, "count": int(enc["count"]), "rank": rank}
+    part.update(path=path, count=int(enc["count"]), rank=rank)
     out["consumed"] = {"format": PARTS, "parts": [part], "count": part["count"]}
     return out
 
@@ -113,5 +121,6 @@ def inline_bytes(state: dict) -> int:
     if not isinstance(enc, dict) or enc.get("format") == PARTS:
         return 0
     if "bytes" in enc:
-        return len(enc["bytes"])
-    return len(read_blob(enc["path"])) if "path" in enc else 0
+        blobs = enc["bytes"]
+        return sum(map(len, blobs)) if isinstance(blobs, (list, tuple)) else len(blobs)
+    return os.path.getsize(enc["path"]) if "path" in enc else 0
