@@ -175,7 +175,7 @@ def _consumer(base: Workload, step_ms: float) -> Workload:
         consumer_ms=step_ms,
         notes=[
             "the step sleeps (a GPU-bound step: frees the GIL and the core); "
-            "wait = time blocked in next(), the metric here"
+            "wait = from the step's end to the next batch in hand (next() and the previous batch's release), the metric here"
         ],
     )
 
