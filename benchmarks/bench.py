@@ -146,7 +146,13 @@ STEP_TAX_KEYS = ("trd", "trd_best", "ray_torch", "ray_numpy", "dl2")
 
 
 def run_step_tax(
-    cache: dict[str, Any], rows: int, blocks: int, keys: list[str], reps: int, step_ms: float
+    cache: dict[str, Any],
+    rows: int,
+    blocks: int,
+    keys: list[str],
+    reps: int,
+    step_ms: float,
+    ops: int = 240,
 ) -> dict[str, dict[str, float]]:
     """Issue 13's two figures for every competitor of W1 that runs background work."""
     wl = build_workload("fixed", rows, blocks, cache)
@@ -156,7 +162,7 @@ def run_step_tax(
     gc.collect()
     gc.freeze()
     try:
-        return step_tax.inflation(comps, held, reps, step_ms)
+        return step_tax.inflation(comps, held, reps, step_ms, ops)
     finally:
         for c in comps.values():
             c.close()

@@ -166,9 +166,8 @@ def markdown(title: str, rows: dict[str, dict[str, float]], labels: dict[str, st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .bench import init_ray
-    from .competitors import LABELS, make_competitor
-    from .workloads import build_workload
+    from .bench import STEP_TAX_TITLE, init_ray, run_step_tax
+    from .competitors import LABELS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=20_000)
@@ -179,19 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--competitors", default="trd,ray_torch,ray_numpy,dl2")
     args = ap.parse_args(argv)
     init_ray()
-    wl = build_workload("fixed", args.rows, args.blocks, {})
-    comps = {k: make_competitor(k, wl) for k in args.competitors.split(",") if k}
-    gc.collect()
-    gc.freeze()
-    try:
-        held = {k: torch.from_numpy(v[:256].copy()) for k, v in wl.columns.items()}
-        rows = inflation(comps, held, args.reps, args.step_ms, args.ops)
-    finally:
-        for c in comps.values():
-            c.close()
-        gc.unfreeze()
+    keys = [k for k in args.competitors.split(",") if k]
+    rows = run_step_tax({}, args.rows, args.blocks, keys, args.reps, args.step_ms, args.ops)
     print(f"load average {os.getloadavg()}", file=sys.stderr)
-    print(markdown(wl.title, rows, LABELS))
+    print(markdown(STEP_TAX_TITLE, rows, LABELS))
     return 0
 
 

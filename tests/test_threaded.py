@@ -235,9 +235,10 @@ def test_pool_grows_one_thread_per_starved_streak_up_to_num_workers():
     from torch_raydata.pipeline.threaded import GROW_AFTER
 
     gate = _Gate()
-    it = trd.iter_threaded(range(40), gate, num_workers=3, output_buffer_size=6, initial_workers=1)
     grown: list[int] = []
-    it._on_grow = grown.append
+    it = trd.iter_threaded(
+        range(40), gate, num_workers=3, output_buffer_size=6, initial_workers=1, on_grow=grown.append
+    )
     assert gate.entered.acquire(timeout=30)  # worker 0 is inside fn; nothing is ready
     assert it.workers == 1
     for expected in (2, 3):
@@ -339,7 +340,8 @@ def test_growing_pool_forwards_errors_and_stops_every_thread():
 
 def test_thread_cpu_is_reported_once_per_worker():
     seen: list[float] = []
-    it = trd.iter_threaded(range(20), lambda x: x, num_workers=2, output_buffer_size=4)
-    it._s.on_thread_cpu = seen.append
+    it = trd.iter_threaded(
+        range(20), lambda x: x, num_workers=2, output_buffer_size=4, on_thread_cpu=seen.append
+    )
     assert sorted(it) == list(range(20))
     assert len(seen) == 2 and all(s >= 0 for s in seen)

@@ -86,9 +86,15 @@ class ThreadedIterator(Generic[R]):
         # Workers see only this shared state, never the handle: dropping the handle (break,
         # GC) runs __del__, which stops and joins them.
         self._s = _PoolState(
-            iter(iterator), fn, stage, describe, on_busy, output_buffer_size, num_workers
+            iter(iterator),
+            fn,
+            stage,
+            describe,
+            on_busy,
+            output_buffer_size,
+            num_workers,
+            on_thread_cpu,
         )
-        self._s.on_thread_cpu = on_thread_cpu
         self._alive = initial  # workers that have not sent _DONE (consumer-side count)
         self._max_workers = num_workers
         self._starved = 0  # consecutive next() calls that waited on busy workers
@@ -232,7 +238,7 @@ class ThreadedIterator(Generic[R]):
 class _PoolState:
     """What the workers share. Holds no reference to the ThreadedIterator handle."""
 
-    def __init__(self, input_, fn, stage, describe, on_busy, bound, max_workers):  # type: ignore[no-untyped-def]
+    def __init__(self, input_, fn, stage, describe, on_busy, bound, max_workers, on_thread_cpu):  # type: ignore[no-untyped-def]
         self.input = input_
         self.fn = fn
         self.stage = stage
@@ -249,7 +255,7 @@ class _PoolState:
         # busy[i]: worker i is inside fn. One list store per change (atomic under the GIL);
         # the consumer reads it to decide whether to grow.
         self.busy = [False] * max_workers
-        self.on_thread_cpu: Callable[[float], None] | None = None
+        self.on_thread_cpu: Callable[[float], None] | None = on_thread_cpu
 
     @property
     def workers(self) -> int:
