@@ -431,6 +431,7 @@ def test_many_early_stops_never_kill_the_process():
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "OK 30" in proc.stdout and "cancelled=0" in proc.stdout, proc.stdout[-2000:]
+    assert "ray_cancels=0" in proc.stdout, proc.stdout[-2000:]
 
 
 @ray_session

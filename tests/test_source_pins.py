@@ -7,6 +7,7 @@ the internal that moved.
 from __future__ import annotations
 
 import inspect
+import time
 
 import pytest
 
@@ -199,3 +200,65 @@ def test_row_count_marks_of_logical_operators():
     added = last(ds.add_column("z", lambda b: b["id"]))
     assert type(added).__name__ == "MapBatches" and added.per_block_limit is None
     assert (added.fn.__module__, added.fn.__qualname__) == _ADD_COLUMN, "add_column's fn moved"
+
+
+def test_executor_internals_of_the_hold_and_the_quiet_teardown():
+    """``EpochBlocks.start`` adds a backpressure policy and a step callback to Ray's
+    executor; ``_quiesce`` reads ``_shutdown``, ``_topology`` (``num_active_tasks``),
+    replaces ``_consumer_idling`` and relies on ``on_execution_step`` ending every step."""
+    import ray
+
+    from torch_raydata.pipeline.source import EpochBlocks
+
+    ds = ray.data.range(400, override_num_blocks=8).map_batches(lambda b: b)
+    blocks = EpochBlocks.start(ds, hold_bytes=None)
+    executor, hold = blocks._executor, blocks._hold
+    assert hold in executor._backpressure_policies
+    assert hold.steps in executor._callbacks
+    assert callable(executor._consumer_idling) and executor._shutdown is False
+    assert all(callable(op.num_active_tasks) for op in executor._topology)
+    assert isinstance(executor.is_alive(), bool)
+    assert sum(sb.num_rows for sb in blocks) == 400
+    assert hold.steps.count > 0  # Ray called on_execution_step for its steps
+    assert hold.queued_bytes() >= 0
+    blocks.close()
+    assert executor._shutdown is True
+
+
+def _slow_block(batch):
+    import time
+
+    time.sleep(0.3)  # the workload (inside the Ray task), not a test synchronization
+    return batch
+
+
+def test_closing_an_epoch_never_iterated_cancels_no_running_task(monkeypatch):
+    """A prestarted epoch that is discarded was never iterated: our reference to Ray's
+    output iterator is its only one, and dropping it shuts the executor down at once
+    (``_ClosingIterator.__del__``), cancelling the running tasks (the cancel that can
+    abort the process, see ``source._quiesce``). ``close`` must quiesce first. Pins
+    ``PhysicalOperator._cancel_active_tasks`` as the place Ray cancels."""
+    import ray
+    from ray.data._internal.execution.interfaces import physical_operator as po
+
+    from torch_raydata.pipeline.source import EpochBlocks, teardown_counts
+
+    cancelled: list = []
+    cancel = po.PhysicalOperator._cancel_active_tasks
+
+    def record(self, force):
+        cancelled.extend(self.get_active_tasks())
+        return cancel(self, force)
+
+    monkeypatch.setattr(po.PhysicalOperator, "_cancel_active_tasks", record)
+    ds = ray.data.range(40, override_num_blocks=8).map_batches(_slow_block, batch_size=None)
+    blocks = EpochBlocks.start(ds, hold_bytes=None)
+    topology = blocks._executor._topology
+    deadline = time.monotonic() + 60  # detector, bounded: a task of this epoch runs
+    while not any(op.num_active_tasks() for op in list(topology)):
+        assert time.monotonic() < deadline, "no task of the started epoch ever ran"
+        time.sleep(0.01)
+    before = teardown_counts()
+    blocks.close()
+    assert cancelled == []
+    assert teardown_counts()["quiet"] == before["quiet"] + 1

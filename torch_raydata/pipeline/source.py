@@ -12,9 +12,12 @@ THE one module that touches Ray internals. What it relies on (pinned by
   and ``max_task_output_bytes_to_read(op)``), ``_consumer_idling``, ``_topology`` (ops
   with ``num_active_tasks()``), ``_output_node`` (its op's
   ``metrics.num_external_outqueue_bytes``: bytes waiting for us), ``_shutdown`` and
-  ``shutdown(force)``. We add one policy of our own to each executor we start: it holds
-  a prestarted epoch to a byte budget, and on an early stop it lets running tasks finish
-  before the shutdown (see ``EpochBlocks.close``).
+  ``shutdown(force)``, ``is_alive()`` (its scheduling thread), and ``_callbacks``
+  (``ExecutionCallback.on_execution_step``, called at the end of each scheduling step).
+  We add one policy of our own to each executor we start: it holds a prestarted epoch to
+  a byte budget, and on an early stop it lets running tasks finish before the shutdown
+  (see ``EpochBlocks.close``); and a step counter, so that the early stop knows when a
+  step that passed the policy just before it closed has dispatched (``_quiesce``).
 * ``DataIterator._to_ref_bundle_iterator() -> (Iterator[RefBundle], stats, executor)``
   and ``DataIterator._on_iteration_end(executor)`` for inputs we do not copy (a
   ``streaming_split`` shard such as a Ray Train shard, a MaterializedDataset): the same
@@ -67,6 +70,7 @@ from typing import Any
 
 import ray
 from ray.data import DataIterator, Dataset
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.dataset import MaterializedDataset
 
 from . import source_listing
@@ -144,6 +148,7 @@ class _Hold:
     def __init__(self, executor: Any) -> None:
         self._output_op = executor._output_node[0]
         self.budget: int | None = None
+        self.steps = _StepCounter()
 
     def queued_bytes(self) -> int:
         return int(self._output_op.metrics.num_external_outqueue_bytes)
@@ -154,6 +159,22 @@ class _Hold:
 
     def max_task_output_bytes_to_read(self, op: Any) -> int | None:
         return None  # running tasks may always hand their outputs on (so they can finish)
+
+
+class _StepCounter(ExecutionCallback):
+    """Counts the executor's finished scheduling steps (Ray calls ``on_execution_step`` on
+    its scheduling thread at the end of each), so that :func:`_quiesce` can wait for the
+    step that was under way when the hold closed: that step may have passed our policy
+    before the close and dispatch its task after we looked at the running ones."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.cond = threading.Condition()
+
+    def on_execution_step(self, executor: Any) -> None:
+        with self.cond:
+            self.count += 1
+            self.cond.notify_all()
 
 
 def _slices(bundle: Any) -> Iterator[SourceBlock]:
@@ -215,6 +236,7 @@ class EpochBlocks:
         hold = _Hold(executor)
         hold.budget = hold_bytes
         executor._backpressure_policies.append(hold)
+        executor._callbacks.append(hold.steps)
         return cls(iter(bundles), executor, hold=hold)
 
     @classmethod
@@ -284,8 +306,10 @@ class EpochBlocks:
                 return
             self._closed = True
         executor, self._executor = self._executor, None
-        # Drop the bundles not yet consumed (their block refs) even if this object is kept.
-        self._bundles = iter(())
+        # The bundles not yet consumed (their block refs) are dropped by _shutdown, after
+        # the quiesce: dropping Ray's output iterator shuts its executor down at once
+        # (its __del__), cancelling running tasks, which is what _quiesce avoids. A
+        # prestarted epoch that was never iterated holds the only reference.
         if executor is not None and executor is threading.current_thread():
             # Garbage collection can run a finalizer (a dataset's, closing its prestarted
             # stream) on the executor's own thread, which cannot join itself.
@@ -305,6 +329,9 @@ class EpochBlocks:
                 executor.shutdown(force=True)
         except Exception:  # noqa: BLE001 - cleanup must not mask the epoch's own error
             logger.warning("torch_raydata: shutting down Ray's executor failed", exc_info=True)
+        finally:
+            # Even if this object is kept (see close()).
+            self._bundles = iter(())
 
 
 def _quiesce(executor: Any, hold: _Hold) -> None:
@@ -321,11 +348,23 @@ def _quiesce(executor: Any, hold: _Hold) -> None:
     """
     if executor._shutdown:
         return
-    hold.budget = 0
-    executor._consumer_idling = lambda: False
+    steps = hold.steps
+    with steps.cond:
+        hold.budget = 0
+        executor._consumer_idling = lambda: False
+        closed_at = steps.count
     topology = executor._topology
     deadline = time.perf_counter() + TEARDOWN_WAIT
-    while any(op.num_active_tasks() for op in list(topology)):
+
+    def settled() -> bool:
+        # The step under way when the hold closed has ended (its dispatches, if any, are
+        # among the running tasks now; later steps dispatch nothing), or the scheduling
+        # loop has ended; and no task runs.
+        if steps.count <= closed_at and executor.is_alive():
+            return False
+        return not any(op.num_active_tasks() for op in list(topology))
+
+    while not settled():
         if time.perf_counter() > deadline:
             with _TEARDOWNS_LOCK:
                 _TEARDOWNS["cancelled"] += 1
@@ -334,7 +373,8 @@ def _quiesce(executor: Any, hold: _Hold) -> None:
                 TEARDOWN_WAIT,
             )
             return
-        time.sleep(TEARDOWN_POLL)  # Ray offers no completion event across operators
+        with steps.cond:  # woken by each scheduling step; tasks end within a step
+            steps.cond.wait(TEARDOWN_POLL)
     with _TEARDOWNS_LOCK:
         _TEARDOWNS["quiet"] += 1
 
