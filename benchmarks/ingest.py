@@ -167,6 +167,80 @@ class ObjectStoreSampler:
         self._thread.join(timeout=15)
 
 
+# -- where the CPU goes --------------------------------------------------------------------------
+# Process names (Linux ``comm``, 15 chars) of Ray's own per-node processes and actors: the
+# rest of the ``ray::`` processes run the pipeline's tasks (named ``ray::IDLE`` between tasks).
+RAY_DAEMONS = (
+    "raylet",
+    "gcs_server",
+    "ray::_StatsActo",
+    "ray::_Autoscali",
+    "ray::DashboardA",
+    "ray::RuntimeEnv",
+)
+CPU_ROLES = ("trainer", "workers", "ray_daemons")
+
+
+def process_tree_cpu(root: int | None = None) -> dict[int, tuple[str, float]]:
+    """``{pid: (role, CPU seconds so far)}`` for ``root`` (this process) and every process
+    below it, from ``/proc`` (Linux only; {} elsewhere). Roles: ``trainer`` (this process),
+    ``ray_daemons`` (:data:`RAY_DAEMONS`, and the non-``ray::`` Python helpers Ray starts:
+    log monitor, dashboard), ``workers`` (Ray workers running tasks, DataLoader worker
+    processes). A process tree, so another session's processes on the machine are not
+    counted; ``ray.init(address="local")`` starts the raylet and GCS below the driver."""
+    root = os.getpid() if root is None else root
+    tick = os.sysconf("SC_CLK_TCK")
+    procs: dict[int, tuple[int, str, float]] = {}
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # ended meanwhile
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        rest = stat[stat.rindex(")") + 2 :].split()
+        procs[pid] = (int(rest[1]), name, (int(rest[11]) + int(rest[12])) / tick)
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    tree: list[int] = []
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        if pid in procs:
+            tree.append(pid)
+            todo.extend(children.get(pid, ()))
+    ray_here = any(procs[pid][1] == "raylet" for pid in tree)
+    out: dict[int, tuple[str, float]] = {}
+    for pid in tree:
+        _, name, cpu = procs[pid]
+        if pid == root:
+            role = "trainer"
+        elif name in RAY_DAEMONS or (ray_here and not name.startswith("ray::")):
+            # Ray's Python helpers (log monitor, autoscaler monitor, dashboard) run below
+            # the driver; without Ray here, a child is a DataLoader worker.
+            role = "ray_daemons"
+        else:
+            role = "workers"
+        out[pid] = (role, cpu)
+    return out
+
+
+def cpu_by_role(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> dict[str, float]:
+    """CPU seconds spent between two :func:`process_tree_cpu` snapshots, per role (a
+    process that started in between counts from 0)."""
+    totals = dict.fromkeys(CPU_ROLES, 0.0)
+    for pid, (role, cpu) in after.items():
+        totals[role] += cpu - before.get(pid, (role, 0.0))[1]
+    return totals
+
+
 # -- one competitor, in this process ----------------------------------------------------------
 def _init_ray() -> None:
     import ray
@@ -215,9 +289,7 @@ def run_one(key: str, path: str, epochs: int) -> dict[str, Any]:
         if key in ("trd", "trd_noprestart"):
             import torch_raydata as trd
 
-            trd_ds = trd.RayIterableDataset(
-                ds, batch_size=BATCH_SIZE, prestart=key == "trd"
-            )
+            trd_ds = trd.RayIterableDataset(ds, batch_size=BATCH_SIZE, prestart=key == "trd")
 
             def epoch_iterable() -> Any:
                 return trd_ds
@@ -231,6 +303,7 @@ def run_one(key: str, path: str, epochs: int) -> dict[str, Any]:
     setup_s = time.perf_counter() - t_setup
 
     results: list[dict[str, Any]] = []
+    cpu0 = process_tree_cpu()
     t_all = time.perf_counter()
     for epoch in range(epochs):
         rows = batches = 0
@@ -261,10 +334,12 @@ def run_one(key: str, path: str, epochs: int) -> dict[str, Any]:
             f"wall {wall:6.2f} s, {rows} rows"
         )
     total = time.perf_counter() - t_all
+    cpu = cpu_by_role(cpu0, process_tree_cpu())  # before any teardown: workers still live
     out: dict[str, Any] = {
         "key": key,
         "setup_s": setup_s,
         "total_wall_s": total,
+        "cpu_s": cpu,
         "epochs": results,
         "object_store_peak_bytes": None,
         "object_store_samples": 0,
@@ -335,6 +410,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "object_store_samples": sum(r["object_store_samples"] for r in runs),
         "object_store_error": errors[0] if errors else None,
         "loadavg": [r["loadavg"] for r in runs],
+        "cpu_s": {
+            role: _median([r["cpu_s"][role] for r in runs if "cpu_s" in r]) for role in CPU_ROLES
+        },
         "runs": runs,
     }
 
@@ -448,8 +526,8 @@ def markdown_w7(payload: dict[str, Any]) -> str:
         "",
         f"| competitor | {n}-epoch wall s (each round) | first batch s, epoch 1 "
         "| first batch s, later epochs | epoch wall s | steady rows/s | peak object store MiB "
-        "| load avg during |",
-        "|---|---|---|---|---|---|---|---|",
+        "| CPU s: trainer / workers / Ray daemons (cores busy) | load avg during |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in results.items():
         eps = r["epochs"]
@@ -460,9 +538,16 @@ def markdown_w7(payload: dict[str, Any]) -> str:
         store = _f(peak / 2**20, 1) if peak is not None else "n/a"
         each = ", ".join(_f(v) for v in r["total_wall_s_all"])
         load = ", ".join(f"{a:.0f}-{b:.0f}" for a, b in r["loadavg"])
+        cpu = r.get("cpu_s") or {}
+        if cpu and not any(np.isnan(v) for v in cpu.values()):
+            busy = sum(cpu.values()) / r["total_wall_s"]
+            cpus = " / ".join(_f(cpu[role], 1) for role in CPU_ROLES) + f" ({busy:.2f})"
+        else:
+            cpus = "n/a"
         lines.append(
             f"| {payload['labels'][key]} | {_f(r['total_wall_s'])} ({each}) "
-            f"| {_f(eps[0]['first_batch_s'])} | {later} | {walls} | {rates} | {store} | {load} |"
+            f"| {_f(eps[0]['first_batch_s'])} | {later} | {walls} | {rates} | {store} "
+            f"| {cpus} | {load} |"
         )
     rat, per_round = payload["ratios"], payload["ratios_per_round"]
     if rat:
