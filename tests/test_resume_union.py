@@ -144,3 +144,68 @@ def test_scattered_keys_are_one_chunk_for_the_filter():
     s.add(hash_strings([f"id{i}" for i in range(1000)]))
     chunks = s.chunks(1 << 20)
     assert len(chunks) == 1 and BitMap64.deserialize(chunks[0][2]) == s.bitmap()
+
+
+def test_scattered_batches_wait_in_a_small_bitmap_and_repeats_count_once():
+    """A rank's share of a global shuffle (a few keys per container of a set still in
+    array containers) is not merged into the set batch by batch (O(the set) each) but
+    gathered in a small bitmap kept disjoint from it; counts, repeats and states stay
+    exact across the two."""
+    keys = np.random.default_rng(2).choice(1 << 26, 60_000, replace=False).astype(np.uint64)
+    s = ConsumedSet.recording()
+    for b in np.array_split(keys, 20):
+        s.add(b)
+    s.add(keys[:10])  # repeats within the small bitmap
+    assert len(s) == 60_000 and s.repeats == 10
+    with s._bm_lock:  # below the refresh threshold: nothing merged into the set yet
+        assert len(s._bitmap) == 0 and len(s._small) == 60_000
+    assert len(s.bitmap()) == 60_000  # a reader merges it
+    s.add(keys[10:20])  # repeats of keys now in the set, folded into the small bitmap
+    s.add(np.array([(1 << 26) + 1], dtype=np.uint64))
+    assert len(s) == 60_001 and s.repeats == 20
+    enc = s.encode()
+    assert enc["count"] == 60_001
+    assert ConsumedSet.decode(pickle.loads(pickle.dumps(enc))).bitmap() == _bm(
+        np.append(keys, (1 << 26) + 1)
+    )
+    s.include(ConsumedSet(_bm([5, (1 << 26) + 2])))  # a loaded set, while keys wait
+    s.add(np.array([(1 << 26) + 2, (1 << 26) + 3], dtype=np.uint64))
+    expect = set(keys.tolist()) | {5, (1 << 26) + 1, (1 << 26) + 2, (1 << 26) + 3}
+    assert len(s) == len(expect) and s.encode()["count"] == len(expect)
+    s.close()
+    assert set(s.sorted_keys().tolist()) == expect
+
+
+def test_a_backlog_is_folded_in_groups_bounded_by_keys():
+    """Queued batches folded together are sorted in one array (8 bytes per key, three
+    times over): a backlog is taken at most _GROUP_KEYS keys at a time past the first."""
+    import collections
+
+    big = consumed_mod._GROUP_KEYS
+    q = collections.deque(consumed_mod._Batch(np.arange(n, dtype=np.uint64))
+                          for n in (big // 3, big // 3, big // 3, big // 3, 5))
+    assert [len(b.keys) for b in consumed_mod._take_group(q)] == [big // 3] * 3
+    q.appendleft(consumed_mod._Batch(np.arange(2 * big, dtype=np.uint64)))
+    assert [len(b.keys) for b in consumed_mod._take_group(q)] == [2 * big]  # one, however large
+    assert [len(b.keys) for b in consumed_mod._take_group(q)] == [big // 3, 5]
+
+
+def test_a_states_blobs_are_united_smallest_first(monkeypatch):
+    """The keys added since the pieces were made are scattered over every container:
+    united with each other before the large pieces, not merged into them blob by blob."""
+    from torch_raydata.resume import blobs as blobs_mod
+
+    keys = np.random.default_rng(3).choice(1 << 24, 330_000, replace=False).astype(np.uint64)
+    s = ConsumedSet()  # no thread: folded when read, pieces made by the first encode
+    s.add(keys[:300_000])
+    s.encode()
+    for b in np.array_split(keys[300_000:], 3):  # then batches, each serialized alone
+        s.add(b)
+        assert len(s) > 0
+    enc = s.encode()
+    assert isinstance(enc["bytes"], list) and len(enc["bytes"]) >= 4
+    seen = []
+    real = blobs_mod._deserialize
+    monkeypatch.setattr(blobs_mod, "_deserialize", lambda b, k: seen.append(len(b)) or real(b, k))
+    assert ConsumedSet.decode(enc).bitmap() == _bm(keys)
+    assert seen == sorted(seen) and len(set(seen)) > 1

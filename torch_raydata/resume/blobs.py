@@ -68,7 +68,11 @@ def decode_one(enc: dict, search_dir: str | None) -> Any:
     else:
         raise ValueError(f"consumed-ID set has neither bytes nor path: {enc!r:.120}")
     bm = BitMap64()
-    for blob in blobs:  # one piece besides the union in memory at a time
+    # Smallest first: a state is ~1 MiB key-range pieces plus small blobs of the keys
+    # added since, which are scattered over every container of the set; united with each
+    # other first, they are merged into the pieces' containers once, not once per blob
+    # (pieces first made the union at resume of 8 ranks' parts at 100M IDs 3.4x slower).
+    for blob in sorted(blobs, key=_len):  # one piece besides the union in memory at a time
         bm |= _deserialize(blob, "bytes")
     if enc.get("minus") is not None:
         bm -= _deserialize(enc["minus"], "minus")
@@ -77,6 +81,10 @@ def decode_one(enc: dict, search_dir: str | None) -> Any:
             f"consumed-ID set is corrupt: {len(bm)} IDs, expected count={enc['count']!r}; {_FIX}"
         )
     return bm
+
+
+def _len(blob: Any) -> int:
+    return len(blob) if isinstance(blob, (bytes, bytearray, memoryview)) else -1
 
 
 def _deserialize(blob: Any, key: str) -> Any:
