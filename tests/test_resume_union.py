@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import array
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -209,3 +210,28 @@ def test_a_states_blobs_are_united_smallest_first(monkeypatch):
     monkeypatch.setattr(blobs_mod, "_deserialize", lambda b, k: seen.append(len(b)) or real(b, k))
     assert ConsumedSet.decode(enc).bitmap() == _bm(keys)
     assert seen == sorted(seen) and len(set(seen)) > 1
+
+
+def test_the_thread_gathers_scattered_batches_before_folding(monkeypatch):
+    """While the set's containers are arrays, the thread folds once _LAZY_KEYS keys are
+    queued (each pyroaring call costs per container touched: a few keys per container
+    per batch would pay it per key); what is still queued is folded by a reader."""
+    folds, folded = [], threading.Event()
+    real = ConsumedSet._fold
+
+    def spy(self, items):
+        folds.append(sum(len(i.keys) for i in items))
+        real(self, items)
+        folded.set()
+
+    monkeypatch.setattr(ConsumedSet, "_fold", spy)
+    lazy = consumed_mod._LAZY_KEYS
+    keys = np.random.default_rng(4).choice(1 << 26, lazy + 4000, replace=False).astype(np.uint64)
+    s = ConsumedSet.recording()
+    for b in np.array_split(keys, 14):
+        s.add(b)
+    assert folded.wait(30)
+    s.close()
+    assert folds == [len(keys)]  # one fold of the 14 batches, none before
+    s.add(keys[:10])
+    assert len(s) == len(keys) and s.repeats == 10

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .blobs import check_parts, decode_one, encode_blobs, read_blob, write_blob
-from .pieces import Pieces, fold_sorted, nbytes, portable, since_of, unite
+from .pieces import Pieces, distinct, fold_sorted, nbytes, portable, since_of, unite
 from .pieces import bitmap_of as _bitmap
 
 __all__ = ["ConsumedSet", "check_parts", "read_blob", "write_blob"]
@@ -48,10 +48,23 @@ _FRESH_BLOBS = 8
 #: backlog of 64 batches of 100K keys was ~150 MiB of transient arrays at 100M random).
 _GROUP = 64
 _GROUP_KEYS = 1 << 18
+#: Keys queued before the thread folds them while the set's containers are arrays: each
+#: pyroaring call costs per container it touches (~0.2-0.4 us: allocate, look up, merge),
+#: and a rank's share of a global shuffle has a few keys per container per batch (12.5K
+#: keys over 3,052 containers at 100M random, 8 ranks); gathered, a call costs per ~20.
+#: A ``state_dict()`` folds what is queued (at most this many keys: a few ms).
+_LAZY_KEYS = 1 << 16
 
 #: Batches whose keys a recording set keeps as they came, so a state can leave the last
 #: ``lag`` of them out (``EpochProgress.rows_consumed`` keeps as many row counts).
 RECENT_BATCHES = 16
+
+
+def _keys_of(item: Any) -> int:
+    """Keys of a queued item: a batch's (0 once folded) or an included bitmap's."""
+    if isinstance(item, _Batch):
+        return len(item.keys) if isinstance(item.keys, np.ndarray) else 0
+    return max(len(item), _LAZY_KEYS)
 
 
 def _take_group(queue: collections.deque[Any]) -> list[Any]:
@@ -96,6 +109,7 @@ class ConsumedSet:
         self._bm_lock = threading.Lock()  # the bitmap, the pieces and the fold
         self._cv = threading.Condition()  # the queue, the thread's state
         self._queue: collections.deque[Any] = collections.deque()
+        self._queued_keys = 0
         # The last batches' keys (for ``encode(lag)``): raw until folded, then serialized.
         self._recent: collections.deque[_Batch] = collections.deque(maxlen=RECENT_BATCHES)
         self._background = background
@@ -126,6 +140,7 @@ class ConsumedSet:
             batch = _Batch(keys)
             self._queue.append(batch)
             self._recent.append(batch)
+            self._queued_keys += len(keys)
             self.added += len(keys)
             self._expected += len(keys)
             if self._background and not self._closed:
@@ -142,6 +157,7 @@ class ConsumedSet:
         bm = other.bitmap() if isinstance(other, ConsumedSet) else other
         with self._cv:
             self._queue.append(bm)
+            self._queued_keys += max(len(bm), _LAZY_KEYS)  # folded without waiting
             self._expected += len(bm)
             if self._thread is not None:
                 self._cv.notify()
@@ -160,13 +176,18 @@ class ConsumedSet:
         try:
             while True:
                 with self._cv:
-                    while not self._queue and not self._closed:
+                    while not self._closed and (
+                        not self._queue or (self._defer and self._queued_keys < _LAZY_KEYS)
+                    ):
                         self._cv.wait()
                     if self._closed:
                         return
                 with self._bm_lock:  # popped under the bitmap's lock: a snapshot sees it
                     with self._cv:  # a backlog is folded together (one sort, few calls)
                         items = _take_group(self._queue)
+                        self._queued_keys = 0 if not self._queue else max(
+                            0, self._queued_keys - sum(map(_keys_of, items))
+                        )
                     if items:
                         self._fold(items)
                 items = []  # not kept alive while waiting for the next batch
@@ -197,8 +218,7 @@ class ConsumedSet:
         if not batches:
             return
         raw = [b.keys.astype(np.uint64, copy=False) for b in batches]
-        k = np.sort(raw[0] if len(raw) == 1 else np.concatenate(raw))  # numpy: off the GIL
-        k = k[np.concatenate([[True], k[1:] != k[:-1]])] if len(k) else k
+        k = distinct(raw[0] if len(raw) == 1 else np.concatenate(raw))  # numpy: off the GIL
         # A batch scattered over containers that are arrays (a rank's share of a global
         # shuffle: 12.5K keys over 3,052 containers, ~4 keys each) costs a merge of every
         # array it touches, O(the set) per batch: such batches go into a small bitmap
@@ -217,7 +237,7 @@ class ConsumedSet:
             recent = {id(b) for b in self._recent}
         for b, keys in zip(batches, raw, strict=True):
             keep = id(b) in recent and len(keys)
-            b.keys = [portable(np.unique(keys))] if keep else []
+            b.keys = [portable(distinct(keys))] if keep else []
 
     def _flush(self) -> None:
         """The small bitmap into the set (caller holds ``_bm_lock``)."""
@@ -262,6 +282,7 @@ class ConsumedSet:
         with self._cv:
             items = list(self._queue)
             self._queue.clear()
+            self._queued_keys = 0
         self._fold(items)
 
     def _count(self) -> int:

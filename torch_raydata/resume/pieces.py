@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "PIECE_BYTES", "Pieces", "bitmap_of", "fold_sorted", "nbytes", "portable", "since_of", "unite"
+    "PIECE_BYTES", "Pieces", "bitmap_of", "distinct", "fold_sorted", "nbytes", "portable",
+    "since_of", "unite",
 ]
 
 #: Serialized bytes per piece (a piece of 2^16 keys' range may exceed it alone: 8 KiB).
@@ -149,7 +150,14 @@ def since_of(fresh: list[tuple[bytes, np.ndarray | None]]) -> np.ndarray | None:
     cks = [ck for _, ck in fresh]
     if any(ck is None for ck in cks):
         return None
-    return np.unique(np.concatenate(cks)) if cks else np.empty(0, np.uint64)
+    return distinct(np.concatenate(cks)) if cks else np.empty(0, np.uint64)
+
+
+def distinct(k: np.ndarray) -> np.ndarray:
+    """Sorted, distinct keys. Not ``np.unique``: on this numpy it took 1.5 ms for 12.5K
+    uint64 keys against 0.07 ms for the sort it needs (a batch of a rank of 8 at 100M)."""
+    k = np.sort(k)
+    return k[np.concatenate([[True], k[1:] != k[:-1]])] if len(k) else k
 
 
 def bitmap_of(keys: np.ndarray | None = None) -> Any:
