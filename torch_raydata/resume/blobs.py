@@ -56,8 +56,10 @@ def encode_blobs(
     return enc
 
 
-def decode_one(enc: dict, search_dir: str | None) -> Any:
-    """The ``pyroaring.BitMap64`` of a ``roaring64`` encoding (inline or spilled)."""
+def decode_one(enc: dict, search_dir: str | None, into: Any = None) -> Any:
+    """The ``pyroaring.BitMap64`` of a ``roaring64`` encoding (inline or spilled); with
+    ``into`` (a bitmap), the encoding's keys are united into it instead (one without
+    ``minus`` only; the caller checks the count) and it is returned."""
     from pyroaring import BitMap64
 
     if "bytes" in enc:
@@ -67,13 +69,24 @@ def decode_one(enc: dict, search_dir: str | None) -> Any:
         blobs = _split(read_blob(enc["path"], search_dir), enc.get("sizes"), enc["path"])
     else:
         raise ValueError(f"consumed-ID set has neither bytes nor path: {enc!r:.120}")
-    bm = BitMap64()
-    # Smallest first: a state is ~1 MiB key-range pieces plus small blobs of the keys
-    # added since, which are scattered over every container of the set; united with each
-    # other first, they are merged into the pieces' containers once, not once per blob
-    # (pieces first made the union at resume of 8 ranks' parts at 100M IDs 3.4x slower).
-    for blob in sorted(blobs, key=_len):  # one piece besides the union in memory at a time
+    # A state is ~1 MiB key-range pieces (disjoint) plus small blobs of the keys added
+    # since, which are scattered over every container of the set: the small ones are
+    # united with each other first (smallest first) and merged into the rest once, not
+    # once per blob (pieces first made the union at resume of 8 ranks' parts at 100M IDs
+    # 3.4x slower). One piece besides the union in memory at a time.
+    blobs = sorted(blobs, key=_len)
+    top = max(_len(blobs[-1]), 0) // 4 if blobs else 0
+    small = [b for b in blobs if _len(b) < top]
+    bm = into if into is not None else BitMap64()
+    acc = BitMap64() if small and len(bm) else bm
+    for blob in small:
+        acc |= _deserialize(blob, "bytes")
+    for blob in blobs[len(small):]:
         bm |= _deserialize(blob, "bytes")
+    if acc is not bm:
+        bm |= acc
+    if into is not None:
+        return bm
     if enc.get("minus") is not None:
         bm -= _deserialize(enc["minus"], "minus")
     if "count" in enc and len(bm) != enc["count"]:

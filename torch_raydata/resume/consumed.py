@@ -460,7 +460,15 @@ class ConsumedSet:
         for part in parts:
             if not isinstance(part, dict):
                 raise ValueError(f"consumed-ID set has a part that is not a dict: {part!r:.120}")
-            one = decode_one({"format": "roaring64", **part}, search_dir)
+            enc1 = {"format": "roaring64", **part}
+            count = part.get("count")
+            if part.get("minus") is None and type(count) is int and count >= 0:
+                # United straight in (no copy of the part); a part holding fewer keys
+                # than its count shows as the count check below.
+                decode_one(enc1, search_dir, into=union._bitmap)
+                total += count
+                continue
+            one = decode_one(enc1, search_dir)
             total += len(one)
             union._bitmap |= one
             del one
