@@ -118,6 +118,7 @@ def test_corrupt_or_foreign_union_input_is_a_clear_error(tmp_path):
     monkey = pytest.MonkeyPatch()
     monkey.setattr(pieces_mod, "PIECE_BYTES", 4 << 10)
     try:
+        s._refresh()  # pieces, as a recording set's thread makes them
         spilled = s.encode(spill_dir=str(tmp_path), max_inline_bytes=10)
     finally:
         monkey.undo()
@@ -197,9 +198,10 @@ def test_a_states_blobs_are_united_smallest_first(monkeypatch):
     from torch_raydata.resume import blobs as blobs_mod
 
     keys = np.random.default_rng(3).choice(1 << 24, 330_000, replace=False).astype(np.uint64)
-    s = ConsumedSet()  # no thread: folded when read, pieces made by the first encode
+    s = ConsumedSet()  # no thread: folded when read
     s.add(keys[:300_000])
-    s.encode()
+    assert len(s) == 300_000
+    s._refresh()  # the pieces, as the set's thread makes them
     for b in np.array_split(keys[300_000:], 3):  # then batches, each serialized alone
         s.add(b)
         assert len(s) > 0
@@ -249,7 +251,8 @@ def test_parts_are_united_straight_into_the_union_and_stay_exact(tmp_path, monke
     for rank, share in enumerate(np.array_split(keys, 3)):
         s = ConsumedSet()
         s.add(share[:80_000])
-        s.encode()  # pieces made, then batches since
+        assert len(s) == 80_000
+        s._refresh()  # pieces made (as by the set's thread), then batches since
         for b in np.array_split(share[80_000:], 3):
             s.add(b)
             assert len(s) > 0
@@ -273,3 +276,19 @@ def test_parts_are_united_straight_into_the_union_and_stay_exact(tmp_path, monke
     short["parts"][0]["count"] += 1
     with pytest.raises(ValueError):
         ConsumedSet.decode(short)
+
+
+def test_a_set_without_a_thread_encodes_as_one_blob(monkeypatch):
+    """No thread keeps a merged or loaded set's pieces up to date: it is one serialization
+    (cutting it into pieces first made the merge of 8 ranks at 10M twice as slow)."""
+    monkeypatch.setattr(pieces_mod, "PIECE_BYTES", 4 << 10)
+    keys = np.arange(0, 900_000, 3, dtype=np.uint64)
+    enc = ConsumedSet(_bm(keys)).encode()
+    assert isinstance(enc["bytes"], bytes) and enc["count"] == len(keys)
+    sets = [_recorded([k]) for k in (keys[::2], keys[1::2])]
+    a, b = (dict(STATE, consumed=s.encode()) for s in sets)
+    for s in sets:
+        s.close()
+    merged = merge_states([a, b])["consumed"]
+    assert isinstance(merged["bytes"], bytes)
+    assert ConsumedSet.decode(merged).bitmap() == _bm(keys)
