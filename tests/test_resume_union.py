@@ -229,8 +229,19 @@ def test_the_thread_gathers_scattered_batches_before_folding(monkeypatch):
     monkeypatch.setattr(ConsumedSet, "_fold", spy)
     lazy = consumed_mod._LAZY_KEYS
     keys = np.random.default_rng(4).choice(1 << 26, lazy + 4000, replace=False).astype(np.uint64)
+    waited = threading.Event()
+
+    class Condition(threading.Condition):
+        def wait(self, timeout=None):
+            waited.set()  # the thread looked at the queue and waits
+            return super().wait(timeout)
+
     s = ConsumedSet.recording()
-    for b in np.array_split(keys, 14):
+    s._cv = Condition()
+    batches = np.array_split(keys, 14)
+    s.add(batches[0])  # starts the thread
+    assert waited.wait(30)
+    for b in batches[1:]:
         s.add(b)
     assert folded.wait(30)
     s.close()
