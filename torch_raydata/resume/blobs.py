@@ -77,11 +77,17 @@ def decode_one(enc: dict, search_dir: str | None, into: Any = None) -> Any:
     blobs = sorted(blobs, key=_len)
     top = max(_len(blobs[-1]), 0) // 4 if blobs else 0
     small = [b for b in blobs if _len(b) < top]
-    bm = into if into is not None else BitMap64()
+    large = blobs[len(small):]
+    if into is not None:
+        bm = into
+    elif large:  # the largest piece is the union to be (no copy of it)
+        bm = _deserialize(large.pop(), "bytes")
+    else:
+        bm = BitMap64()
     acc = BitMap64() if small and len(bm) else bm
     for blob in small:
         acc |= _deserialize(blob, "bytes")
-    for blob in blobs[len(small):]:
+    for blob in large:
         bm |= _deserialize(blob, "bytes")
     if acc is not bm:
         bm |= acc

@@ -52,8 +52,10 @@ _GROUP_KEYS = 1 << 18
 #: pyroaring call costs per container it touches (~0.2-0.4 us: allocate, look up, merge),
 #: and a rank's share of a global shuffle has a few keys per container per batch (12.5K
 #: keys over 3,052 containers at 100M random, 8 ranks); gathered, a call costs per ~20.
-#: A ``state_dict()`` folds what is queued (at most this many keys: a few ms).
+#: A ``state_dict()`` folds what is queued (at most this many keys: a few ms). Fewer
+#: when the set has fewer containers: ~16 keys per container its last fold touched.
 _LAZY_KEYS = 1 << 16
+_LAZY_PER_CONTAINER = 16
 
 #: Batches whose keys a recording set keeps as they came, so a state can leave the last
 #: ``lag`` of them out (``EpochProgress.rows_consumed`` keeps as many row counts).
@@ -106,6 +108,7 @@ class ConsumedSet:
         # Keys folded but not yet in _bitmap (disjoint from it): see _fold.
         self._small = _bitmap()
         self._defer = True  # fold into _small (the set's containers are arrays)
+        self._lazy_keys = _LAZY_KEYS  # keys queued before the thread folds (if _defer)
         self._bm_lock = threading.Lock()  # the bitmap, the pieces and the fold
         self._cv = threading.Condition()  # the queue, the thread's state
         self._queue: collections.deque[Any] = collections.deque()
@@ -177,7 +180,7 @@ class ConsumedSet:
             while True:
                 with self._cv:
                     while not self._closed and (
-                        not self._queue or (self._defer and self._queued_keys < _LAZY_KEYS)
+                        not self._queue or (self._defer and self._queued_keys < self._lazy_keys)
                     ):
                         self._cv.wait()
                     if self._closed:
@@ -227,6 +230,8 @@ class ConsumedSet:
         # 157). Into bitsets (dense sets) a key costs the same either way: folded directly.
         into = self._small if self._defer else self._bitmap
         pieces = fold_sorted(k, into, _FOLD_KEYS, self._small if into is self._bitmap else self._bitmap)
+        touched = sum(len(ck) for _, ck in pieces)
+        self._lazy_keys = min(_LAZY_KEYS, max(1024, _LAZY_PER_CONTAINER * touched))
         if not self._pieces.scattered:
             self._fresh += pieces
             self._fresh_keys += len(k)
