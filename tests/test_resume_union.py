@@ -304,3 +304,25 @@ def test_a_set_without_a_thread_encodes_as_one_blob(monkeypatch):
     merged = merge_states([a, b])["consumed"]
     assert isinstance(merged["bytes"], bytes)
     assert ConsumedSet.decode(merged).bitmap() == _bm(keys)
+
+
+def test_gathered_ranks_are_united_straight_into_the_union(monkeypatch):
+    """merge_states unites each gathered rank's set straight into the union (no decoded
+    copy of each rank first); a rank with a minus is decoded alone; repeats are errors."""
+    from torch_raydata.resume import merge as merge_mod
+
+    keys = np.random.default_rng(6).permutation(1 << 20)[:200_000].astype(np.uint64)
+    sets = [_recorded(np.array_split(k, 4)) for k in np.array_split(keys, 2)]
+    states = [dict(STATE, consumed=s.encode(lag=1 if i else 0)) for i, s in enumerate(sets)]
+    for s in sets:
+        s.close()
+    into = []
+    real = merge_mod.decode_one
+    monkeypatch.setattr(merge_mod, "decode_one", lambda e, d, **kw: (
+        into.append(kw.get("into") is not None) or real(e, d, **kw)))
+    merged = merge_states(states)["consumed"]
+    held = np.array_split(np.array_split(keys, 2)[1], 4)[3]
+    assert ConsumedSet.decode(merged).bitmap() == _bm(np.setdiff1d(keys, held))
+    assert into == [True]  # rank 1 has a minus: decoded alone
+    with pytest.raises(ValueError, match="consumed on more than one rank"):
+        merge_states([states[0], states[0]])
