@@ -273,7 +273,7 @@ def test_parts_are_united_straight_into_the_union_and_stay_exact(tmp_path, monke
     merged = merge_states(states)
     into = []
     real = blobs_mod.decode_one
-    monkeypatch.setattr(consumed_mod, "decode_one", lambda e, d, into_=None, **kw: (
+    monkeypatch.setattr(blobs_mod, "decode_one", lambda e, d, **kw: (
         into.append(kw.get("into") is not None) or real(e, d, **kw)))
     held = np.array_split(keys, 3)[2][80_000:]
     held = np.array_split(held, 3)[2]  # rank 2's last batch: left out (lag=1)

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["check_parts", "decode_one", "encode_blobs", "read_blob", "write_blob"]
+__all__ = ["check_parts", "decode_one", "decode_parts", "encode_blobs", "read_blob", "write_blob"]
 
 _FIX = "restore the checkpoint's loader state"
 
@@ -100,6 +100,42 @@ def decode_one(enc: dict, search_dir: str | None, into: Any = None) -> Any:
             f"consumed-ID set is corrupt: {len(bm)} IDs, expected count={enc['count']!r}; {_FIX}"
         )
     return bm
+
+
+def decode_parts(enc: dict, search_dir: str | None) -> Any:
+    """The union of a parts encoding's parts (a ``pyroaring.BitMap64``), one part in
+    memory at a time besides the union (peak: the union plus the largest part)."""
+    from pyroaring import BitMap64
+
+    parts = enc.get("parts")
+    if not isinstance(parts, list) or not parts:
+        raise ValueError(f"consumed-ID set has no parts: {enc!r:.200}")
+    union = BitMap64()
+    total = 0
+    for part in parts:
+        if not isinstance(part, dict):
+            raise ValueError(f"consumed-ID set has a part that is not a dict: {part!r:.120}")
+        enc1 = {"format": "roaring64", **part}
+        count = part.get("count")
+        if part.get("minus") is None and type(count) is int and count >= 0:
+            # United straight in (no copy of the part); a part holding fewer keys than
+            # its count shows as the check below.
+            decode_one(enc1, search_dir, into=union)
+            total += count
+            continue
+        one = decode_one(enc1, search_dir)
+        total += len(one)
+        union |= one
+        del one
+    n = len(union)
+    if n != total:
+        raise ValueError(
+            f"{total - n} IDs were consumed on more than one rank: the id_column is not "
+            "unique across the dataset, and a resume by ID would skip rows never trained on"
+        )
+    if "count" in enc and n != enc["count"]:
+        raise ValueError(f"consumed-ID set is corrupt: {n} IDs, expected {enc['count']}")
+    return union
 
 
 def _len(blob: Any) -> int:

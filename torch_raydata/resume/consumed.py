@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .blobs import check_parts, decode_one, encode_blobs, read_blob, write_blob
-from .pieces import Pieces, distinct, fold_sorted, nbytes, portable, since_of, unite
+from .blobs import check_parts, decode_one, decode_parts, encode_blobs, read_blob, write_blob
+from .pieces import Pieces, chunks_of, distinct, fold_sorted, nbytes, portable, since_of, unite
 from .pieces import bitmap_of as _bitmap
 
 __all__ = ["ConsumedSet", "check_parts", "read_blob", "write_blob"]
@@ -372,32 +372,7 @@ class ConsumedSet:
         """The set split by key range: ``(start, stop, portable bytes)`` per non-empty
         range, each at most ``target_bytes`` unless one 2^16-key container alone is
         larger (8 KiB at most). Ranges are disjoint, ascending and 2^16-aligned."""
-        from pyroaring import BitMap64
-
-        bm = self.bitmap()
-        if len(bm) == 0:
-            return []
-        bm.run_optimize()
-        lo, hi = (bm.min() >> 16) << 16, ((bm.max() >> 16) + 1) << 16
-        if bm.__sizeof__() > 8 * len(bm):  # scattered (hashed IDs): a range would span
-            # billions of empty containers; one chunk (key 2^64 - 1 excluded: a uint64 stop)
-            return [(lo, min(hi, (1 << 64) - 1), bm.serialize())]
-        pieces = max(1, -(-bm.__sizeof__() // max(1, target_bytes)))  # serialized size
-        step = max(1 << 16, (-(-(hi - lo) // pieces) >> 16) << 16)
-        out: list[tuple[int, int, bytes]] = []
-        todo = [(a, min(a + step, hi)) for a in range(lo, hi, step)][::-1]
-        while todo:
-            a, b = todo.pop()
-            piece = bm & BitMap64(range(a, b))
-            if len(piece) == 0:
-                continue
-            blob = piece.serialize()
-            if len(blob) > target_bytes and b - a > 1 << 16:
-                mid = a + (((b - a) >> 17) << 16)
-                todo += [(mid, b), (a, mid)]
-                continue
-            out.append((a, b, blob))
-        return out
+        return chunks_of(self.bitmap(), target_bytes)
 
     # -- encoding --------------------------------------------------------------------------
     def encode(
@@ -459,36 +434,4 @@ class ConsumedSet:
 
     @classmethod
     def _decode_parts(cls, enc: dict, search_dir: str | None) -> ConsumedSet:
-        """The union of the ranks' parts, one part in memory at a time besides the union
-        (peak: the union plus the largest part)."""
-        parts = enc.get("parts")
-        if not isinstance(parts, list) or not parts:
-            raise ValueError(f"consumed-ID set has no parts: {enc!r:.200}")
-        union = cls()
-        total = 0
-        for part in parts:
-            if not isinstance(part, dict):
-                raise ValueError(f"consumed-ID set has a part that is not a dict: {part!r:.120}")
-            enc1 = {"format": "roaring64", **part}
-            count = part.get("count")
-            if part.get("minus") is None and type(count) is int and count >= 0:
-                # United straight in (no copy of the part); a part holding fewer keys
-                # than its count shows as the count check below.
-                decode_one(enc1, search_dir, into=union._bitmap)
-                total += count
-                continue
-            one = decode_one(enc1, search_dir)
-            total += len(one)
-            union._bitmap |= one
-            del one
-        n = len(union._bitmap)
-        if n != total:
-            raise ValueError(
-                f"{total - n} IDs were consumed on more than one rank: the id_column is not "
-                "unique across the dataset, and a resume by ID would skip rows never trained on"
-            )
-        if "count" in enc and n != enc["count"]:
-            raise ValueError(f"consumed-ID set is corrupt: {n} IDs, expected {enc['count']}")
-        union._expected = n
-        return union
-
+        return cls(decode_parts(enc, search_dir))  # checked there (repeats, count)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "PIECE_BYTES", "Pieces", "bitmap_of", "distinct", "fold_sorted", "nbytes", "portable",
+    "PIECE_BYTES", "Pieces", "bitmap_of", "chunks_of", "distinct", "fold_sorted", "nbytes", "portable",
     "since_of", "unite",
 ]
 
@@ -142,6 +142,35 @@ def fold_sorted(
             bm = bm - other  # repeats (a non-unique id_column): rare
         into |= bm
         out.append((blob, ck))
+    return out
+
+
+def chunks_of(bm: Any, target_bytes: int) -> list[tuple[int, int, bytes]]:
+    """``ConsumedSet.chunks`` of the bitmap ``bm`` (run-optimized in place)."""
+    from pyroaring import BitMap64
+
+    if len(bm) == 0:
+        return []
+    bm.run_optimize()
+    lo, hi = (bm.min() >> 16) << 16, ((bm.max() >> 16) + 1) << 16
+    if bm.__sizeof__() > 8 * len(bm):  # scattered (hashed IDs): a range would span
+        # billions of empty containers; one chunk (key 2^64 - 1 excluded: a uint64 stop)
+        return [(lo, min(hi, (1 << 64) - 1), bm.serialize())]
+    pieces = max(1, -(-bm.__sizeof__() // max(1, target_bytes)))  # serialized size
+    step = max(1 << 16, (-(-(hi - lo) // pieces) >> 16) << 16)
+    out: list[tuple[int, int, bytes]] = []
+    todo = [(a, min(a + step, hi)) for a in range(lo, hi, step)][::-1]
+    while todo:
+        a, b = todo.pop()
+        piece = bm & BitMap64(range(a, b))
+        if len(piece) == 0:
+            continue
+        blob = piece.serialize()
+        if len(blob) > target_bytes and b - a > 1 << 16:
+            mid = a + (((b - a) >> 17) << 16)
+            todo += [(mid, b), (a, mid)]
+            continue
+        out.append((a, b, blob))
     return out
 
 
