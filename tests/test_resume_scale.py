@@ -22,7 +22,7 @@ from torch_raydata.kernels.ids import bitmap_mask
 from torch_raydata.pipeline.consumer import EpochProgress
 from torch_raydata.resume import ConsumedSet, ResumeState, merge_states, part_state
 from torch_raydata.resume import filter as resume_filter
-from torch_raydata.resume.consumed import RECENT_BATCHES, _bitmap
+from torch_raydata.resume.consumed import _LAZY_KEYS, RECENT_BATCHES, _bitmap
 
 HERE = os.path.dirname(__file__)
 FINGERPRINT = {"batch_size": 4, "shuffle_seed": 0, "id_column": "id", "columns": None,
@@ -101,7 +101,7 @@ def test_a_failing_fold_reaches_the_reader_with_its_type_and_message(monkeypatch
 
     monkeypatch.setattr(ConsumedSet, "_fold", boom)
     s = ConsumedSet.recording()
-    s.add(_keys([1]))
+    s.add(_keys(range(_LAZY_KEYS)))  # enough keys for the thread to fold them
     assert failed.wait(30)
     s.close()
     with pytest.raises(RuntimeError, match="MemoryError: no room for the bitmap"):

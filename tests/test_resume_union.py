@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import array
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -117,6 +118,7 @@ def test_corrupt_or_foreign_union_input_is_a_clear_error(tmp_path):
     monkey = pytest.MonkeyPatch()
     monkey.setattr(pieces_mod, "PIECE_BYTES", 4 << 10)
     try:
+        s._refresh()  # pieces, as a recording set's thread makes them
         spilled = s.encode(spill_dir=str(tmp_path), max_inline_bytes=10)
     finally:
         monkey.undo()
@@ -144,3 +146,183 @@ def test_scattered_keys_are_one_chunk_for_the_filter():
     s.add(hash_strings([f"id{i}" for i in range(1000)]))
     chunks = s.chunks(1 << 20)
     assert len(chunks) == 1 and BitMap64.deserialize(chunks[0][2]) == s.bitmap()
+
+
+def test_scattered_batches_wait_in_a_small_bitmap_and_repeats_count_once():
+    """A rank's share of a global shuffle (a few keys per container of a set still in
+    array containers) is not merged into the set batch by batch (O(the set) each) but
+    gathered in a small bitmap kept disjoint from it; counts, repeats and states stay
+    exact across the two."""
+    keys = np.random.default_rng(2).choice(1 << 26, 60_000, replace=False).astype(np.uint64)
+    s = ConsumedSet.recording()
+    for b in np.array_split(keys, 20):
+        s.add(b)
+    s.add(keys[:10])  # repeats within the small bitmap
+    assert len(s) == 60_000 and s.repeats == 10
+    with s._bm_lock:  # below the refresh threshold: nothing merged into the set yet
+        assert len(s._bitmap) == 0 and len(s._small) == 60_000
+    assert len(s.bitmap()) == 60_000  # a reader merges it
+    s.add(keys[10:20])  # repeats of keys now in the set, folded into the small bitmap
+    s.add(np.array([(1 << 26) + 1], dtype=np.uint64))
+    assert len(s) == 60_001 and s.repeats == 20
+    enc = s.encode()
+    assert enc["count"] == 60_001
+    assert ConsumedSet.decode(pickle.loads(pickle.dumps(enc))).bitmap() == _bm(
+        np.append(keys, (1 << 26) + 1)
+    )
+    s.include(ConsumedSet(_bm([5, (1 << 26) + 2])))  # a loaded set, while keys wait
+    s.add(np.array([(1 << 26) + 2, (1 << 26) + 3], dtype=np.uint64))
+    expect = set(keys.tolist()) | {5, (1 << 26) + 1, (1 << 26) + 2, (1 << 26) + 3}
+    assert len(s) == len(expect) and s.encode()["count"] == len(expect)
+    s.close()
+    assert set(s.sorted_keys().tolist()) == expect
+
+
+def test_a_backlog_is_folded_in_groups_bounded_by_keys():
+    """Queued batches folded together are sorted in one array (8 bytes per key, three
+    times over): a backlog is taken at most _GROUP_KEYS keys at a time past the first."""
+    import collections
+
+    big = consumed_mod._GROUP_KEYS
+    q = collections.deque(consumed_mod._Batch(np.arange(n, dtype=np.uint64))
+                          for n in (big // 3, big // 3, big // 3, big // 3, 5))
+    assert [len(b.keys) for b in consumed_mod._take_group(q)] == [big // 3] * 3
+    q.appendleft(consumed_mod._Batch(np.arange(2 * big, dtype=np.uint64)))
+    assert [len(b.keys) for b in consumed_mod._take_group(q)] == [2 * big]  # one, however large
+    assert [len(b.keys) for b in consumed_mod._take_group(q)] == [big // 3, 5]
+
+
+def test_a_states_blobs_are_united_smallest_first(monkeypatch):
+    """The keys added since the pieces were made are scattered over every container:
+    united with each other before the large pieces, not merged into them blob by blob."""
+    from torch_raydata.resume import blobs as blobs_mod
+
+    keys = np.random.default_rng(3).choice(1 << 24, 330_000, replace=False).astype(np.uint64)
+    s = ConsumedSet()  # no thread: folded when read
+    s.add(keys[:300_000])
+    assert len(s) == 300_000
+    s._refresh()  # the pieces, as the set's thread makes them
+    for b in np.array_split(keys[300_000:], 3):  # then batches, each serialized alone
+        s.add(b)
+        assert len(s) > 0
+    enc = s.encode()
+    assert isinstance(enc["bytes"], list) and len(enc["bytes"]) >= 4
+    seen = []
+    real = blobs_mod._deserialize
+    monkeypatch.setattr(blobs_mod, "_deserialize", lambda b, k: seen.append(len(b)) or real(b, k))
+    assert ConsumedSet.decode(enc).bitmap() == _bm(keys)
+    # the largest piece is the union to be; the small blobs, smallest first, after it
+    assert seen[0] == max(seen) and seen[1:] == sorted(seen[1:]) and len(set(seen)) > 1
+
+
+def test_the_thread_gathers_scattered_batches_before_folding(monkeypatch):
+    """While the set's containers are arrays, the thread folds once _LAZY_KEYS keys are
+    queued (each pyroaring call costs per container touched: a few keys per container
+    per batch would pay it per key); what is still queued is folded by a reader."""
+    folds, folded = [], threading.Event()
+    real = ConsumedSet._fold
+
+    def spy(self, items):
+        folds.append(sum(len(i.keys) for i in items))
+        real(self, items)
+        folded.set()
+
+    monkeypatch.setattr(ConsumedSet, "_fold", spy)
+    lazy = consumed_mod._LAZY_KEYS
+    keys = np.random.default_rng(4).choice(1 << 26, lazy + 4000, replace=False).astype(np.uint64)
+    waited = threading.Event()
+
+    class Condition(threading.Condition):
+        def wait(self, timeout=None):
+            waited.set()  # the thread looked at the queue and waits
+            return super().wait(timeout)
+
+    s = ConsumedSet.recording()
+    s._cv = Condition()
+    batches = np.array_split(keys, 14)
+    s.add(batches[0])  # starts the thread
+    assert waited.wait(30)
+    for b in batches[1:]:
+        s.add(b)
+    assert folded.wait(30)
+    s.close()
+    assert folds == [len(keys)]  # one fold of the 14 batches, none before
+    s.add(keys[:10])
+    assert len(s) == len(keys) and s.repeats == 10
+
+
+def test_parts_are_united_straight_into_the_union_and_stay_exact(tmp_path, monkeypatch):
+    """A part without a minus is united straight into the union (no copy of the part
+    first: 8 ranks' parts at 100M IDs are 200 MB); one with a minus is decoded alone;
+    repeats across parts and a part holding fewer keys than its count are errors."""
+    from torch_raydata.resume import blobs as blobs_mod
+
+    rng = np.random.default_rng(5)
+    keys = rng.permutation(1 << 20)[:300_000].astype(np.uint64)
+    states = []
+    for rank, share in enumerate(np.array_split(keys, 3)):
+        s = ConsumedSet()
+        s.add(share[:80_000])
+        assert len(s) == 80_000
+        s._refresh()  # pieces made (as by the set's thread), then batches since
+        for b in np.array_split(share[80_000:], 3):
+            s.add(b)
+            assert len(s) > 0
+        enc = s.encode(lag=1) if rank == 2 else s.encode()
+        states.append(part_state(dict(STATE, consumed=enc), str(tmp_path), rank, 3))
+    merged = merge_states(states)
+    into = []
+    real = blobs_mod.decode_one
+    monkeypatch.setattr(blobs_mod, "decode_one", lambda e, d, **kw: (
+        into.append(kw.get("into") is not None) or real(e, d, **kw)))
+    held = np.array_split(keys, 3)[2][80_000:]
+    held = np.array_split(held, 3)[2]  # rank 2's last batch: left out (lag=1)
+    expect = np.setdiff1d(keys, held)
+    assert ConsumedSet.decode(merged["consumed"]).bitmap() == _bm(expect)
+    assert into == [True, True, False]
+    monkeypatch.undo()
+    dup = merge_states([states[0], states[0]])
+    with pytest.raises(ValueError, match="consumed on more than one rank"):
+        ConsumedSet.decode(dup["consumed"])
+    short = dict(merged["consumed"], parts=[dict(p) for p in merged["consumed"]["parts"]])
+    short["parts"][0]["count"] += 1
+    with pytest.raises(ValueError):
+        ConsumedSet.decode(short)
+
+
+def test_a_set_without_a_thread_encodes_as_one_blob(monkeypatch):
+    """No thread keeps a merged or loaded set's pieces up to date: it is one serialization
+    (cutting it into pieces first made the merge of 8 ranks at 10M twice as slow)."""
+    monkeypatch.setattr(pieces_mod, "PIECE_BYTES", 4 << 10)
+    keys = np.arange(0, 900_000, 3, dtype=np.uint64)
+    enc = ConsumedSet(_bm(keys)).encode()
+    assert isinstance(enc["bytes"], bytes) and enc["count"] == len(keys)
+    sets = [_recorded([k]) for k in (keys[::2], keys[1::2])]
+    a, b = (dict(STATE, consumed=s.encode()) for s in sets)
+    for s in sets:
+        s.close()
+    merged = merge_states([a, b])["consumed"]
+    assert isinstance(merged["bytes"], bytes)
+    assert ConsumedSet.decode(merged).bitmap() == _bm(keys)
+
+
+def test_gathered_ranks_are_united_straight_into_the_union(monkeypatch):
+    """merge_states unites each gathered rank's set straight into the union (no decoded
+    copy of each rank first); a rank with a minus is decoded alone; repeats are errors."""
+    from torch_raydata.resume import merge as merge_mod
+
+    keys = np.random.default_rng(6).permutation(1 << 20)[:200_000].astype(np.uint64)
+    sets = [_recorded(np.array_split(k, 4)) for k in np.array_split(keys, 2)]
+    states = [dict(STATE, consumed=s.encode(lag=1 if i else 0)) for i, s in enumerate(sets)]
+    for s in sets:
+        s.close()
+    into = []
+    real = merge_mod.decode_one
+    monkeypatch.setattr(merge_mod, "decode_one", lambda e, d, **kw: (
+        into.append(kw.get("into") is not None) or real(e, d, **kw)))
+    merged = merge_states(states)["consumed"]
+    held = np.array_split(np.array_split(keys, 2)[1], 4)[3]
+    assert ConsumedSet.decode(merged).bitmap() == _bm(np.setdiff1d(keys, held))
+    assert into == [True]  # rank 1 has a minus: decoded alone
+    with pytest.raises(ValueError, match="consumed on more than one rank"):
+        merge_states([states[0], states[0]])

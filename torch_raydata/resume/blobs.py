@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["check_parts", "decode_one", "encode_blobs", "read_blob", "write_blob"]
+__all__ = ["check_parts", "decode_one", "decode_parts", "encode_blobs", "read_blob", "write_blob"]
 
 _FIX = "restore the checkpoint's loader state"
 
@@ -56,8 +56,10 @@ def encode_blobs(
     return enc
 
 
-def decode_one(enc: dict, search_dir: str | None) -> Any:
-    """The ``pyroaring.BitMap64`` of a ``roaring64`` encoding (inline or spilled)."""
+def decode_one(enc: dict, search_dir: str | None, into: Any = None) -> Any:
+    """The ``pyroaring.BitMap64`` of a ``roaring64`` encoding (inline or spilled); with
+    ``into`` (a bitmap), the encoding's keys are united into it instead (one without
+    ``minus`` only; the caller checks the count) and it is returned."""
     from pyroaring import BitMap64
 
     if "bytes" in enc:
@@ -67,9 +69,30 @@ def decode_one(enc: dict, search_dir: str | None) -> Any:
         blobs = _split(read_blob(enc["path"], search_dir), enc.get("sizes"), enc["path"])
     else:
         raise ValueError(f"consumed-ID set has neither bytes nor path: {enc!r:.120}")
-    bm = BitMap64()
-    for blob in blobs:  # one piece besides the union in memory at a time
+    # A state is ~1 MiB key-range pieces (disjoint) plus small blobs of the keys added
+    # since, which are scattered over every container of the set: the small ones are
+    # united with each other first (smallest first) and merged into the rest once, not
+    # once per blob (pieces first made the union at resume of 8 ranks' parts at 100M IDs
+    # 3.4x slower). One piece besides the union in memory at a time.
+    blobs = sorted(blobs, key=_len)
+    top = max(_len(blobs[-1]), 0) // 4 if blobs else 0
+    small = [b for b in blobs if _len(b) < top]
+    large = blobs[len(small):]
+    if into is not None:
+        bm = into
+    elif large:  # the largest piece is the union to be (no copy of it)
+        bm = _deserialize(large.pop(), "bytes")
+    else:
+        bm = BitMap64()
+    acc = BitMap64() if small and len(bm) else bm
+    for blob in small:
+        acc |= _deserialize(blob, "bytes")
+    for blob in large:
         bm |= _deserialize(blob, "bytes")
+    if acc is not bm:
+        bm |= acc
+    if into is not None:
+        return bm
     if enc.get("minus") is not None:
         bm -= _deserialize(enc["minus"], "minus")
     if "count" in enc and len(bm) != enc["count"]:
@@ -77,6 +100,46 @@ def decode_one(enc: dict, search_dir: str | None) -> Any:
             f"consumed-ID set is corrupt: {len(bm)} IDs, expected count={enc['count']!r}; {_FIX}"
         )
     return bm
+
+
+def decode_parts(enc: dict, search_dir: str | None) -> Any:
+    """The union of a parts encoding's parts (a ``pyroaring.BitMap64``), one part in
+    memory at a time besides the union (peak: the union plus the largest part)."""
+    from pyroaring import BitMap64
+
+    parts = enc.get("parts")
+    if not isinstance(parts, list) or not parts:
+        raise ValueError(f"consumed-ID set has no parts: {enc!r:.200}")
+    union = BitMap64()
+    total = 0
+    for part in parts:
+        if not isinstance(part, dict):
+            raise ValueError(f"consumed-ID set has a part that is not a dict: {part!r:.120}")
+        enc1 = {"format": "roaring64", **part}
+        count = part.get("count")
+        if part.get("minus") is None and type(count) is int and count >= 0:
+            # United straight in (no copy of the part); a part holding fewer keys than
+            # its count shows as the check below.
+            decode_one(enc1, search_dir, into=union)
+            total += count
+            continue
+        one = decode_one(enc1, search_dir)
+        total += len(one)
+        union |= one
+        del one
+    n = len(union)
+    if n != total:
+        raise ValueError(
+            f"{total - n} IDs were consumed on more than one rank: the id_column is not "
+            "unique across the dataset, and a resume by ID would skip rows never trained on"
+        )
+    if "count" in enc and n != enc["count"]:
+        raise ValueError(f"consumed-ID set is corrupt: {n} IDs, expected {enc['count']}")
+    return union
+
+
+def _len(blob: Any) -> int:
+    return len(blob) if isinstance(blob, (bytes, bytearray, memoryview)) else -1
 
 
 def _deserialize(blob: Any, key: str) -> Any:

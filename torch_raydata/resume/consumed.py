@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .blobs import check_parts, decode_one, encode_blobs, read_blob, write_blob
-from .pieces import Pieces, fold_sorted, nbytes, portable, since_of, unite
+from .blobs import check_parts, decode_one, decode_parts, encode_blobs, read_blob, write_blob
+from .pieces import Pieces, chunks_of, distinct, fold_sorted, nbytes, portable, since_of, unite
 from .pieces import bitmap_of as _bitmap
 
 __all__ = ["ConsumedSet", "check_parts", "read_blob", "write_blob"]
@@ -42,12 +42,45 @@ _FRESH_KEYS = 1 << 18
 #: Serialized batches since the pieces were made above which the thread unites them
 #: into one blob (a state of fewer, larger blobs decodes faster).
 _FRESH_BLOBS = 8
-#: Queued batches the thread folds together at most.
+#: Queued batches the thread folds together at most, and their keys at most (past one
+#: batch): a backlog folded in one go is sorted in one array, 8 bytes per key, three times
+#: over (concatenated, sorted, made distinct), so the group is bounded by keys too (a
+#: backlog of 64 batches of 100K keys was ~150 MiB of transient arrays at 100M random).
 _GROUP = 64
+_GROUP_KEYS = 1 << 18
+#: Keys queued before the thread folds them while the set's containers are arrays: each
+#: pyroaring call costs per container it touches (~0.2-0.4 us: allocate, look up, merge),
+#: and a rank's share of a global shuffle has a few keys per container per batch (12.5K
+#: keys over 3,052 containers at 100M random, 8 ranks); gathered, a call costs per ~20.
+#: A ``state_dict()`` folds what is queued (at most this many keys: a few ms). Fewer
+#: when the set has fewer containers: ~16 keys per container its last fold touched.
+_LAZY_KEYS = 1 << 16
+_LAZY_PER_CONTAINER = 16
 
 #: Batches whose keys a recording set keeps as they came, so a state can leave the last
 #: ``lag`` of them out (``EpochProgress.rows_consumed`` keeps as many row counts).
 RECENT_BATCHES = 16
+
+
+def _keys_of(item: Any) -> int:
+    """Keys of a queued item: a batch's (0 once folded) or an included bitmap's."""
+    if isinstance(item, _Batch):
+        return len(item.keys) if isinstance(item.keys, np.ndarray) else 0
+    return max(len(item), _LAZY_KEYS)
+
+
+def _take_group(queue: collections.deque[Any]) -> list[Any]:
+    """The queued items folded together next (caller holds the queue's lock): at most
+    ``_GROUP`` and, past the first, at most ``_GROUP_KEYS`` keys."""
+    items, keys = [], 0
+    while queue and len(items) < _GROUP:
+        item = queue[0]
+        n = len(item.keys) if isinstance(item, _Batch) and isinstance(item.keys, np.ndarray) else 0
+        if items and keys + n > _GROUP_KEYS:
+            break
+        items.append(queue.popleft())
+        keys += n
+    return items
 
 
 class _Batch:
@@ -72,9 +105,14 @@ class ConsumedSet:
 
     def __init__(self, bitmap: Any = None, *, background: bool = False) -> None:
         self._bitmap = bitmap if bitmap is not None else _bitmap()
+        # Keys folded but not yet in _bitmap (disjoint from it): see _fold.
+        self._small = _bitmap()
+        self._defer = True  # fold into _small (the set's containers are arrays)
+        self._lazy_keys = _LAZY_KEYS  # keys queued before the thread folds (if _defer)
         self._bm_lock = threading.Lock()  # the bitmap, the pieces and the fold
         self._cv = threading.Condition()  # the queue, the thread's state
         self._queue: collections.deque[Any] = collections.deque()
+        self._queued_keys = 0
         # The last batches' keys (for ``encode(lag)``): raw until folded, then serialized.
         self._recent: collections.deque[_Batch] = collections.deque(maxlen=RECENT_BATCHES)
         self._background = background
@@ -105,6 +143,7 @@ class ConsumedSet:
             batch = _Batch(keys)
             self._queue.append(batch)
             self._recent.append(batch)
+            self._queued_keys += len(keys)
             self.added += len(keys)
             self._expected += len(keys)
             if self._background and not self._closed:
@@ -121,6 +160,7 @@ class ConsumedSet:
         bm = other.bitmap() if isinstance(other, ConsumedSet) else other
         with self._cv:
             self._queue.append(bm)
+            self._queued_keys += max(len(bm), _LAZY_KEYS)  # folded without waiting
             self._expected += len(bm)
             if self._thread is not None:
                 self._cv.notify()
@@ -139,19 +179,26 @@ class ConsumedSet:
         try:
             while True:
                 with self._cv:
-                    while not self._queue and not self._closed:
+                    while not self._closed and (
+                        not self._queue or (self._defer and self._queued_keys < self._lazy_keys)
+                    ):
                         self._cv.wait()
                     if self._closed:
                         return
                 with self._bm_lock:  # popped under the bitmap's lock: a snapshot sees it
                     with self._cv:  # a backlog is folded together (one sort, few calls)
-                        n = min(len(self._queue), _GROUP)
-                        items = [self._queue.popleft() for _ in range(n)]
+                        items = _take_group(self._queue)
+                        self._queued_keys = 0 if not self._queue else max(
+                            0, self._queued_keys - sum(map(_keys_of, items))
+                        )
                     if items:
                         self._fold(items)
                 items = []  # not kept alive while waiting for the next batch
                 if self._fresh_keys >= self._refresh_at():
                     self._refresh()
+                elif len(self._small) >= self._refresh_at():  # scattered: no pieces
+                    with self._bm_lock:
+                        self._flush()
                 elif len(self._fresh) > _FRESH_BLOBS:
                     self._unite_fresh()
         except BaseException as e:  # noqa: BLE001 - re-raised on the training step
@@ -166,6 +213,7 @@ class ConsumedSet:
                 if isinstance(item.keys, np.ndarray):  # else folded already
                     batches.append(item)
                 continue
+            self._flush()
             self._bitmap |= item  # a BitMap64 (include)
             if not self._pieces.scattered:
                 self._fresh.append((item.serialize(), None))
@@ -173,9 +221,17 @@ class ConsumedSet:
         if not batches:
             return
         raw = [b.keys.astype(np.uint64, copy=False) for b in batches]
-        k = np.sort(raw[0] if len(raw) == 1 else np.concatenate(raw))  # numpy: off the GIL
-        k = k[np.concatenate([[True], k[1:] != k[:-1]])] if len(k) else k
-        pieces = fold_sorted(k, self._bitmap, _FOLD_KEYS)
+        k = distinct(raw[0] if len(raw) == 1 else np.concatenate(raw))  # numpy: off the GIL
+        # A batch scattered over containers that are arrays (a rank's share of a global
+        # shuffle: 12.5K keys over 3,052 containers, ~4 keys each) costs a merge of every
+        # array it touches, O(the set) per batch: such batches go into a small bitmap
+        # (disjoint from the set) merged into it once per refresh (measured at 100M random,
+        # 8 ranks: 463 ns/ID folding into the set, the small bitmap of an earlier version
+        # 157). Into bitsets (dense sets) a key costs the same either way: folded directly.
+        into = self._small if self._defer else self._bitmap
+        pieces = fold_sorted(k, into, _FOLD_KEYS, self._small if into is self._bitmap else self._bitmap)
+        touched = sum(len(ck) for _, ck in pieces)
+        self._lazy_keys = min(_LAZY_KEYS, max(1024, _LAZY_PER_CONTAINER * touched))
         if not self._pieces.scattered:
             self._fresh += pieces
             self._fresh_keys += len(k)
@@ -186,12 +242,22 @@ class ConsumedSet:
             recent = {id(b) for b in self._recent}
         for b, keys in zip(batches, raw, strict=True):
             keep = id(b) in recent and len(keys)
-            b.keys = [portable(np.unique(keys))] if keep else []
+            b.keys = [portable(distinct(keys))] if keep else []
+
+    def _flush(self) -> None:
+        """The small bitmap into the set (caller holds ``_bm_lock``)."""
+        if len(self._small):
+            self._bitmap |= self._small
+            self._small = _bitmap()
+            # Serialized size, computed (O(containers)): 2 bytes per key in arrays,
+            # 1/8 byte in full bitsets.
+            self._defer = self._bitmap.__sizeof__() > len(self._bitmap)
 
     def _refresh(self) -> None:
         """Bring the serialized pieces up to date, one piece per hold of the lock (the
         set's thread; a state taken meanwhile is the pieces | _stale | _fresh)."""
         with self._bm_lock:
+            self._flush()
             self._stale = (self._stale or []) + self._fresh
             self._fresh, self._fresh_keys = [], 0
             since = since_of(self._stale)
@@ -221,7 +287,12 @@ class ConsumedSet:
         with self._cv:
             items = list(self._queue)
             self._queue.clear()
+            self._queued_keys = 0
         self._fold(items)
+
+    def _count(self) -> int:
+        """Keys in the set (caller holds ``_bm_lock``; everything queued folded)."""
+        return len(self._bitmap) + len(self._small)
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -238,10 +309,14 @@ class ConsumedSet:
         self._raise_error()
         with self._bm_lock:
             self._fold_queued()
+            self._flush()
             return self._bitmap
 
     def __len__(self) -> int:
-        return len(self.bitmap())
+        self._raise_error()
+        with self._bm_lock:  # not flushed: a state's repeat check stays O(1)
+            self._fold_queued()
+            return self._count()
 
     @property
     def repeats(self) -> int:
@@ -279,6 +354,7 @@ class ConsumedSet:
         self._raise_error()
         with self._bm_lock:
             self._fold_queued()
+            self._flush()
             held = self._held(lag)
             if held is not None:  # out for the serialization, back in after it
                 self._bitmap -= held
@@ -296,32 +372,7 @@ class ConsumedSet:
         """The set split by key range: ``(start, stop, portable bytes)`` per non-empty
         range, each at most ``target_bytes`` unless one 2^16-key container alone is
         larger (8 KiB at most). Ranges are disjoint, ascending and 2^16-aligned."""
-        from pyroaring import BitMap64
-
-        bm = self.bitmap()
-        if len(bm) == 0:
-            return []
-        bm.run_optimize()
-        lo, hi = (bm.min() >> 16) << 16, ((bm.max() >> 16) + 1) << 16
-        if bm.__sizeof__() > 8 * len(bm):  # scattered (hashed IDs): a range would span
-            # billions of empty containers; one chunk (key 2^64 - 1 excluded: a uint64 stop)
-            return [(lo, min(hi, (1 << 64) - 1), bm.serialize())]
-        pieces = max(1, -(-bm.__sizeof__() // max(1, target_bytes)))  # serialized size
-        step = max(1 << 16, (-(-(hi - lo) // pieces) >> 16) << 16)
-        out: list[tuple[int, int, bytes]] = []
-        todo = [(a, min(a + step, hi)) for a in range(lo, hi, step)][::-1]
-        while todo:
-            a, b = todo.pop()
-            piece = bm & BitMap64(range(a, b))
-            if len(piece) == 0:
-                continue
-            blob = piece.serialize()
-            if len(blob) > target_bytes and b - a > 1 << 16:
-                mid = a + (((b - a) >> 17) << 16)
-                todo += [(mid, b), (a, mid)]
-                continue
-            out.append((a, b, blob))
-        return out
+        return chunks_of(self.bitmap(), target_bytes)
 
     # -- encoding --------------------------------------------------------------------------
     def encode(
@@ -335,22 +386,28 @@ class ConsumedSet:
         with self._bm_lock:
             self._fold_queued()
             held = self._held(lag)
-            count = len(self._bitmap) - (len(held) if held is not None else 0)
+            count = self._count() - (len(held) if held is not None else 0)
             ranges = self._pieces.ranges
-            if self._stale is None and not self._pieces.scattered and (
-                any(r[2] is None for r in ranges) or nbytes(self._fresh) > max(
+            unmade = any(r[2] is None for r in ranges)
+            if self._background and self._stale is None and not self._pieces.scattered and (
+                unmade or nbytes(self._fresh) > max(
                     4 << 20, nbytes([(b, None) for b in self._pieces.blobs()])
                 )
-            ):  # never made (a set without a thread), or a backlog larger than the set's
-                # pieces folded here (a thread far behind): made here
+            ):  # never made (before the thread's first refresh), or a backlog larger than
+                # the set's pieces folded here (a thread far behind): made here
                 since = since_of(self._fresh)
+                self._flush()
                 i = 0
                 while i < len(ranges) and not self._pieces.scattered:
                     stale = self._pieces.stale(i, since)
                     i = self._pieces.make(i, self._bitmap) if stale else i + 1
                 if not self._pieces.scattered:
                     self._fresh, self._fresh_keys = [], 0
-            if self._pieces.scattered:
+            if self._pieces.scattered or (unmade and not self._background):
+                # Scattered, or a set without a thread (a merged or loaded set): no thread
+                # would keep pieces up to date, one serialization (measured: a merge of
+                # 8 ranks' states at 10M random made pieces of the union, 56 vs 22 ms).
+                self._flush()
                 blobs = [self._bitmap.serialize()]
             else:
                 # The keys added since the pieces were made: serialized already.
@@ -377,28 +434,4 @@ class ConsumedSet:
 
     @classmethod
     def _decode_parts(cls, enc: dict, search_dir: str | None) -> ConsumedSet:
-        """The union of the ranks' parts, one part in memory at a time besides the union
-        (peak: the union plus the largest part)."""
-        parts = enc.get("parts")
-        if not isinstance(parts, list) or not parts:
-            raise ValueError(f"consumed-ID set has no parts: {enc!r:.200}")
-        union = cls()
-        total = 0
-        for part in parts:
-            if not isinstance(part, dict):
-                raise ValueError(f"consumed-ID set has a part that is not a dict: {part!r:.120}")
-            one = decode_one({"format": "roaring64", **part}, search_dir)
-            total += len(one)
-            union._bitmap |= one
-            del one
-        n = len(union._bitmap)
-        if n != total:
-            raise ValueError(
-                f"{total - n} IDs were consumed on more than one rank: the id_column is not "
-                "unique across the dataset, and a resume by ID would skip rows never trained on"
-            )
-        if "count" in enc and n != enc["count"]:
-            raise ValueError(f"consumed-ID set is corrupt: {n} IDs, expected {enc['count']}")
-        union._expected = n
-        return union
-
+        return cls(decode_parts(enc, search_dir))  # checked there (repeats, count)

@@ -21,6 +21,7 @@ import os
 import uuid
 from collections.abc import Sequence
 
+from .blobs import decode_one
 from .consumed import ConsumedSet, write_blob
 
 __all__ = ["GATHER_MAX_BYTES", "PARTS", "inline_bytes", "merge_states", "part_state"]
@@ -101,6 +102,12 @@ def merge_states(states: Sequence[dict], *, spill_dir: str | None = None) -> dic
     union = ConsumedSet()
     total = 0
     for enc in encs:  # one rank's set in memory at a time besides the union
+        count = enc.get("count") if isinstance(enc, dict) else None
+        if (enc.get("format") == "roaring64" and enc.get("minus") is None
+                and type(count) is int and count >= 0):
+            decode_one(enc, None, into=union._bitmap)  # united straight in
+            total += count
+            continue
         one = ConsumedSet.decode(enc).bitmap()
         total += len(one)
         union._bitmap |= one

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "PIECE_BYTES", "Pieces", "bitmap_of", "fold_sorted", "nbytes", "portable", "since_of", "unite"
+    "PIECE_BYTES", "Pieces", "bitmap_of", "chunks_of", "distinct", "fold_sorted", "nbytes", "portable",
+    "since_of", "unite",
 ]
 
 #: Serialized bytes per piece (a piece of 2^16 keys' range may exceed it alone: 8 KiB).
@@ -110,12 +111,15 @@ class Pieces:
         return None
 
 
-def fold_sorted(k: np.ndarray, into: Any, step: int) -> list[tuple[bytes, np.ndarray]]:
+def fold_sorted(
+    k: np.ndarray, into: Any, step: int, other: Any = None
+) -> list[tuple[bytes, np.ndarray]]:
     """Sorted, distinct uint64 keys into the bitmap ``into``; returns them serialized (in
     pieces of at most ``step``, each with its distinct ``key >> 16``). Runs of
     consecutive keys go in as ranges (run containers, a few bytes per run); scattered
     keys are serialized by numpy (``pieces.portable``) and read by pyroaring in one short
-    call, ~5x less time holding the GIL than adding them."""
+    call, ~5x less time holding the GIL than adding them. Keys already in ``other`` (a
+    bitmap kept disjoint from ``into``) are left out of ``into``, not of the blobs."""
     from pyroaring import BitMap64
 
     out = []
@@ -134,8 +138,39 @@ def fold_sorted(k: np.ndarray, into: Any, step: int) -> list[tuple[bytes, np.nda
         else:
             blob = portable(part)
             bm = BitMap64.deserialize(blob)
+        if other is not None and len(other) and other.intersection_cardinality(bm):
+            bm = bm - other  # repeats (a non-unique id_column): rare
         into |= bm
         out.append((blob, ck))
+    return out
+
+
+def chunks_of(bm: Any, target_bytes: int) -> list[tuple[int, int, bytes]]:
+    """``ConsumedSet.chunks`` of the bitmap ``bm`` (run-optimized in place)."""
+    from pyroaring import BitMap64
+
+    if len(bm) == 0:
+        return []
+    bm.run_optimize()
+    lo, hi = (bm.min() >> 16) << 16, ((bm.max() >> 16) + 1) << 16
+    if bm.__sizeof__() > 8 * len(bm):  # scattered (hashed IDs): a range would span
+        # billions of empty containers; one chunk (key 2^64 - 1 excluded: a uint64 stop)
+        return [(lo, min(hi, (1 << 64) - 1), bm.serialize())]
+    pieces = max(1, -(-bm.__sizeof__() // max(1, target_bytes)))  # serialized size
+    step = max(1 << 16, (-(-(hi - lo) // pieces) >> 16) << 16)
+    out: list[tuple[int, int, bytes]] = []
+    todo = [(a, min(a + step, hi)) for a in range(lo, hi, step)][::-1]
+    while todo:
+        a, b = todo.pop()
+        piece = bm & BitMap64(range(a, b))
+        if len(piece) == 0:
+            continue
+        blob = piece.serialize()
+        if len(blob) > target_bytes and b - a > 1 << 16:
+            mid = a + (((b - a) >> 17) << 16)
+            todo += [(mid, b), (a, mid)]
+            continue
+        out.append((a, b, blob))
     return out
 
 
@@ -144,7 +179,14 @@ def since_of(fresh: list[tuple[bytes, np.ndarray | None]]) -> np.ndarray | None:
     cks = [ck for _, ck in fresh]
     if any(ck is None for ck in cks):
         return None
-    return np.unique(np.concatenate(cks)) if cks else np.empty(0, np.uint64)
+    return distinct(np.concatenate(cks)) if cks else np.empty(0, np.uint64)
+
+
+def distinct(k: np.ndarray) -> np.ndarray:
+    """Sorted, distinct keys. Not ``np.unique``: on this numpy it took 1.5 ms for 12.5K
+    uint64 keys against 0.07 ms for the sort it needs (a batch of a rank of 8 at 100M)."""
+    k = np.sort(k)
+    return k[np.concatenate([[True], k[1:] != k[:-1]])] if len(k) else k
 
 
 def bitmap_of(keys: np.ndarray | None = None) -> Any:
@@ -221,3 +263,4 @@ def _portable32(v: np.ndarray) -> bytes:
         at = ends[i]
     parts.append(low[at:].tobytes())
     return b"".join(parts)
+
