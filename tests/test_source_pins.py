@@ -102,36 +102,6 @@ class _Identity:
         return batch
 
 
-def test_plans_of_task_pool_maps_only_run_without_ray_data_reservation():
-    """``source._only_task_maps`` (the epoch's context drops Ray Data's per-operator
-    reservation) reads ``InputData``, ``AbstractMap`` and ``AbstractMap.compute``; the
-    caller's context keeps its setting."""
-    import ray
-
-    from torch_raydata.pipeline.source import RaySource, _only_task_maps
-
-    task_maps = ray.data.range(100, override_num_blocks=4).map(lambda r: r).filter(lambda r: True)
-    assert _only_task_maps(task_maps)
-    assert not _only_task_maps(ray.data.range(10).map_batches(_Identity, concurrency=1))
-    assert not _only_task_maps(ray.data.range(10).random_shuffle())
-    assert not _only_task_maps(ray.data.range(10).union(ray.data.range(10)))
-    src = RaySource(task_maps)
-    blocks = src.open()
-    try:
-        assert blocks._executor._data_context.op_resource_reservation_enabled is False
-        assert not blocks._executor._resource_manager.op_resource_allocator_enabled()
-        assert task_maps.context.op_resource_reservation_enabled is True
-        assert sum(sb.num_rows for sb in blocks) == 100
-    finally:
-        blocks.close()
-    shuffled = RaySource(ray.data.range(10).random_shuffle()).open()
-    try:
-        assert shuffled._executor._data_context.op_resource_reservation_enabled is True
-        assert shuffled._executor._resource_manager.op_resource_allocator_enabled()
-    finally:
-        shuffled.close()
-
-
 def test_materialized_dataset_is_served_from_cache_without_an_executor():
     """We iterate a MaterializedDataset directly (no per-epoch copy): Ray must serve its
     cached bundle without an executor, so an early stop cannot touch its row count."""

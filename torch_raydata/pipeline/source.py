@@ -55,9 +55,7 @@ THE one module that touches Ray internals. What it relies on (pinned by
   (:func:`other_live_drivers`, for ``distributed.init_ray``'s exit wait).
 * ``ray.train.utils._in_ray_train_worker()``: whether this process is a Ray Train worker
   (``iter_torch_batches(device="auto")`` then uses ``ray.train.torch.get_device()``).
-* ``DataContext.op_resource_reservation_enabled`` (turned off on an epoch's own context
-  when the plan is only task-pool maps, ``_only_task_maps``), ``InputData`` and
-  ``AbstractMap.compute``.
+* ``AbstractMap.compute`` (an actor-pool map does not fuse an appended stage).
 * ``Dataset.copy(ds, _deep_copy=True)`` to give every epoch its own execution cache and
   DataContext (``preserve_order=True`` and the training-sized ``target_max_block_size``
   are set on the copy, never on the caller's dataset or the global context).
@@ -473,11 +471,8 @@ class RaySource:
                 # block order is fixed, so preserve_order holds.
                 return EpochBlocks.from_iterator(self.data.iterator())
             ds = self.data if transform is None else transform(self.data)
-            ds = self._epoch_copy(self._listed(ds, may_list=may_list))
-            if _only_task_maps(ds):
-                # See _only_task_maps. The epoch's own context: the caller's is untouched.
-                ds.context.op_resource_reservation_enabled = False
-            return EpochBlocks.start(ds, hold_bytes=hold_bytes)
+            ds = self._listed(ds, may_list=may_list)
+            return EpochBlocks.start(self._epoch_copy(ds), hold_bytes=hold_bytes)
         if transform is not None:
             raise ValueError("a DataIterator input cannot take extra stages; filter locally")
         return EpochBlocks.from_iterator(self.data)
@@ -570,34 +565,6 @@ class RaySource:
         if target is None or target > self.block_bytes:
             ctx.target_max_block_size = self.block_bytes
         return ds
-
-
-def _only_task_maps(ds: Dataset) -> bool:
-    """Whether every operator of ``ds``'s plan is an in-memory input or a task-pool map
-    (``AbstractMap``: the read, ``map``, ``map_batches``, ``filter``...), the plans Ray
-    runs as one fused task per block (or a chain of task-pool operators).
-
-    For those, Ray Data 2.60's per-operator resource reservation only holds work back: at
-    every epoch's start it gives the operator a budget of 0 bytes for about 1.5 s
-    (``max_task_output_bytes_to_read`` 0-1 B, measured on W7), so a running task's
-    outputs are not read and it stalls; W7's Ray workers were 0.9 cores busy of 2.
-    Without it (the scheduling Ray Data used before the reservation existed, still bounded
-    by the global object-store limit, the streaming generators' backpressure and our
-    prefetch window), A/B on W7, 3 rounds: epochs 2-3 2.45-2.92 s against 3.04-4.23 s,
-    object-store peak 332-349 against 308-345 MiB. The reservation stays for anything
-    else (actor pools, shuffles, listings Ray runs itself, unions...): there it keeps every
-    operator of a longer pipeline progressing."""
-    from ray.data._internal.logical.operators import InputData
-    from ray.data._internal.logical.operators.map_operator import AbstractMap
-
-    for op in ds._logical_plan.dag.post_order_iter():
-        if isinstance(op, InputData):
-            continue
-        if not isinstance(op, AbstractMap):
-            return False
-        if _is_actor_pool(op):
-            return False
-    return True
 
 
 def _is_actor_pool(op: Any) -> bool:
