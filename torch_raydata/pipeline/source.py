@@ -45,10 +45,7 @@ THE one module that touches Ray internals. What it relies on (pinned by
   ``ReadFiles.scanner`` (``ParquetScanner``: ``predicate``, ``partition_predicate``,
   ``limit``) and ``block_udf``, ``ListFiles.{predicate,limit}``, ``AbstractOneToOne``'s
   ``can_modify_num_rows`` and ``per_block_limit``, and ``Dataset.add_column``'s batch
-  function name (pinned in ``tests/test_source_pins.py``). The listing's units are split
-  to ``ReadFiles.parallelism`` (``override_num_blocks``) or two per cluster CPU
-  (``source_listing.split_listing``; ``tests/test_read_units.py``): each manifest row is
-  a file or a run of a file's row groups, read on its own.
+  function name (pinned in ``tests/test_source_pins.py``).
 * ``ray._private.state.jobs()`` (the GCS job table: one entry per driver, with
   ``JobID``, ``DriverPid``, ``IsDead``) and ``ray.get_runtime_context().get_job_id()``:
   which other drivers are still connected to a cluster this process started
@@ -542,12 +539,8 @@ class RaySource:
         """Run ``listing_op`` alone; its manifest tables, or False if not applicable."""
         if listing_op.shuffle_config_factory() is not None:
             return False  # a new file order every execution: list every epoch
-        listing = source_listing.list_in_process(ds, listing_op)
-        if listing is None:
-            listing = source_listing.list_with_ray(ds, listing_op)
-        if not listing:
-            return listing
-        return source_listing.split_listing(listing, source_listing.read_units(ds, listing_op))
+        local = source_listing.list_in_process(ds, listing_op)
+        return local if local is not None else source_listing.list_with_ray(ds, listing_op)
 
     def _epoch_copy(self, ds: Dataset) -> Dataset:
         """An epoch-private copy (own execution cache and context). Ray's

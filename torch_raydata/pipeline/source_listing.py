@@ -20,14 +20,7 @@ from typing import Any
 import ray
 from ray.data import Dataset
 
-__all__ = [
-    "LOCAL_LISTING_MAX_FILES",
-    "list_in_process",
-    "list_with_ray",
-    "read_units",
-    "rows_of_listing",
-    "split_listing",
-]
+__all__ = ["LOCAL_LISTING_MAX_FILES", "list_in_process", "list_with_ray", "rows_of_listing"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,54 +154,6 @@ def list_in_process(ds: Dataset, op: Any) -> list[tuple[Any, Any, Any]] | None:
 
 class _TooManyFiles(Exception):
     pass
-
-
-# Read units per cluster CPU that a listing is split to (see read_units).
-READ_UNITS_PER_CPU = 2
-
-
-def read_units(ds: Dataset, listing_op: Any) -> int:
-    """How many read tasks an epoch of ``ds`` should have at least.
-
-    Ray 2.60 packs a ``read_parquet`` listing into read units of up to 128 MiB of
-    *stored* bytes, and ignores ``override_num_blocks`` for it (its parquet partitioner
-    drops the hint). A map fused into the read then runs in as many tasks as there are
-    units: 6 files of JPEGs (~35 MB) made ONE task, so one CPU decoded every image of
-    the epoch while the others idled (benchmark W7: Ray workers 1.03 cores busy of 2).
-    The count: the user's ``override_num_blocks`` when given, else
-    ``READ_UNITS_PER_CPU`` per CPU of the cluster (two, so that a unit that runs long
-    does not leave a CPU idle at the epoch's end)."""
-    from ray.data._internal.logical.operators import ReadFiles
-
-    for op in ds._logical_plan.dag.post_order_iter():
-        if isinstance(op, ReadFiles) and listing_op in op.input_dependencies:
-            if op.parallelism and op.parallelism > 0:
-                return int(op.parallelism)
-    try:
-        cpus = int(ray.cluster_resources().get("CPU", 0))
-    except Exception:  # noqa: BLE001 - unknown: leave Ray's units as they are
-        return 0
-    return READ_UNITS_PER_CPU * cpus
-
-
-def split_listing(listing: list[tuple[Any, Any, Any]], units: int) -> list[tuple[Any, Any, Any]]:
-    """``listing`` (manifest tables, one per read unit) with its largest units split in
-    halves, in place (the order of files is kept), until there are ``units`` of them or
-    every unit is one listing row (a file, or a run of a file's row groups, which Ray's
-    packer also places on its own). Never merges units. Hand-written: Ray's packer
-    offers no unit count (only a byte cap)."""
-    from ray.data.block import BlockAccessor
-
-    out = list(listing)
-    while len(out) < units:
-        i = max(range(len(out)), key=lambda k: out[k][0].num_rows, default=None)
-        if i is None or out[i][0].num_rows < 2:
-            break
-        table, _md, schema = out[i]
-        half = table.num_rows // 2
-        pieces = [table.slice(0, half), table.slice(half)]
-        out[i : i + 1] = [(p, BlockAccessor.for_block(p).get_metadata(), schema) for p in pieces]
-    return out
 
 
 # Dataset.add_column's batch function: it returns its input batch with one column set,
