@@ -434,7 +434,9 @@ class RaySource:
         from ray.data._internal.logical.operators.map_operator import AbstractMap
 
         dag = self.data._logical_plan.dag
-        return isinstance(dag, AbstractMap) and not _is_actor_pool(dag)
+        # Ray 2.60 keeps a map's compute strategy in ``AbstractMap.compute``.
+        compute = getattr(dag, "compute", None)
+        return isinstance(dag, AbstractMap) and type(compute).__name__ != "ActorPoolStrategy"
 
     def column_names(self) -> list[str] | None:
         """Column names if the schema is known without executing, else None."""
@@ -558,11 +560,6 @@ class RaySource:
         if target is None or target > self.block_bytes:
             ctx.target_max_block_size = self.block_bytes
         return ds
-
-
-def _is_actor_pool(op: Any) -> bool:
-    """A logical map run by an actor pool (``AbstractMap.compute``, Ray 2.60)."""
-    return type(getattr(op, "compute", None)).__name__ == "ActorPoolStrategy"
 
 
 def split_for_ranks(ds: Dataset, n: int, *, preserve_order: bool = False) -> list[DataIterator]:
