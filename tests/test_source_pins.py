@@ -269,3 +269,75 @@ def test_closing_an_epoch_never_iterated_cancels_no_running_task(monkeypatch):
     blocks.close()
     assert cancelled == []
     assert teardown_counts()["quiet"] == before["quiet"] + 1
+
+
+def test_executor_limits_are_the_clusters_from_the_first_step():
+    """Ray 2.60 sizes an executor's limits from its autoscaling coordinator's reservation
+    (``ResourceManager._get_total_resources``), empty at the executor's start and split
+    between two executors; ``source._size_to_cluster`` makes each limit at least the
+    cluster's. Pins ``_resource_manager``, ``_get_total_resources``,
+    ``_global_limits_last_update_time`` and ``get_global_limits``."""
+    import ray
+
+    from torch_raydata.pipeline.source import EpochBlocks
+
+    cpus = ray.cluster_resources()["CPU"]
+    ds = ray.data.range(400, override_num_blocks=8).map_batches(lambda b: b)
+    first = EpochBlocks.start(ds, hold_bytes=0)
+    second = EpochBlocks.start(ds, hold_bytes=None)  # two executors at once
+    try:
+        for blocks in (first, second):
+            manager = blocks._executor._resource_manager
+            assert callable(manager._get_total_resources)
+            assert hasattr(manager, "_global_limits_last_update_time")
+            limits = manager.get_global_limits()
+            assert limits.cpu == cpus, limits
+            assert limits.object_store_memory > 0, limits
+        assert sum(sb.num_rows for sb in second) == 400
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_held_epoch_does_not_spin_rays_scheduling_loop(monkeypatch):
+    """With no task running Ray's loop does not wait (``process_completed_tasks`` waits
+    only on running tasks); ``_Hold.pace`` pauses such steps. Pins ``get_active_tasks``
+    and that our step callback runs at the end of every step."""
+    import threading
+
+    import ray
+
+    from torch_raydata.pipeline import source
+    from torch_raydata.pipeline.source import EpochBlocks
+
+    monkeypatch.setattr(source, "IDLE_STEP_WAIT", 0.005)
+    paused: list[int] = []
+
+    class Counting(threading.Condition):
+        def wait(self, timeout=None):
+            paused.append(1)
+            return super().wait(timeout)
+
+    ds = ray.data.range(400, override_num_blocks=8).map_batches(lambda b: b)
+    blocks = EpochBlocks.start(ds, hold_bytes=1)  # held after its first output
+    executor, hold = blocks._executor, blocks._hold
+    hold._wake = Counting()
+    steps = hold.steps
+    try:
+        with steps.cond:  # detector, bounded: the held executor's tasks have all ended
+            for _ in range(6000):
+                idle = not any(op.get_active_tasks() for op in list(executor._topology))
+                if idle and hold.queued_bytes() > 0:
+                    break
+                steps.cond.wait(0.01)
+            else:
+                raise AssertionError("the held epoch never went idle")
+            start, paused_at_start = steps.count, len(paused)
+            while steps.count < start + 20:
+                assert steps.cond.wait(30), "Ray's scheduling loop stopped stepping"
+        assert len(paused) - paused_at_start >= 19  # every idle step paused (one may race)
+        assert executor.is_alive()  # still held: the loop runs, slowly
+        blocks.release()
+        assert sum(sb.num_rows for sb in blocks) == 400
+    finally:
+        blocks.close()

@@ -1,4 +1,5 @@
-"""Stage 1's early-stop teardown (``source._quiesce``) against a fake executor, no Ray.
+"""Stage 1's hooks in Ray's executor against a fake executor, no Ray: the early-stop
+teardown (``source._quiesce``) and the pause of idle scheduling steps (``_Hold.pace``).
 
 Ray's executor shutdown cancels running tasks, and a cancel that meets a task's
 completion aborts the process (see ``source._quiesce``). The quiesce must therefore not
@@ -29,6 +30,9 @@ class _Op:
         if self.tasks:
             self.polled_busy.set()
         return self.tasks
+
+    def get_active_tasks(self) -> list[str]:
+        return [f"task {i}" for i in range(self.tasks)]
 
 
 class _Executor:
@@ -112,3 +116,87 @@ def test_an_executor_already_shut_down_is_left_alone():
     hold = _Hold(executor)
     _quiesce(executor, hold)
     assert hold.budget is None and not executor.looked.is_set()
+
+
+class _CountingCondition(threading.Condition):
+    """Records the timeout of every wait (a detector: which steps paused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        return super().wait(timeout)
+
+
+def _until_paused(cond: _CountingCondition, timeout: float) -> None:
+    """Detector: a step is waiting on ``cond`` with ``timeout`` (its wait() released the
+    lock, so holding it here means the step is inside the wait). Bounded by WAIT."""
+    with cond:
+        for _ in range(WAIT * 100):
+            if timeout in cond.waits:
+                return
+            cond.wait(0.01)
+    raise AssertionError("the scheduling step never paused")
+
+
+def _paced_hold(executor: _Executor) -> tuple[_Hold, _CountingCondition]:
+    hold = _Hold(executor)
+    cond = hold._wake = _CountingCondition()
+    return hold, cond
+
+
+def test_an_idle_scheduling_step_pauses_and_a_busy_one_does_not(monkeypatch):
+    """Ray's loop waits for running tasks itself; with none it would step again at once
+    (each step takes the trainer's GIL), so a step ending with no task running pauses."""
+    monkeypatch.setattr(source, "IDLE_STEP_WAIT", 0.001)
+    executor = _Executor()
+    hold, cond = _paced_hold(executor)
+    executor.op.tasks = 1
+    hold.steps.on_execution_step(executor)
+    assert cond.waits == [] and hold.steps.count == 1  # a task runs: Ray's ray.wait paces
+    executor.op.tasks = 0
+    hold.steps.on_execution_step(executor)
+    assert cond.waits == [0.001] and hold.steps.count == 2  # counted before the pause
+    executor._shutdown = True
+    hold.steps.on_execution_step(executor)
+    assert cond.waits == [0.001]  # shutting down: the loop must end, no pause
+
+
+def test_a_wake_ends_the_pause_and_one_that_came_first_skips_it(monkeypatch):
+    monkeypatch.setattr(source, "IDLE_STEP_WAIT", 3600.0)  # only a wake can end it
+    executor = _Executor()
+    hold, cond = _paced_hold(executor)
+    hold.wake()  # e.g. a block was taken while the step ran
+    hold.steps.on_execution_step(executor)
+    assert cond.waits == []  # not paused: the step's view may be stale
+    done = threading.Event()
+
+    def step() -> None:
+        hold.steps.on_execution_step(executor)
+        done.set()
+
+    t = threading.Thread(target=step, name="test-step")
+    t.start()
+    _until_paused(cond, 3600.0)
+    assert not done.is_set()
+    hold.wake()
+    assert done.wait(WAIT)
+    t.join(WAIT)
+
+
+def test_release_and_close_wake_a_paused_step(monkeypatch):
+    monkeypatch.setattr(source, "IDLE_STEP_WAIT", 3600.0)
+    for end in ("release", "close"):
+        executor = _Executor()
+        executor.alive = False  # (close: nothing to quiesce)
+        executor.shutdown = lambda force: None
+        hold, cond = _paced_hold(executor)
+        blocks = source.EpochBlocks(iter(()), executor, hold=hold)
+        t = threading.Thread(target=hold.steps.on_execution_step, args=(executor,))
+        t.start()
+        _until_paused(cond, 3600.0)
+        blocks.release() if end == "release" else blocks.close()
+        t.join(WAIT)
+        assert not t.is_alive(), end

@@ -17,7 +17,14 @@ THE one module that touches Ray internals. What it relies on (pinned by
   We add one policy of our own to each executor we start: it holds a prestarted epoch to
   a byte budget, and on an early stop it lets running tasks finish before the shutdown
   (see ``EpochBlocks.close``); and a step counter, so that the early stop knows when a
-  step that passed the policy just before it closed has dispatched (``_quiesce``).
+  step that passed the policy just before it closed has dispatched (``_quiesce``), and
+  that pauses a step ending with no task running (``op.get_active_tasks()``; Ray's loop
+  would spin, see ``_Hold.pace``).
+* ``executor._resource_manager`` (built by ``_execute_dag``): its
+  ``_get_total_resources`` (what the executor's limits are sized from: the autoscaling
+  coordinator's reservation, empty at the executor's start) and
+  ``_global_limits_last_update_time``; ``ExecutionResources.from_resource_dict`` and
+  ``.max`` (``_size_to_cluster``).
 * ``DataIterator._to_ref_bundle_iterator() -> (Iterator[RefBundle], stats, executor)``
   and ``DataIterator._on_iteration_end(executor)`` for inputs we do not copy (a
   ``streaming_split`` shard such as a Ray Train shard, a MaterializedDataset): the same
@@ -45,7 +52,11 @@ THE one module that touches Ray internals. What it relies on (pinned by
   ``ReadFiles.scanner`` (``ParquetScanner``: ``predicate``, ``partition_predicate``,
   ``limit``) and ``block_udf``, ``ListFiles.{predicate,limit}``, ``AbstractOneToOne``'s
   ``can_modify_num_rows`` and ``per_block_limit``, and ``Dataset.add_column``'s batch
-  function name (pinned in ``tests/test_source_pins.py``).
+  function name (pinned in ``tests/test_source_pins.py``). The listing's units are split
+  to ``ReadFiles.parallelism`` (``override_num_blocks``) or two per cluster CPU while a
+  unit keeps 1 MiB of files (``FILE_SIZE_COLUMN_NAME``; ``source_listing.split_listing``,
+  ``tests/test_read_units.py``): each manifest row is a file or a run of a file's row
+  groups, read on its own.
 * ``ray._private.state.jobs()`` (the GCS job table: one entry per driver, with
   ``JobID``, ``DriverPid``, ``IsDead``) and ``ray.get_runtime_context().get_job_id()``:
   which other drivers are still connected to a cluster this process started
@@ -75,7 +86,7 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.dataset import MaterializedDataset
 
 from . import source_listing
-from .constants import TEARDOWN_POLL, TEARDOWN_WAIT, TRAINING_BLOCK_BYTES
+from .constants import IDLE_STEP_WAIT, TEARDOWN_POLL, TEARDOWN_WAIT, TRAINING_BLOCK_BYTES
 from .types import SourceBlock
 
 __all__ = [
@@ -149,7 +160,37 @@ class _Hold:
     def __init__(self, executor: Any) -> None:
         self._output_op = executor._output_node[0]
         self.budget: int | None = None
-        self.steps = _StepCounter()
+        self.steps = _StepCounter(self.pace)
+        self._wake = threading.Condition()
+        self._woken = False
+
+    def wake(self) -> None:
+        """Something that can change the scheduling loop's decisions happened on our side
+        (a block taken, the hold lifted, an early stop): end a paused step now."""
+        with self._wake:
+            self._woken = True
+            self._wake.notify_all()
+
+    def pace(self, executor: Any) -> None:
+        """End of one scheduling step (Ray's thread): when no task of the executor runs,
+        pause up to ``IDLE_STEP_WAIT`` or until :meth:`wake`.
+
+        Ray's loop waits for its running tasks (``ray.wait``, 0.1 s), but with none
+        running (a prestarted epoch at its byte budget, or a pipeline ahead of a slow
+        step) it steps again at once, thousands of times a second, each step taking the
+        trainer's GIL. Measured on the demo with a prestarted epoch waiting: 20% of the
+        trainer process's samples in Ray's scheduling threads, and a 3x slower fit."""
+        if executor._shutdown:
+            return
+        try:
+            if any(op.get_active_tasks() for op in list(executor._topology)):
+                return
+        except Exception:  # noqa: BLE001 - unknown: never pause
+            return
+        with self._wake:
+            if not self._woken:
+                self._wake.wait(IDLE_STEP_WAIT)
+            self._woken = False
 
     def queued_bytes(self) -> int:
         return int(self._output_op.metrics.num_external_outqueue_bytes)
@@ -168,14 +209,44 @@ class _StepCounter(ExecutionCallback):
     step that was under way when the hold closed: that step may have passed our policy
     before the close and dispatch its task after we looked at the running ones."""
 
-    def __init__(self) -> None:
+    def __init__(self, after_step: Callable[[Any], None] | None = None) -> None:
         self.count = 0
         self.cond = threading.Condition()
+        self._after_step = after_step
 
     def on_execution_step(self, executor: Any) -> None:
         with self.cond:
             self.count += 1
             self.cond.notify_all()
+        if self._after_step is not None:
+            self._after_step(executor)
+
+
+def _size_to_cluster(executor: Any) -> None:
+    """Size the executor's resource limits to the cluster from its first step.
+
+    Ray 2.60 sizes each executor's limits (CPU, object store) from what its cluster
+    autoscaler reserved for it on Ray Data's autoscaling coordinator actor: an
+    asynchronous call whose answer is empty at the executor's start (limits zero; they
+    are re-read once a second), and, while two executors run (an epoch and the next one
+    prestarted), the leftover CPUs split between them (1 of 2 here). Measured on W7: the
+    fused read+map got a zero budget for ~1.5 s at every epoch start, one task ran on
+    the liveness rule. Each limit here is the larger of that reservation and the
+    cluster's resources (what Ray Data used before the coordinator; Ray still places
+    every task within the cluster's real resources). Set after ``_execute_dag`` built
+    the resource manager: the first step may already have read the zero limits, so the
+    next read refreshes them."""
+    from ray.data._internal.execution.interfaces import ExecutionResources
+
+    manager = executor._resource_manager
+    reserved = manager._get_total_resources
+
+    def total() -> Any:
+        cluster = ExecutionResources.from_resource_dict(ray.cluster_resources())
+        return reserved().max(cluster)
+
+    manager._get_total_resources = total
+    manager._global_limits_last_update_time = 0
 
 
 def _slices(bundle: Any) -> Iterator[SourceBlock]:
@@ -238,6 +309,7 @@ class EpochBlocks:
         hold.budget = hold_bytes
         executor._backpressure_policies.append(hold)
         executor._callbacks.append(hold.steps)
+        _size_to_cluster(executor)
         return cls(iter(bundles), executor, hold=hold)
 
     @classmethod
@@ -250,6 +322,7 @@ class EpochBlocks:
         """Lift the byte hold: the epoch is running now."""
         if self._hold is not None:
             self._hold.budget = None
+            self._hold.wake()
 
     def queued_bytes(self) -> int:
         """Bytes the executor produced that wait for us (0 when unknown or closed)."""
@@ -287,7 +360,10 @@ class EpochBlocks:
     # -- stream ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[SourceBlock]:
         observer = self.observer
+        hold = self._hold
         for bundle in self._bundles:
+            if hold is not None:
+                hold.wake()  # bytes left Ray's output queue: its budgets and ours changed
             for sb in _slices(bundle):
                 if self.first_block_at is None:
                     self.first_block_at = time.perf_counter()
@@ -324,6 +400,8 @@ class EpochBlocks:
         try:
             if self._hold is not None and executor is not None and not self.exhausted:
                 _quiesce(executor, self._hold)
+            if self._hold is not None:
+                self._hold.wake()  # a paused step sees the shutdown at once
             if self._it is not None:
                 self._it._on_iteration_end(executor)
             elif executor is not None:
@@ -541,8 +619,13 @@ class RaySource:
         """Run ``listing_op`` alone; its manifest tables, or False if not applicable."""
         if listing_op.shuffle_config_factory() is not None:
             return False  # a new file order every execution: list every epoch
-        local = source_listing.list_in_process(ds, listing_op)
-        return local if local is not None else source_listing.list_with_ray(ds, listing_op)
+        listing = source_listing.list_in_process(ds, listing_op)
+        if listing is None:
+            listing = source_listing.list_with_ray(ds, listing_op)
+        if not listing:
+            return listing
+        units, min_bytes = source_listing.read_units(ds, listing_op)
+        return source_listing.split_listing(listing, units, min_bytes)
 
     def _epoch_copy(self, ds: Dataset) -> Dataset:
         """An epoch-private copy (own execution cache and context). Ray's
