@@ -243,7 +243,7 @@ def test_closing_an_epoch_never_iterated_cancels_no_running_task(monkeypatch):
     """A prestarted epoch that is discarded was never iterated: our reference to Ray's
     output iterator is its only one, and dropping it shuts the executor down at once
     (``_ClosingIterator.__del__``), cancelling the running tasks (the cancel that can
-    abort the process, see ``source._quiesce``). ``close`` must quiesce first. Pins
+    abort the process, see ``source_executor._quiesce``). ``close`` must quiesce first. Pins
     ``PhysicalOperator._cancel_active_tasks`` as the place Ray cancels."""
     import ray
     from ray.data._internal.execution.interfaces import physical_operator as po
@@ -274,7 +274,7 @@ def test_closing_an_epoch_never_iterated_cancels_no_running_task(monkeypatch):
 def test_executor_limits_are_the_clusters_from_the_first_step():
     """Ray 2.60 sizes an executor's limits from its autoscaling coordinator's reservation
     (``ResourceManager._get_total_resources``), empty at the executor's start and split
-    between two executors; ``source._size_to_cluster`` makes each limit at least the
+    between two executors; ``source_executor._size_to_cluster`` makes each limit at least the
     cluster's. Pins ``_resource_manager``, ``_get_total_resources``,
     ``_global_limits_last_update_time`` and ``get_global_limits``."""
     import ray
@@ -307,10 +307,10 @@ def test_a_held_epoch_does_not_spin_rays_scheduling_loop(monkeypatch):
 
     import ray
 
-    from torch_raydata.pipeline import source
+    from torch_raydata.pipeline import source_executor
     from torch_raydata.pipeline.source import EpochBlocks
 
-    monkeypatch.setattr(source, "IDLE_STEP_WAIT", 0.005)
+    monkeypatch.setattr(source_executor, "IDLE_STEP_WAIT", 0.005)
     paused: list[int] = []
 
     class Counting(threading.Condition):

@@ -1,8 +1,8 @@
 """Stage 1's hooks in Ray's executor against a fake executor, no Ray: the early-stop
-teardown (``source._quiesce``) and the pause of idle scheduling steps (``_Hold.pace``).
+teardown (``source_executor._quiesce``) and the pause of idle scheduling steps (``_Hold.pace``).
 
 Ray's executor shutdown cancels running tasks, and a cancel that meets a task's
-completion aborts the process (see ``source._quiesce``). The quiesce must therefore not
+completion aborts the process (see ``source_executor._quiesce``). The quiesce must therefore not
 let the shutdown go ahead while a task runs, including one dispatched by a scheduling
 step that passed our hold policy just before the hold closed.
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 import threading
 from types import SimpleNamespace
 
-from torch_raydata.pipeline import source
-from torch_raydata.pipeline.source import _Hold, _quiesce, teardown_counts
+from torch_raydata.pipeline import source, source_executor
+from torch_raydata.pipeline.source_executor import _Hold, _quiesce, teardown_counts
 
 WAIT = 30  # bound on every event wait: a broken quiesce fails, never hangs
 
@@ -102,7 +102,7 @@ def test_an_ended_scheduling_loop_needs_no_further_step():
 
 
 def test_a_task_still_running_after_the_bound_is_left_to_the_shutdown(monkeypatch):
-    monkeypatch.setattr(source, "TEARDOWN_WAIT", 0.0)
+    monkeypatch.setattr(source_executor, "TEARDOWN_WAIT", 0.0)
     executor = _Executor()
     executor.op.tasks = 1
     before = teardown_counts()
@@ -150,7 +150,7 @@ def _paced_hold(executor: _Executor) -> tuple[_Hold, _CountingCondition]:
 def test_an_idle_scheduling_step_pauses_and_a_busy_one_does_not(monkeypatch):
     """Ray's loop waits for running tasks itself; with none it would step again at once
     (each step takes the trainer's GIL), so a step ending with no task running pauses."""
-    monkeypatch.setattr(source, "IDLE_STEP_WAIT", 0.001)
+    monkeypatch.setattr(source_executor, "IDLE_STEP_WAIT", 0.001)
     executor = _Executor()
     hold, cond = _paced_hold(executor)
     executor.op.tasks = 1
@@ -165,7 +165,7 @@ def test_an_idle_scheduling_step_pauses_and_a_busy_one_does_not(monkeypatch):
 
 
 def test_a_wake_ends_the_pause_and_one_that_came_first_skips_it(monkeypatch):
-    monkeypatch.setattr(source, "IDLE_STEP_WAIT", 3600.0)  # only a wake can end it
+    monkeypatch.setattr(source_executor, "IDLE_STEP_WAIT", 3600.0)  # only a wake can end it
     executor = _Executor()
     hold, cond = _paced_hold(executor)
     hold.wake()  # e.g. a block was taken while the step ran
@@ -187,7 +187,7 @@ def test_a_wake_ends_the_pause_and_one_that_came_first_skips_it(monkeypatch):
 
 
 def test_release_and_close_wake_a_paused_step(monkeypatch):
-    monkeypatch.setattr(source, "IDLE_STEP_WAIT", 3600.0)
+    monkeypatch.setattr(source_executor, "IDLE_STEP_WAIT", 3600.0)
     for end in ("release", "close"):
         executor = _Executor()
         executor.alive = False  # (close: nothing to quiesce)

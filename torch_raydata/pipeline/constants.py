@@ -45,13 +45,13 @@ FINALIZE_IN_FLIGHT = 2
 TRAINING_BLOCK_BYTES = 8 << 20
 
 # Stage 1, early stop: how long to let Ray's running tasks finish before its executor
-# is shut down (which cancels them; see source._quiesce for why that is avoided), and
+# is shut down (which cancels them; see source_executor._quiesce for why that is avoided), and
 # how often to look.
 TEARDOWN_WAIT = 10.0
 TEARDOWN_POLL = 0.005
 
 # Stage 1: how long one step of Ray's scheduling loop may pause when the executor has no
-# task running (source._Hold.pace). Ray's loop waits for running tasks (0.1 s) but with
+# task running (source_executor._Hold.pace). Ray's loop waits for running tasks (0.1 s) but with
 # none it spins: measured 20% of the trainer's samples in Ray's scheduling threads while
 # a prestarted epoch waited for its turn. Anything that can change the loop's decision on
 # our side (a block taken, the hold lifted, an early stop) ends the pause at once; this
