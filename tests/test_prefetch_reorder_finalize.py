@@ -25,13 +25,33 @@ def test_prefetch_yields_every_block_in_stream_order():
     assert all(t is tables[i] for i, (_, t) in enumerate(out))
 
 
+class _Drained:
+    """A source that sets ``done`` once every block was pulled (a detector: the source
+    thread pulls ahead of the prefetch thread, so what a wait sees depends on it)."""
+
+    def __init__(self, blocks) -> None:
+        self._it = iter(blocks)
+        self.done = threading.Event()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.done.set()
+            raise
+
+
 def test_prefetch_keeps_stream_order_when_later_blocks_are_ready_first():
     tables = make_blocks([10] * 6)
     blocks, fetcher = source_of(tables)
+    src = _Drained(blocks)
     ready = {"b1", "b2", "b3", "b4", "b5"}
-    fetcher.ready = lambda r: r in ready
+    fetcher.ready = lambda r: src.done.is_set() and r in ready
     fetcher.became_ready = threading.Event()
-    p = Prefetcher(iter(blocks), fetcher, max_bytes=10**9)
+    p = Prefetcher(src, fetcher, max_bytes=10**9)
     # b0 is not ready: nothing may be handed on before it, whatever else is ready.
     assert fetcher.waited_after_get.wait(30)
     assert fetcher.get_calls[0] == ["b1", "b2", "b3", "b4", "b5"]
@@ -45,13 +65,45 @@ def test_prefetch_keeps_stream_order_when_later_blocks_are_ready_first():
 def test_prefetch_makes_one_batched_wait_over_all_pending_refs():
     tables = make_blocks([10] * 8)
     blocks, fetcher = source_of(tables)
-    list(Prefetcher(iter(blocks), fetcher, max_bytes=10**9))
-    # With everything ready, the first loop waits on every pending ref at once and gets
-    # them in one call: no per-ref calls.
-    first_refs, timeout, num_returns = fetcher.wait_calls[0]
-    assert len(first_refs) == 8 and timeout == 0 and num_returns is None
-    assert fetcher.get_calls[0] == [f"b{i}" for i in range(8)]
-    assert len(fetcher.get_calls) == 1
+    src = _Drained(blocks)
+    fetcher.ready = lambda r: src.done.is_set()  # ready once all 8 are pending
+    list(Prefetcher(src, fetcher, max_bytes=10**9))
+    # Every pending ref in one wait, and the ready ones in one get: no per-ref calls.
+    assert ([f"b{i}" for i in range(8)], 0, None) in fetcher.wait_calls
+    assert fetcher.get_calls == [[f"b{i}" for i in range(8)]]
+
+
+def test_a_ready_block_is_handed_on_while_the_source_produces_the_next():
+    """Pulling the next block blocks until Ray has produced it; a block already in hand
+    must reach the consumer meanwhile (it used to wait until the window was full)."""
+    tables = make_blocks([10] * 3)
+    blocks, fetcher = source_of(tables)
+    produced = threading.Event()  # the test lets the source produce block 1
+
+    def source():
+        yield blocks[0]
+        assert produced.wait(30)
+        yield from blocks[1:]
+
+    p = Prefetcher(source(), fetcher, max_bytes=10**9)
+    got: list = []
+    first = threading.Event()
+
+    def consume() -> None:
+        for sb, _ in p:
+            got.append(sb.ref)
+            first.set()
+
+    t = threading.Thread(target=consume, name="test-consumer")
+    t.start()
+    try:
+        assert first.wait(30), "block 0 was held back while the source was blocked"
+        assert got == ["b0"]
+    finally:
+        produced.set()
+        t.join(30)
+    assert got == ["b0", "b1", "b2"]
+    p.close()
 
 
 def test_prefetch_window_is_bounded_in_bytes():

@@ -1,7 +1,7 @@
 """The six stages, one module each, numbered as in the design (docs/architecture.md):
 
     1 source    source.py    Dataset / DataIterator / split shard -> block refs (Ray internals)
-    2 prefetch  prefetch.py  background thread, byte-bounded window, batched wait + get
+    2 prefetch  prefetch.py  background threads, byte-bounded window, batched wait + get
     3 batching  batching.py  blocks -> Batch(idx, table, ids): slices, shuffle, drop_last
     4 collate   threaded.py  iter_threaded: N threads, shared input, bounded in-flight
     5 reorder   reorder.py   only with preserve_order=True: restore idx order

@@ -1,4 +1,4 @@
-"""Stage 2: prefetch — one background thread keeps a byte-bounded window of blocks in flight.
+"""Stage 2: prefetch — background threads keep a byte-bounded window of blocks in flight.
 
 Owns: pulling block references from stage 1, asking the object store to bring them to
 this node, resolving them, and handing them on in stream order. Does not own: how refs
@@ -14,6 +14,12 @@ pending block is ready.
 The window counts bytes from the moment a ref is pulled from the source until the
 consumer takes the resolved block, so blocks waiting in the output queue count too.
 It always admits one block, however large, so an oversized block cannot deadlock.
+
+Pulling from the source blocks until Ray has produced the next block, so it runs on a
+thread of its own (``trd-prefetch-source``, bounded by the same window): a block that is
+ready is handed on at once, never held back while the next one is produced. (With one
+thread doing both, a block waited until the window was full: measured on W7, the first
+batch of an epoch came 0.4-1.0 s after its first block, once four blocks were in.)
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ class Fetcher(Protocol):
 
 
 class Prefetcher:
-    """Iterator of ``(SourceBlock, block)`` in stream order, fed by a background thread.
+    """Iterator of ``(SourceBlock, block)`` in stream order, fed by two background threads.
 
     Args:
         blocks: stage 1's iterator of :class:`SourceBlock`.
@@ -79,14 +85,24 @@ class Prefetcher:
         self._max_bytes = max_bytes
         self._stats = stats if stats is not None else StatsRecorder()
         self._stop = threading.Event()
+        # The source thread stops pulling (stop(), or the prefetch thread ended).
+        self._halt = threading.Event()
         self._space = threading.Condition()  # guards _window_bytes
         self._window_bytes = 0
         self._seen_rows = 0
         self._seen_bytes = 0
         self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._inbox = Inbox(self._out, self._stop, _END)
+        # Blocks the source thread pulled, for the prefetch thread (under _space).
+        self._arrived: deque[SourceBlock] = deque()
+        self._source_done = False
+        self._source_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="trd-prefetch", daemon=True)
+        self._reader = threading.Thread(
+            target=self._read, name="trd-prefetch-source", daemon=True
+        )
         self._thread.start()
+        self._reader.start()
 
     # -- budget ---------------------------------------------------------------------------
     def budget_bytes(self) -> int:
@@ -108,37 +124,71 @@ class Prefetcher:
                 self._space.notify_all()
         self._stats.buffer(0, nbytes)
 
-    # -- producer thread ----------------------------------------------------------------
-    def _run(self) -> None:
-        entries: deque[list[Any]] = deque()  # [SourceBlock, value or _PENDING], stream order
-        source_done = False
+    # -- source thread --------------------------------------------------------------------
+    def _read(self) -> None:
+        """Pull stage 1's blocks while the window admits them (blocking in the source)."""
         stats = self._stats
         try:
-            while not self._stop.is_set():
-                progressed = False
-                # Fill the window from the source.
-                while not source_done and self._admit():
-                    t0 = time.perf_counter()
-                    try:
-                        sb = next(self._blocks)
-                    except StopIteration:
-                        source_done = True
-                        break
-                    finally:
-                        stats.add_time("source", time.perf_counter() - t0)
-                    if self._stop.is_set():
-                        return
+            while True:
+                with self._space:
+                    while not self._halt.is_set() and not self._admit_locked():
+                        self._space.wait(QUEUE_TIMEOUT)
+                if self._halt.is_set():
+                    return
+                t0 = time.perf_counter()
+                try:
+                    sb = next(self._blocks)
+                except StopIteration:
+                    return
+                finally:
+                    stats.add_time("source", time.perf_counter() - t0)
+                with self._space:
+                    if self._halt.is_set():
+                        return  # nobody will take it; it was never counted
                     if sb.num_rows:
                         self._seen_rows += sb.num_rows
                         self._seen_bytes += sb.size_bytes
-                    entries.append([sb, _PENDING])
-                    self._account(sb.size_bytes)
-                    stats.add_block()
-                    progressed = True
+                    self._window_bytes += sb.size_bytes
+                    self._arrived.append(sb)
+                    self._space.notify_all()
+                stats.buffer(0, sb.size_bytes)
+                stats.add_block()
+        except BaseException as e:  # noqa: BLE001 - forwarded by the prefetch thread
+            with self._space:
+                self._source_error = e
+        finally:
+            with self._space:
+                self._source_done = True
+                self._space.notify_all()
+            stats.add_thread_cpu(time.thread_time())
+
+    # -- prefetch thread ------------------------------------------------------------------
+    def _take_arrived(self, entries: deque[list[Any]]) -> tuple[bool, bool]:
+        """Move the source thread's blocks into ``entries``; (any moved, source ended)."""
+        with self._space:
+            moved = bool(self._arrived)
+            while self._arrived:
+                entries.append([self._arrived.popleft(), _PENDING])
+            error, done = self._source_error, self._source_done
+        if error is not None:
+            raise error
+        return moved, done and not moved
+
+    def _wait_for_arrival(self) -> None:
+        with self._space:
+            if not self._stop.is_set() and not self._arrived and not self._source_done:
+                self._space.wait(QUEUE_TIMEOUT)
+
+    def _run(self) -> None:
+        entries: deque[list[Any]] = deque()  # [SourceBlock, value or _PENDING], stream order
+        stats = self._stats
+        try:
+            while not self._stop.is_set():
+                progressed, source_done = self._take_arrived(entries)
                 if not entries:
                     if source_done:
                         break
-                    self._wait_for_space()
+                    self._wait_for_arrival()
                     continue
                 # One batched wait over every pending ref, one batched get of the ready ones.
                 pending = [e for e in entries if e[1] is _PENDING]
@@ -167,22 +217,23 @@ class Prefetcher:
                     self._out.put((sb, value))
                     progressed = True
                 if not progressed and not pending:
-                    self._wait_for_space()
+                    self._wait_for_arrival()
         except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
             if not self._stop.is_set():
                 self._out.put(ExceptionWrapper.capture(e, "stage 2 (prefetch)"))
         finally:
-            # Blocks still in the window when stopped leave the books with the thread.
-            unsent = sum(e[0].size_bytes for e in entries)
+            # Blocks still in the window when stopped leave the books with the thread
+            # (those the source thread pulled and nobody took as well).
+            self._halt.set()  # the source thread pulls no more
+            with self._space:
+                unsent = sum(e[0].size_bytes for e in entries)
+                unsent += sum(sb.size_bytes for sb in self._arrived)
+                self._arrived.clear()
+                self._space.notify_all()
             if unsent:
                 self._account(-unsent)
             self._stats.add_thread_cpu(time.thread_time())
             self._out.put(_END)
-
-    def _wait_for_space(self) -> None:
-        with self._space:
-            if not self._stop.is_set() and not self._admit_locked():
-                self._space.wait(QUEUE_TIMEOUT)
 
     def _admit_locked(self) -> bool:
         return self._window_bytes == 0 or self._window_bytes < self.budget_bytes()
@@ -202,12 +253,15 @@ class Prefetcher:
 
     def stop(self) -> None:
         self._stop.set()
+        self._halt.set()
         with self._space:
             self._space.notify_all()
 
     def join(self, timeout: float = JOIN_TIMEOUT) -> None:
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for t in (self._thread, self._reader):
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
         self.stop()
