@@ -15,7 +15,8 @@ serialized key-range pieces (``pieces.py``) plus a small bitmap of the keys fold
 the thread last merged them into the pieces (a piece is remade from its old bytes and
 the keys since in its range: one piece's bitmap live at a time). Peak memory is then ~1x
 the state plus the keys since, where a live bitmap beside its pieces was 2x plus the
-allocator's slack (measured: 84 MiB growth for a 25 MiB state at 100M random; goal 3x).
+allocator's slack (measured at 100M random, 1 rank: 58-60 MiB of peak growth against
+83-88 with the live bitmap, for a 24-27 MiB state; goal 72.4: docs/scale.md).
 The price: a key repeated across that boundary (a non-unique ``id_column``) is found when
 the thread next merges (or by ``len()``/``repeats``, which check on the caller's thread),
 not by ``known_repeats``, which ``state_dict`` reads; a state taken in between holds a
