@@ -158,13 +158,17 @@ def test_scattered_batches_wait_in_a_small_bitmap_and_repeats_count_once():
     for b in np.array_split(keys, 20):
         s.add(b)
     s.add(keys[:10])  # repeats within the small bitmap
-    assert len(s) == 60_000 and s.repeats == 10
-    with s._bm_lock:  # below the refresh threshold: nothing merged into the set yet
-        assert len(s._bitmap) == 0 and len(s._small) == 60_000
-    assert len(s.bitmap()) == 60_000  # a reader merges it
-    s.add(keys[10:20])  # repeats of keys now in the set, folded into the small bitmap
+    assert len(s) == 60_000 and s.repeats == 10 and s.known_repeats == 10
+    with s._bm_lock:  # below the refresh threshold: nothing merged into the pieces yet
+        assert s._pieces.blobs() == [] and len(s._small) == 60_000
+    assert len(s.bitmap()) == 60_000
+    assert s.encode()["count"] == 60_000  # no pieces yet: made here
+    with s._bm_lock:
+        assert len(s._small) == 0 and s._pieces.blobs()
+    s.add(keys[10:20])  # repeats of keys now in the pieces, folded into the small bitmap
     s.add(np.array([(1 << 26) + 1], dtype=np.uint64))
-    assert len(s) == 60_001 and s.repeats == 20
+    assert s.known_repeats == 10  # not yet checked against the pieces
+    assert len(s) == 60_001 and s.repeats == 20 and s.known_repeats == 20  # len() checks
     enc = s.encode()
     assert enc["count"] == 60_001
     assert ConsumedSet.decode(pickle.loads(pickle.dumps(enc))).bitmap() == _bm(

@@ -96,8 +96,13 @@ def decode_one(enc: dict, search_dir: str | None, into: Any = None) -> Any:
     if enc.get("minus") is not None:
         bm -= _deserialize(enc["minus"], "minus")
     if "count" in enc and len(bm) != enc["count"]:
+        fewer = type(enc["count"]) is int and len(bm) < enc["count"]
+        why = (  # a recording set finds a repeat across its pieces late: consumed.py
+            "the run's id_column repeated IDs it had not found yet when the state was "
+            "taken (it is not unique), or the state is corrupt" if fewer else "it is corrupt"
+        )
         raise ValueError(
-            f"consumed-ID set is corrupt: {len(bm)} IDs, expected count={enc['count']!r}; {_FIX}"
+            f"consumed-ID set has {len(bm)} IDs, expected count={enc['count']!r}: {why}; {_FIX}"
         )
     return bm
 

@@ -10,7 +10,19 @@ the filter (``filter.py``), merging ranks (``merge.py``) or when state is taken
 
 Compact form: a 64-bit roaring bitmap (``pyroaring.BitMap64``, CRoaring); numpy sorted
 runs, the alternative weighed, need 400 MB for 100M IDs drawn at random from 200M where
-the bitmap needs 25 MB. pyroaring holds the GIL in every call, and a thread the OS
+the bitmap needs 25 MB. A recording set keeps no bitmap of the whole set: it is its
+serialized key-range pieces (``pieces.py``) plus a small bitmap of the keys folded since
+the thread last merged them into the pieces (a piece is remade from its old bytes and
+the keys since in its range: one piece's bitmap live at a time). Peak memory is then ~1x
+the state plus the keys since, where a live bitmap beside its pieces was 2x plus the
+allocator's slack (measured at 100M random, 1 rank: 58-60 MiB of peak growth against
+83-88 with the live bitmap, for a 24-27 MiB state; goal 72.4: docs/scale.md).
+The price: a key repeated across that boundary (a non-unique ``id_column``) is found when
+the thread next merges (or by ``len()``/``repeats``, which check on the caller's thread),
+not by ``known_repeats``, which ``state_dict`` reads; a state taken in between holds a
+count above its keys and its load fails (``blobs.decode_one``), never a wrong resume.
+Any other set (loaded, merged, or a recording set whose keys are scattered) keeps the
+live bitmap, as before. pyroaring holds the GIL in every call, and a thread the OS
 preempts while holding it stalls the training step until it runs again (measured: a
 1.4 ms ``|=`` took 104 ms of wall time on 2 loaded cores). So the thread sorts with numpy
 (off the GIL), serializes batches with numpy and hands pyroaring ~1 ms calls, adds runs
@@ -28,7 +40,18 @@ from typing import Any
 import numpy as np
 
 from .blobs import check_parts, decode_one, decode_parts, encode_blobs, read_blob, write_blob
-from .pieces import Pieces, chunks_of, distinct, fold_sorted, nbytes, portable, since_of, unite
+from .pieces import (
+    Pieces,
+    chunks_of,
+    count_in,
+    distinct,
+    fold_sorted,
+    nbytes,
+    portable,
+    since_of,
+    slice_of,
+    unite,
+)
 from .pieces import bitmap_of as _bitmap
 
 __all__ = ["ConsumedSet", "check_parts", "read_blob", "write_blob"]
@@ -104,9 +127,18 @@ class ConsumedSet:
     """
 
     def __init__(self, bitmap: Any = None, *, background: bool = False) -> None:
-        self._bitmap = bitmap if bitmap is not None else _bitmap()
-        # Keys folded but not yet in _bitmap (disjoint from it): see _fold.
+        # The set's live bitmap; None for a recording set (the pieces are the set, below).
+        self._bitmap = bitmap if bitmap is not None or background else _bitmap()
+        # Keys folded but not yet in _bitmap or the pieces (disjoint from _bitmap and from
+        # _merging; against the pieces, checked when merged into them): see _fold.
         self._small = _bitmap()
+        # Without a live bitmap: the keys a refresh is merging into the pieces (from
+        # _merge_at on, _merging_left of them, not yet in the pieces) and the count of
+        # the keys in the pieces.
+        self._merging: Any = None
+        self._merging_left = 0
+        self._merge_at = 0
+        self._in_pieces = 0
         self._defer = True  # fold into _small (the set's containers are arrays)
         self._lazy_keys = _LAZY_KEYS  # keys queued before the thread folds (if _defer)
         self._bm_lock = threading.Lock()  # the bitmap, the pieces and the fold
@@ -120,7 +152,7 @@ class ConsumedSet:
         self._closed = False
         self._error: BaseException | None = None
         self.added = 0  # keys passed to add(), repeats included
-        self._expected = len(self._bitmap)  # keys it would hold if none repeated
+        self._expected = len(bitmap) if bitmap is not None else 0  # if none repeated
         # The set = the pieces' blobs | _stale | _fresh: _fresh holds the keys added since
         # the pieces were last brought up to date (serialized, each with its distinct
         # key >> 16, None: any), _stale (while they are) the ones before.
@@ -196,7 +228,7 @@ class ConsumedSet:
                 items = []  # not kept alive while waiting for the next batch
                 if self._fresh_keys >= self._refresh_at():
                     self._refresh()
-                elif len(self._small) >= self._refresh_at():  # scattered: no pieces
+                elif self._bitmap is not None and len(self._small) >= self._refresh_at():
                     with self._bm_lock:
                         self._flush()
                 elif len(self._fresh) > _FRESH_BLOBS:
@@ -213,8 +245,13 @@ class ConsumedSet:
                 if isinstance(item.keys, np.ndarray):  # else folded already
                     batches.append(item)
                 continue
-            self._flush()
-            self._bitmap |= item  # a BitMap64 (include)
+            if self._bitmap is not None:
+                self._flush()
+                self._bitmap |= item  # a BitMap64 (include)
+            else:  # disjoint from _merging, as a batch's keys
+                self._small |= item
+                if self._merging is not None and self._small.intersection_cardinality(self._merging):
+                    self._small -= self._merging
             if not self._pieces.scattered:
                 self._fresh.append((item.serialize(), None))
                 self._fresh_keys += len(item)
@@ -228,8 +265,13 @@ class ConsumedSet:
         # (disjoint from the set) merged into it once per refresh (measured at 100M random,
         # 8 ranks: 463 ns/ID folding into the set, the small bitmap of an earlier version
         # 157). Into bitsets (dense sets) a key costs the same either way: folded directly.
-        into = self._small if self._defer else self._bitmap
-        pieces = fold_sorted(k, into, _FOLD_KEYS, self._small if into is self._bitmap else self._bitmap)
+        # Without a live bitmap, into the small one, kept disjoint from the keys a refresh
+        # is merging (not from the pieces: checked when merged into them).
+        into = self._small if self._defer or self._bitmap is None else self._bitmap
+        other = self._small if into is self._bitmap else (
+            self._bitmap if self._bitmap is not None else self._merging
+        )
+        pieces = fold_sorted(k, into, _FOLD_KEYS, other)
         touched = sum(len(ck) for _, ck in pieces)
         self._lazy_keys = min(_LAZY_KEYS, max(1024, _LAZY_PER_CONTAINER * touched))
         if not self._pieces.scattered:
@@ -245,8 +287,9 @@ class ConsumedSet:
             b.keys = [portable(distinct(keys))] if keep else []
 
     def _flush(self) -> None:
-        """The small bitmap into the set (caller holds ``_bm_lock``)."""
-        if len(self._small):
+        """The small bitmap into the set's live bitmap (caller holds ``_bm_lock``; none
+        for a set without one: the small bitmap is merged into the pieces)."""
+        if self._bitmap is not None and len(self._small):
             self._bitmap |= self._small
             self._small = _bitmap()
             # Serialized size, computed (O(containers)): 2 bytes per key in arrays,
@@ -256,6 +299,18 @@ class ConsumedSet:
     def _refresh(self) -> None:
         """Bring the serialized pieces up to date, one piece per hold of the lock (the
         set's thread; a state taken meanwhile is the pieces | _stale | _fresh)."""
+        if self._bitmap is None:
+            with self._bm_lock:
+                self._begin_merge()
+            i = 0
+            while True:  # to the end even if closed: the keys are in no piece yet
+                with self._bm_lock:
+                    if self._merging is None or i >= len(self._pieces.ranges):
+                        break
+                    i = self._merge_piece(i)
+            with self._bm_lock:
+                self._end_merge()
+            return
         with self._bm_lock:
             self._flush()
             self._stale = (self._stale or []) + self._fresh
@@ -273,6 +328,79 @@ class ConsumedSet:
             if self._pieces.scattered:
                 self._fresh, self._fresh_keys = [], 0
 
+    # -- without a live bitmap: the small bitmap merged into the pieces --------------------
+    def _begin_merge(self) -> None:
+        """The small bitmap becomes the keys to merge (caller holds ``_bm_lock``)."""
+        self._merging, self._small = self._small, _bitmap()
+        self._merging_left, self._merge_at = len(self._merging), 0
+        self._stale = (self._stale or []) + self._fresh
+        self._fresh, self._fresh_keys = [], 0
+
+    def _merge_piece(self, i: int) -> int:
+        """Piece ``i`` remade from its bytes and the keys to merge in its range (if any;
+        caller holds ``_bm_lock``). Returns the index of the next piece. Keys already in
+        the piece are repeats: the piece's count grows by the others only."""
+        from pyroaring import BitMap64
+
+        a, b, blob, before = self._pieces.ranges[i]
+        m = self._merging
+        n = count_in(m, a, b)
+        if n == 0 and blob is not None:
+            self._merge_at = b
+            return i + 1
+        bm = BitMap64.deserialize(blob) if blob else _bitmap()
+        if n:
+            bm |= slice_of(m, a, b, n)
+        j = self._pieces.make(i, bm)
+        if self._pieces.scattered:  # a container per key: the live bitmap, as before
+            self._to_live(bm)
+            return j
+        self._in_pieces += len(bm) - before
+        self._merging_left -= n
+        self._merge_at = b
+        return j
+
+    def _end_merge(self) -> None:
+        if self._bitmap is None:
+            self._merging, self._merging_left, self._stale = None, 0, None
+            # Serialized size against keys: 2 bytes per key in arrays, 1/8 in bitsets.
+            self._defer = self._pieces.nbytes() > self._in_pieces
+
+    def _to_live(self, live: Any) -> None:
+        """The set as a live bitmap (scattered keys: caller holds ``_bm_lock``): ``live``
+        (the keys of the piece being made, a bitmap of its own) united with the pieces
+        and the keys being merged; the small bitmap stays, made disjoint from it."""
+        from pyroaring import BitMap64
+
+        for blob in self._pieces.blobs():
+            live |= BitMap64.deserialize(blob)
+        if self._merging is not None:
+            live |= self._merging
+        self._small -= live
+        self._bitmap, self._merging, self._merging_left, self._stale = live, None, 0, None
+        self._fresh, self._fresh_keys, self._in_pieces = [], 0, 0
+        self._defer = live.__sizeof__() > len(live)  # as _flush
+
+    def _verify(self) -> None:
+        """Drop from the small and merging bitmaps the keys the pieces already hold
+        (repeats), so that ``_count()`` is exact (caller holds ``_bm_lock``; deserializes
+        every piece those keys touch, on the caller's thread)."""
+        from pyroaring import BitMap64
+
+        m = self._merging
+        for a, b, blob, _ in self._pieces.ranges:
+            todo = [x for x in (self._small, m if m is not None and a >= self._merge_at else None)
+                    if x is not None and count_in(x, a, b)]
+            if not blob or not todo:
+                continue
+            piece = BitMap64.deserialize(blob)
+            for x in todo:
+                if x.intersection_cardinality(piece):
+                    dup = x & piece
+                    x -= dup
+                    if x is m:
+                        self._merging_left -= len(dup)
+
     def _unite_fresh(self) -> None:
         """The serialized batches since the pieces were made, as one blob."""
         with self._bm_lock:
@@ -280,7 +408,7 @@ class ConsumedSet:
 
     def _refresh_at(self) -> int:
         """Keys added since the pieces were made above which they are made again."""
-        return max(_FRESH_KEYS, len(self._bitmap) >> 6)
+        return max(_FRESH_KEYS, self._count() >> 6)
 
     def _fold_queued(self) -> None:
         """Fold everything queued, on the caller's thread (caller holds ``_bm_lock``)."""
@@ -291,8 +419,25 @@ class ConsumedSet:
         self._fold(items)
 
     def _count(self) -> int:
-        """Keys in the set (caller holds ``_bm_lock``; everything queued folded)."""
+        """Keys in the set (caller holds ``_bm_lock``; everything queued folded); without
+        a live bitmap, less any repeats among the keys not yet merged into the pieces
+        (exact after ``_verify``)."""
+        if self._bitmap is None:
+            return self._in_pieces + self._merging_left + len(self._small)
         return len(self._bitmap) + len(self._small)
+
+    def _whole(self) -> Any:
+        """The set as one bitmap (caller holds ``_bm_lock``; everything queued folded):
+        the live one, or, without it, one built from the pieces (a copy)."""
+        from pyroaring import BitMap64
+
+        if self._bitmap is not None:
+            self._flush()
+            return self._bitmap
+        bm = self._small | self._merging if self._merging is not None else self._small.copy()
+        for blob in self._pieces.blobs():
+            bm |= BitMap64.deserialize(blob)
+        return bm
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -305,23 +450,37 @@ class ConsumedSet:
     # -- reading ---------------------------------------------------------------------------
     def bitmap(self) -> Any:
         """The set as a ``pyroaring.BitMap64`` (everything queued folded in first). Owned
-        by the set: do not modify it while the set records."""
+        by the set: do not modify it while the set records. A recording set builds it
+        from its pieces (a copy of the set, not updated by later keys)."""
         self._raise_error()
         with self._bm_lock:
             self._fold_queued()
-            self._flush()
-            return self._bitmap
+            return self._whole()
 
     def __len__(self) -> int:
+        """Keys in the set, exact: a recording set checks the keys not yet merged into
+        its pieces against them here (deserializing the pieces they touch)."""
         self._raise_error()
-        with self._bm_lock:  # not flushed: a state's repeat check stays O(1)
+        with self._bm_lock:  # not flushed: O(1) with a live bitmap
             self._fold_queued()
+            if self._bitmap is None:
+                self._verify()
             return self._count()
 
     @property
     def repeats(self) -> int:
         """Keys added (or included) more than once: a non-unique ``id_column``."""
         return self._expected - len(self)
+
+    @property
+    def known_repeats(self) -> int:
+        """The repeats found so far, O(1): ``repeats``, except that a recording set finds
+        a key repeated between the keys added since its pieces were last made and the
+        pieces when its thread next makes them (``repeats`` checks now)."""
+        self._raise_error()
+        with self._bm_lock:
+            self._fold_queued()
+            return self._expected - self._count()
 
     def union(self, other: ConsumedSet) -> ConsumedSet:
         return ConsumedSet(self.bitmap() | other.bitmap())
@@ -354,14 +513,14 @@ class ConsumedSet:
         self._raise_error()
         with self._bm_lock:
             self._fold_queued()
-            self._flush()
+            whole = self._whole()
             held = self._held(lag)
             if held is not None:  # out for the serialization, back in after it
-                self._bitmap -= held
+                whole -= held
             try:
-                return self._bitmap.serialize(), len(self._bitmap)
+                return whole.serialize(), len(whole)
             finally:
-                if held is not None:
+                if held is not None and whole is self._bitmap:
                     self._bitmap |= held
 
     def serialized(self) -> np.ndarray:
@@ -385,32 +544,30 @@ class ConsumedSet:
         self._raise_error()
         with self._bm_lock:
             self._fold_queued()
+            if self._bitmap is None and self._stale is None and (
+                self._pieces.ranges[0][2] is None
+                or nbytes(self._fresh) > max(4 << 20, self._pieces.nbytes())
+            ):  # never made (before the thread's first refresh: at most _FRESH_KEYS keys),
+                # or a backlog larger than the set's pieces (a thread far behind; 2.2 bytes
+                # per scattered key against 1 bit per ID of the range): merged here
+                self._begin_merge()
+                i = 0
+                while self._merging is not None and i < len(self._pieces.ranges):
+                    i = self._merge_piece(i)
+                self._end_merge()
             held = self._held(lag)
             count = self._count() - (len(held) if held is not None else 0)
-            ranges = self._pieces.ranges
-            unmade = any(r[2] is None for r in ranges)
-            if self._background and self._stale is None and not self._pieces.scattered and (
-                unmade or nbytes(self._fresh) > max(
-                    4 << 20, nbytes([(b, None) for b in self._pieces.blobs()])
-                )
-            ):  # never made (before the thread's first refresh), or a backlog larger than
-                # the set's pieces folded here (a thread far behind): made here
-                since = since_of(self._fresh)
-                self._flush()
-                i = 0
-                while i < len(ranges) and not self._pieces.scattered:
-                    stale = self._pieces.stale(i, since)
-                    i = self._pieces.make(i, self._bitmap) if stale else i + 1
-                if not self._pieces.scattered:
-                    self._fresh, self._fresh_keys = [], 0
-            if self._pieces.scattered or (unmade and not self._background):
-                # Scattered, or a set without a thread (a merged or loaded set): no thread
-                # would keep pieces up to date, one serialization (measured: a merge of
-                # 8 ranks' states at 10M random made pieces of the union, 56 vs 22 ms).
+            unmade = any(r[2] is None for r in self._pieces.ranges)
+            if self._pieces.scattered or (unmade and self._bitmap is not None):
+                # Scattered, or a set with a live bitmap and no pieces (a merged or loaded
+                # set): no thread would keep pieces up to date, one serialization
+                # (measured: a merge of 8 ranks' states at 10M random made pieces of the
+                # union, 56 vs 22 ms).
                 self._flush()
                 blobs = [self._bitmap.serialize()]
             else:
-                # The keys added since the pieces were made: serialized already.
+                # The pieces (the set's keys when last made) and the keys added since,
+                # serialized already.
                 blobs = self._pieces.blobs() + [b for b, _ in (self._stale or []) + self._fresh]
             minus = held.serialize() if held is not None else None
         if not blobs:

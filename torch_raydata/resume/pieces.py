@@ -5,10 +5,12 @@ keys added since (``ConsumedSet.encode``).
 Why pieces: every pyroaring call holds the GIL for its whole length, and a thread
 holding the GIL that the OS preempts stalls the training step for as long as it is off
 the CPU (measured at 100M random IDs: one 24 MiB ``serialize()`` is ~26 ms of CPU). A
-piece of ~``PIECE_BYTES`` is a copy of its range (``&`` with the range, ~0.25 ms) and
-one serialization (~0.4 ms); only the pieces whose range received keys since they were
-serialized are made again. Memory: the pieces are the compressed state itself (a state
-taken holds references to them, not copies), plus one piece's copy while it is made.
+piece of ~``PIECE_BYTES`` is one deserialization of its old bytes, a union with the keys
+added to its range since, and one serialization (each ~0.2-1 ms); only the pieces whose
+range received keys since are made again. Memory: for a recording set the pieces ARE the
+set (no live bitmap of the whole set beside them: ``consumed.py``), so the set is ~1x its
+compressed state plus the keys since and one piece's bitmap while it is made; a state
+taken holds references to the pieces, not copies.
 
 A set whose keys are scattered over the 64-bit space (hashed string IDs: a container per
 key) is not cut: a range would span billions of empty containers; its ``encode`` is one
@@ -25,8 +27,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "PIECE_BYTES", "Pieces", "bitmap_of", "chunks_of", "distinct", "fold_sorted", "nbytes", "portable",
-    "since_of", "unite",
+    "PIECE_BYTES", "Pieces", "bitmap_of", "chunks_of", "count_in", "distinct", "fold_sorted", "nbytes",
+    "portable", "since_of", "slice_of", "unite",
 ]
 
 #: Serialized bytes per piece (a piece of 2^16 keys' range may exceed it alone: 8 KiB).
@@ -40,33 +42,37 @@ _TOP = 1 << 64
 
 class Pieces:
     """Key ranges ``[start, stop)`` (2^16-aligned, disjoint, ascending, covering every
-    key) and each range's serialized keys, or None where not yet made."""
+    key), each with its serialized keys (None where not yet made) and their count."""
 
     def __init__(self) -> None:
-        self.ranges: list[list[Any]] = [[0, _TOP, None]]
+        self.ranges: list[list[Any]] = [[0, _TOP, None, 0]]
         self.scattered = False
 
     def blobs(self) -> list[bytes]:
         return [r[2] for r in self.ranges if r[2]]
 
+    def nbytes(self) -> int:
+        return sum(len(r[2]) for r in self.ranges if r[2])
+
     def stale(self, i: int, since: np.ndarray | None) -> bool:
         """Piece ``i`` is to be made (again): never made, or ``since`` (the sorted
         distinct ``key >> 16`` of the keys added after it was made; None: any key) has
         keys in its range."""
-        a, b, blob = self.ranges[i]
+        a, b, blob, _ = self.ranges[i]
         if blob is None or since is None:
             return True
         j = int(np.searchsorted(since, a >> 16))
         return j < len(since) and int(since[j]) < -(-b >> 16)
 
     def make(self, i: int, bm: Any) -> int:
-        """Make piece ``i`` from ``bm`` (each pyroaring call bounded by the piece's size),
-        splitting it first if too large (then every new piece is made, so that no key is
+        """Make piece ``i`` from ``bm`` (the whole set, or any bitmap holding the keys of
+        the piece's range; each pyroaring call bounded by the piece's size), splitting it
+        first if too large (then every new piece is made, so that no key is
         ever out of the pieces and the set's fresh keys). Returns the index after it."""
         edges = self._split(i, bm)
         if edges is None:
             return i + 1
-        self.ranges[i : i + 1] = [[x, y, None] for x, y in zip(edges[:-1], edges[1:], strict=True)]
+        self.ranges[i : i + 1] = [[x, y, None, 0] for x, y in zip(edges[:-1], edges[1:], strict=True)]
         j, end = i, i + len(edges) - 1
         while j < end and not self.scattered:
             nxt = self.make(j, bm)
@@ -78,10 +84,10 @@ class Pieces:
         """Make piece ``i`` and return None, or return the edges to split it at."""
         from pyroaring import BitMap64
 
-        a, b, _ = self.ranges[i]
-        n = _count(bm, a, b)
+        a, b, _, _ = self.ranges[i]
+        n = count_in(bm, a, b)
         if n == 0:
-            self.ranges[i][2] = b""
+            self.ranges[i][2:] = [b"", 0]
             return None
         size = bm.__sizeof__()  # its serialized size (computed, not serialized)
         if size > _SCATTERED_BYTES_PER_KEY * len(bm):
@@ -99,15 +105,17 @@ class Pieces:
             cuts = [c for c in cuts if a < c < b]
             if cuts:
                 return [a, *cuts, b]
-        if span > 4 * n + 64:  # a few keys around a gap: copied key by key
+        if n == len(bm):  # the bitmap is the piece (made from the piece's keys alone)
+            piece = bm
+        elif span > 4 * n + 64:  # a few keys around a gap: copied key by key
             piece = bm[below : below + n]
         else:
-            piece = bm & BitMap64(range(lo, min(hi, _TOP)))
+            piece = bm & BitMap64(range(lo, min(hi, _TOP - 1)))
             if hi == _TOP and (_TOP - 1) in bm:
                 piece.add(_TOP - 1)
         if n * 10 > (hi - lo) * 9:  # nearly full (e.g. every ID, in shuffled order): runs
             piece.run_optimize()  # (runs of added ranges are run containers already)
-        self.ranges[i][2] = piece.serialize()
+        self.ranges[i][2:] = [piece.serialize(), n]
         return None
 
 
@@ -133,7 +141,9 @@ def fold_sorted(
             starts = part[np.concatenate([[0], cut])].tolist()
             lasts = part[np.concatenate([cut - 1, [len(part) - 1]])].tolist()
             for a, z in zip(starts, lasts, strict=True):
-                bm.add_range(a, z + 1)  # Python ints: no uint64 overflow at 2^64 - 1
+                bm.add_range(a, min(z + 1, _TOP - 1))  # its stop is a uint64
+            if lasts[-1] == _TOP - 1:
+                bm.add(_TOP - 1)
             blob = bm.serialize()
         else:
             blob = portable(part)
@@ -212,10 +222,40 @@ def unite(fresh: list[tuple[bytes, Any]]) -> tuple[bytes, np.ndarray | None]:
     return bm.serialize(), since_of(fresh)
 
 
-def _count(bm: Any, a: int, b: int) -> int:
+def count_in(bm: Any, a: int, b: int) -> int:
     """Keys of ``bm`` in ``[a, b)`` (``b`` may be 2^64)."""
     n = bm.range_cardinality(a, min(b, _TOP - 1))
     return n + 1 if b == _TOP and (_TOP - 1) in bm else n
+
+
+def slice_of(bm: Any, a: int, b: int, n: int | None = None) -> Any:
+    """The keys of ``bm`` in ``[a, b)`` (``n`` of them, if known) as a new bitmap: ``&``
+    with a range bitmap over the containers they span (a full run container each), or,
+    when they are sparse over a wide span (a range bitmap would be a container per 2^16
+    keys of the span), a copy of ``bm`` with the rest removed."""
+    from pyroaring import BitMap64
+
+    n = count_in(bm, a, b) if n is None else n
+    if n == 0:
+        return BitMap64()
+    if n == len(bm):
+        return bm.copy()
+    first = bm.next_set_bit(a) if a > 0 else bm.min()
+    below = bm.rank(a - 1) if a > 0 else 0  # keys < a
+    last = bm[below + n - 1]
+    lo, hi = (first >> 16) << 16, ((last >> 16) + 1) << 16
+    if (hi - lo) >> 16 <= 4 * n + 64:
+        piece = bm & BitMap64(range(lo, min(hi, _TOP - 1)))
+        if hi == _TOP and (_TOP - 1) in bm:
+            piece.add(_TOP - 1)
+        return piece
+    piece = bm.copy()
+    if a > 0:
+        piece.remove_range(0, a)
+    if b < _TOP:
+        piece.remove_range(b, _TOP - 1)
+        piece.discard(_TOP - 1)
+    return piece
 
 
 # Hand-written because pyroaring builds a bitmap from keys only while holding the GIL

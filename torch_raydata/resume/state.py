@@ -153,10 +153,11 @@ class ResumeState:
                 rows += self.rows
             consumed = tally.consumed if id_column else None
             if consumed is not None:
-                if consumed.repeats:
+                repeats = consumed.known_repeats  # O(1): see ConsumedSet.known_repeats
+                if repeats:
                     raise ValueError(
                         f"id_column={id_column!r} is not unique: the {consumed.added} rows "
-                        f"yielded this epoch carry {consumed.added - consumed.repeats} "
+                        f"yielded this epoch carry {consumed.added - repeats} "
                         "distinct IDs (not counting those of a loaded state), and a resume "
                         "by ID would skip every row sharing an ID with a consumed one. Make "
                         "the column unique (e.g. add a row number in a map_batches step), or "
