@@ -149,9 +149,10 @@ class Prefetcher:
                         self._seen_rows += sb.num_rows
                         self._seen_bytes += sb.size_bytes
                     self._window_bytes += sb.size_bytes
+                    # Counted before the consumer can take it (and uncount it).
+                    stats.buffer(0, sb.size_bytes)
                     self._arrived.append(sb)
                     self._space.notify_all()
-                stats.buffer(0, sb.size_bytes)
                 stats.add_block()
         except BaseException as e:  # noqa: BLE001 - forwarded by the prefetch thread
             with self._space:
