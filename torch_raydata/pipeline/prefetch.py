@@ -113,10 +113,6 @@ class Prefetcher:
         assert self._window_rows is not None
         return int(self._window_rows * self._seen_bytes / self._seen_rows)
 
-    def _admit(self) -> bool:
-        with self._space:
-            return self._admit_locked()
-
     def _account(self, nbytes: int) -> None:
         with self._space:
             self._window_bytes += nbytes

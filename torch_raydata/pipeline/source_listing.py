@@ -223,10 +223,11 @@ def split_listing(
     from ray.data.block import BlockAccessor
 
     out = list(listing)
+    sizes = [_file_bytes(t) for t, _, _ in out]  # kept beside ``out``: one sum per unit
     while len(out) < units:
-        sizes = [_file_bytes(t) for t, _, _ in out]
-        splittable = [k for k in range(len(out)) if out[k][0].num_rows >= 2]
-        splittable = [k for k in splittable if sizes[k] >= 2 * min_bytes]
+        splittable = [
+            k for k in range(len(out)) if out[k][0].num_rows >= 2 and sizes[k] >= 2 * min_bytes
+        ]
         if not splittable:
             break
         i = max(splittable, key=lambda k: (sizes[k], out[k][0].num_rows))
@@ -234,6 +235,7 @@ def split_listing(
         half = table.num_rows // 2
         pieces = [table.slice(0, half), table.slice(half)]
         out[i : i + 1] = [(p, BlockAccessor.for_block(p).get_metadata(), schema) for p in pieces]
+        sizes[i : i + 1] = [_file_bytes(p) for p in pieces]
     return out
 
 
