@@ -21,18 +21,20 @@ be consumed), or earlier when both hold:
     raised by every prestart that came too late (its claim found no block); never
     before half the epoch's rows;
   * the running executor leaves a CPU idle (fewer of its tasks run than the cluster has
-    CPUs, less one for the training process, which Ray does not count): its tail, or a
-    pipeline held back by a slow step.
+    CPUs): its tail, or a pipeline held back by a slow step.
 Why the second condition: on a machine whose CPUs the running epoch keeps busy (image
 decode on 2 cores, benchmark W7), a next epoch started on the time rule alone took CPU
 from the running one: 3 epochs 15.1 s against 13.2 s without prestart in one run (steady
-rows/s 306-341 against 363-451), although the third epoch's first batch came 0.03 s
-after ``iter()``. Starting at the very beginning of an epoch was worse still (14.5 s
-against 12.7 s, higher object-store peak). A prestart only at the stream's end came too
-late to hide the start (the step consumes the buffered tail in ~0.2 s on W7, the start
-takes ~1 s) but costs the running epoch nothing. Gated by "fewer tasks than CPUs" (not
-less one), three W7 A/B runs gave -1%, +2% and -10% on the 3-epoch wall (epoch 3's first
-batch 0.3 s instead of 0.9 s): Ray's CPU count leaves out the trainer's own CPU use.
+rows/s 306-341 against 363-451). Starting at the very beginning of an epoch was worse
+still (14.5 s against 12.7 s, higher object-store peak). A prestart only at the stream's
+end costs the running epoch nothing but comes too late to hide the start: on W7 it began
+0.07 s before ``iter()`` and the first batch came 0.27-0.39 s after it. With the gate at
+"fewer tasks than CPUs", three A/B rounds on a quiet machine (W7, 2 CPUs) gave the same
+3-epoch wall (+1%, +2%, 0%) and first batches of later epochs 0.01-0.02 s after
+``iter()``; the object-store peak rose from 110-147 to 225-234 MiB (two epochs' windows
+overlap; each W7 block is ~38 MB). An earlier gate of "CPUs less one" (for the training
+process Ray does not count) was measured while Ray 2.60 split the CPU limits between two
+executors (``source_executor._size_to_cluster`` fixes that); it is no longer needed.
 
 Memory: the prestarted executor starts no new task once ``hold_bytes`` of its output
 wait for us (the prefetch window's bytes, counted in ``stats()`` as the next epoch's);

@@ -221,12 +221,11 @@ class EpochBlocks:
             return 0
 
     def has_idle_cpus(self) -> bool:
-        """Fewer of this executor's tasks run than the cluster has CPUs less one, so a task
-        started now by another executor would use a CPU this epoch leaves idle (its tail,
-        or a pipeline held back by a slow step). Less one: the training process (its step,
-        collate and prefetch threads) needs a CPU that Ray does not count. Counts tasks,
-        not their CPU requests (Ray Data's map tasks take one CPU by default). False for
-        streams we did not start."""
+        """Fewer of this executor's tasks run than the cluster has CPUs, so a task started
+        now by another executor would use a CPU this epoch leaves idle (its tail, or a
+        pipeline held back by a slow step). Counts tasks, not their CPU requests (Ray
+        Data's map tasks take one CPU by default). False for streams we did not start, or
+        when Ray cannot tell."""
         executor = self._executor
         if executor is None or self._hold is None or self._closed:
             return False
@@ -235,7 +234,7 @@ class EpochBlocks:
             cpus = ray.cluster_resources().get("CPU", 0)
         except Exception:  # noqa: BLE001 - unknown: assume busy (no early start)
             return False
-        return running < cpus - 1
+        return running < cpus
 
     def producer_done(self) -> bool:
         """Ray's executor for this stream has finished: every block is produced (they
