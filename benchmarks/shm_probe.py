@@ -1,0 +1,383 @@
+"""Probe (not product): stage 4 in same-node Ray actors that collate into shared memory.
+
+    python -m benchmarks.shm_probe                  # W1 data: step tax + rows/s (~4 min)
+    python -m benchmarks.shm_probe --reps 2 --competitors shm_probe,trd
+
+Issue 13 names one lever the thread pool cannot reach: a background thread's Python
+costs the training step two to three times its own time (docs/performance.md section 4),
+so (b) step inflation stays above +10% while stages 3-4 run in the trainer. This module
+measures the other design, on a MaterializedDataset, with the same harness
+(``benchmarks.step_tax``) and the same competitors in one run:
+
+* ``workers`` Ray actors pinned to this node (``num_cpus=0``, like DataLoader workers
+  Ray does not count) each map one shared-memory ring made once per loader (``/dev/shm``,
+  unlinked once mapped) and run the product's ``DefaultCollate.collate_spans`` with an
+  allocator that places columns in a ring slot. Blocks come from the object store with
+  ``ray.get`` in the actor: zero copy on the node, so a batch costs one copy in all.
+* The trainer gets ``(slot, column offsets)`` over a Unix socket per actor and wraps
+  the slot with ``torch.from_numpy`` (no copy); the batch owns the slot until its last
+  tensor dies, when the slot's lease sends it back (the ``memory.buffers.Lease`` idea
+  across processes). No trainer thread: ``next()`` is a socket read and a few views.
+
+Scope, on purpose: a MaterializedDataset (block refs reach the actors as task arguments,
+so Ray tracks them), batches in dataset order split round-robin over the actors, no
+shuffle, resume or transport. A step that holds every slot of an actor gets a clear
+error instead of a deadlock. Why not a Ray actor call per batch: its submit and
+``ray.get`` cost the trainer more Python than today's collate does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import mmap
+import os
+import pickle
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+__all__ = ["ShmCollateLoader", "main"]
+
+_ALIGN = 64
+_FAILED = 0xFFFFFFFF  # frame sent by an actor whose serve() raised: ray.get the call
+
+
+def _frame(n: int) -> bytes:
+    return n.to_bytes(4, "big")
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise EOFError("collate actor closed its socket")
+        got += k
+    return bytes(buf)
+
+
+class _SlotAllocator:
+    """``empty_numpy`` for ``DefaultCollate``: bump allocation inside one ring slot.
+    A column that does not fit falls back to private memory and travels pickled."""
+
+    def __init__(self, slot: np.ndarray, offset: int) -> None:
+        self.slot, self.offset, self.pos = slot, offset, 0
+        self.placed: dict[int, tuple[int, tuple[int, ...], str]] = {}
+
+    def empty_numpy(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        nbytes = math.prod(shape) * dtype.itemsize
+        start = -(-self.pos // _ALIGN) * _ALIGN
+        if start + nbytes > len(self.slot):
+            return np.empty(shape, dtype)
+        self.pos = start + nbytes
+        out = self.slot[start : start + nbytes].view(dtype).reshape(shape)
+        self.placed[out.ctypes.data] = (self.offset + start, tuple(shape), dtype.str)
+        return out
+
+    def __call__(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        return torch.from_numpy(self.empty_numpy(shape, np_dtype))
+
+
+@ray.remote(num_cpus=0)
+class _CollateActor:
+    def __init__(self, shm_path: str, sock_path: str, token: int) -> None:
+        fd = os.open(shm_path, os.O_RDWR)
+        try:
+            self.ring = np.frombuffer(mmap.mmap(fd, 0), np.uint8)
+        finally:
+            os.close(fd)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(sock_path)
+        self.sock.sendall(bytes([token]))
+
+    def serve(
+        self,
+        tasks: list[tuple[int, list[tuple[Any, int, int]]]],
+        slots: list[int],
+        slot_bytes: int,
+        collate: Any,
+        fail_at: int | None = None,
+    ) -> tuple[int, float]:
+        """Collate ``tasks`` (batch index, [(block ref, start, stop)]) into ``slots``;
+        returns (batches, CPU seconds). ``fail_at``: raise at that batch (tests)."""
+        cpu0 = time.process_time()
+        try:
+            self._serve(tasks, slots, slot_bytes, collate, fail_at)
+        except BaseException:
+            self.sock.sendall(_frame(_FAILED))  # else the trainer would wait on recv forever
+            raise
+        self.sock.sendall(_frame(0))
+        return len(tasks), time.process_time() - cpu0
+
+    def _serve(
+        self,
+        tasks: list[tuple[int, list[tuple[Any, int, int]]]],
+        slots: list[int],
+        slot_bytes: int,
+        collate: Any,
+        fail_at: int | None,
+    ) -> None:
+        import pyarrow as pa
+
+        from torch_raydata.kernels.take import BlockViews
+
+        free, blocks = list(slots), {}
+        for index, pieces in tasks:
+            if index == fail_at:
+                raise ValueError(f"probe: injected failure at batch {index}")
+            while not free:
+                free.append(int.from_bytes(_recv_exact(self.sock, 4), "big"))
+            slot = free.pop()
+            offset = slot * slot_bytes
+            alloc = _SlotAllocator(self.ring[offset : offset + slot_bytes], offset)
+            collate.allocator = alloc
+            spans, tables = [], []
+            for ref, start, stop in pieces:
+                views = blocks.get(ref)
+                if views is None:
+                    if len(blocks) > 2:
+                        blocks.pop(next(iter(blocks)))
+                    views = blocks[ref] = BlockViews(ray.get(ref))
+                spans.append((views, start, stop))
+                tables.append(views.table.slice(start, stop - start))
+            out = collate.collate_spans(pa.concat_tables(tables), tuple(spans))
+            desc = {
+                name: alloc.placed.get(value.data_ptr(), value)
+                if isinstance(value, torch.Tensor)
+                else value
+                for name, value in out.items()
+            }
+            msg = pickle.dumps((index, slot, desc), protocol=5)
+            self.sock.sendall(_frame(len(msg)) + msg)
+
+
+class _SlotLease:
+    """Base of a batch's arrays: sends the slot back to its actor when the last dies."""
+
+    __slots__ = ("loader", "worker", "slot", "__array_interface__")
+
+    def __init__(self, loader: ShmCollateLoader, worker: int, slot: int) -> None:
+        self.loader, self.worker, self.slot = loader, worker, slot
+        address = loader._base + slot * loader.slot_bytes
+        self.__array_interface__ = {
+            "shape": (loader.slot_bytes,),
+            "typestr": "|u1",
+            "data": (address, False),
+            "version": 3,
+        }
+        loader._held[worker] += 1
+
+    def __del__(self) -> None:
+        self.loader._held[self.worker] -= 1
+        try:
+            self.loader._socks[self.worker].sendall(_frame(self.slot))
+        except OSError:
+            pass  # the loader is closed; the ring stays mapped until this lease dies
+
+
+class ShmCollateLoader:
+    """Batches of a MaterializedDataset collated by ``workers`` same-node actors into a
+    shared ring of ``workers * slots_per_worker`` slots of ``slot_bytes``."""
+
+    def __init__(
+        self,
+        ds: Any,
+        batch_size: int = 256,
+        *,
+        workers: int = 2,
+        slots_per_worker: int = 4,
+        slot_bytes: int = 4 << 20,
+        collate: Any = None,
+    ) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from torch_raydata.collate import DefaultCollate
+        from torch_raydata.pipeline.source import RaySource
+
+        self.ds, self.batch_size, self.workers = ds, batch_size, workers
+        self.slots_per_worker, self.slot_bytes = slots_per_worker, slot_bytes
+        self.collate = collate if collate is not None else DefaultCollate()
+        self.blocks = list(RaySource(ds).open())  # a MaterializedDataset: the same refs
+        self.cpu: list[tuple[int, float]] = []  # (batches, CPU s) per actor, last epoch
+        total = workers * slots_per_worker * slot_bytes
+        folder = tempfile.mkdtemp(dir="/dev/shm", prefix="trd-probe-")
+        shm_path, sock_path = os.path.join(folder, "ring"), os.path.join(folder, "sock")
+        fd = os.open(shm_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, total)
+            self._ring = mmap.mmap(fd, total)
+        finally:
+            os.close(fd)
+        self._base = np.frombuffer(self._ring, np.uint8).ctypes.data
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            server.bind(sock_path)
+            server.listen(workers)
+            node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), False)
+            self.actors = [
+                _CollateActor.options(scheduling_strategy=node).remote(shm_path, sock_path, w)
+                for w in range(workers)
+            ]
+            self._socks: list[socket.socket] = [server] * workers
+            for _ in range(workers):
+                conn, _ = server.accept()
+                self._socks[_recv_exact(conn, 1)[0]] = conn
+        finally:
+            server.close()
+            os.unlink(sock_path)
+            os.unlink(shm_path)
+            os.rmdir(folder)
+        self._held = [0] * workers
+
+    def _plan(self) -> list[list[tuple[Any, int, int]]]:
+        batches: list[list[tuple[Any, int, int]]] = []
+        cur: list[tuple[Any, int, int]] = []
+        need = self.batch_size
+        for block in self.blocks:
+            if block.num_rows is None:
+                raise ValueError(f"block {block.ref} has no row count: pass a MaterializedDataset")
+            start, stop = block.rows or (0, block.num_rows)
+            while start < stop:
+                take = min(need, stop - start)
+                cur.append((block.ref, start, start + take))
+                start, need = start + take, need - take
+                if need == 0:
+                    batches.append(cur)
+                    cur, need = [], self.batch_size
+        if cur:
+            batches.append(cur)
+        return batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.epoch()
+
+    def epoch(self, fail_at: int | None = None) -> Iterator[dict[str, Any]]:
+        batches = self._plan()
+        k, spw = self.workers, self.slots_per_worker
+        calls = [
+            actor.serve.remote(
+                [(i, b) for i, b in enumerate(batches) if i % k == w],
+                list(range(w * spw, (w + 1) * spw)),
+                self.slot_bytes,
+                self.collate,
+                fail_at,
+            )
+            for w, actor in enumerate(self.actors)
+        ]
+        done = False
+        try:
+            for i in range(len(batches)):
+                w = i % k
+                if self._held[w] >= spw:
+                    raise RuntimeError(
+                        f"the training step holds all {spw} ring slots of collate actor {w}: "
+                        "release batches (or .clone() what you keep), or raise slots_per_worker"
+                    )
+                yield self._receive(w, calls[w])
+            for w in range(k):
+                _recv_exact(self._socks[w], 4)  # the end-of-epoch frame
+            self.cpu = ray.get(calls)
+            done = True
+        finally:
+            if not done:  # a step raised, or the epoch was abandoned: actors start over
+                self.close()
+
+    def _receive(self, w: int, call: Any) -> dict[str, Any]:
+        sock = self._socks[w]
+        try:
+            size = int.from_bytes(_recv_exact(sock, 4), "big")
+            if size in (0, _FAILED):
+                raise EOFError(f"collate actor {w} ended its epoch early")
+            _, slot, desc = pickle.loads(_recv_exact(sock, size))
+        except EOFError:
+            ray.get(call)  # re-raises the actor's exception
+            raise
+        lease = np.asarray(_SlotLease(self, w, slot))
+        rel = slot * self.slot_bytes
+        out: dict[str, Any] = {}
+        for name, value in desc.items():
+            if isinstance(value, tuple):
+                offset, shape, dtype = value
+                dt = np.dtype(dtype)
+                start = offset - rel
+                view = lease[start : start + math.prod(shape) * dt.itemsize]
+                out[name] = torch.from_numpy(view.view(dt).reshape(shape))
+            else:
+                out[name] = value
+        return out
+
+    def close(self) -> None:
+        """Kill the actors. Batches still alive keep the ring mapped (their leases hold
+        this loader); their slots are simply never handed out again."""
+        self.blocks = []
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        for sock in self._socks:
+            sock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import step_tax
+    from .bench import build_workload, init_ray
+    from .competitors import LABELS, make_competitor
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=20_000)
+    ap.add_argument("--blocks", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=3, help="rows/s epochs per competitor")
+    ap.add_argument("--competitors", default="shm_probe,trd,ray_torch,dl2")
+    args = ap.parse_args(argv)
+    init_ray()
+    wl = build_workload("fixed", args.rows, args.blocks, {})
+    labels = {**LABELS, "shm_probe": "probe: collate in 2 same-node actors into shm"}
+    comps: dict[str, Any] = {}
+    for key in args.competitors.split(","):
+        if key == "shm_probe":
+            comps[key] = ShmCollateLoader(wl.dataset)
+        else:
+            comps[key] = make_competitor(key, wl)
+    held = {k: torch.from_numpy(v[:256].copy()) for k, v in wl.columns.items()}
+    gc.collect()
+    gc.freeze()
+    rows = step_tax.inflation(comps, held, args.reps)
+    rates: dict[str, list[float]] = {k: [] for k in comps}
+    cpu: dict[str, list[float]] = {k: [] for k in comps}
+    actor_cpu: list[float] = []
+    for _ in range(args.epochs):  # interleaved: drift hits every competitor alike
+        for key, comp in comps.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            n = sum(len(b[wl.id_column]) for b in comp.epoch())
+            rates[key].append(n / (time.perf_counter() - t0))
+            cpu[key].append((time.process_time() - c0) / n * 1e6)
+            if isinstance(comp, ShmCollateLoader):
+                actor_cpu.append(sum(c for _, c in comp.cpu) / n * 1e6)
+    print(f"load average {os.getloadavg()}", file=sys.stderr)
+    print(step_tax.markdown("Step tax on W1's data, with the shm probe", rows, labels))
+    print("\n| loader | rows/s median (min-max) | trainer CPU µs/row |\n|---|---:|---:|")
+    for key, v in rates.items():
+        print(
+            f"| {labels.get(key, key)} | {np.median(v):,.0f} ({min(v):,.0f}-{max(v):,.0f}) "
+            f"| {np.median(cpu[key]):.2f} |"
+        )
+    if actor_cpu:
+        print(f"\nshm probe: the collate actors' CPU {np.median(actor_cpu):.2f} µs/row (median)")
+    for comp in comps.values():
+        comp.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
