@@ -132,7 +132,8 @@ class _CollateActor:
 
         from torch_raydata.kernels.take import BlockViews
 
-        free, blocks = list(slots), {}
+        free = list(slots)
+        blocks: dict[Any, Any] = {}  # ref -> BlockViews, the last few blocks
         for index, pieces in tasks:
             if index == fail_at:
                 raise ValueError(f"probe: injected failure at batch {index}")
@@ -226,7 +227,9 @@ class ShmCollateLoader:
             server.listen(workers)
             node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), False)
             self.actors = [
-                _CollateActor.options(scheduling_strategy=node).remote(shm_path, sock_path, w)
+                _CollateActor.options(  # type: ignore[attr-defined]
+                    scheduling_strategy=node
+                ).remote(shm_path, sock_path, w)
                 for w in range(workers)
             ]
             self._socks: list[socket.socket] = [server] * workers
