@@ -342,14 +342,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=3, help="rows/s epochs per competitor")
     ap.add_argument("--competitors", default="shm_probe,trd,ray_torch,dl2")
+    ap.add_argument("--probe-workers", type=int, default=2, help="collate actors")
     args = ap.parse_args(argv)
     init_ray()
     wl = build_workload("fixed", args.rows, args.blocks, {})
-    labels = {**LABELS, "shm_probe": "probe: collate in 2 same-node actors into shm"}
+    labels = {
+        **LABELS,
+        "shm_probe": f"probe: collate in {args.probe_workers} same-node actors into shm",
+    }
     comps: dict[str, Any] = {}
     for key in args.competitors.split(","):
         if key == "shm_probe":
-            comps[key] = ShmCollateLoader(wl.dataset)
+            comps[key] = ShmCollateLoader(wl.dataset, workers=args.probe_workers)
         else:
             comps[key] = make_competitor(key, wl)
     held = {k: torch.from_numpy(v[:256].copy()) for k, v in wl.columns.items()}
