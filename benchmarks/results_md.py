@@ -121,8 +121,10 @@ def write_results(path: str, payload: dict[str, Any]) -> None:
             "W1's data, one process, competitors interleaved per repetition. (a): from one "
             "step's end to the next batch in hand in `for batch in loader` under a 5 ms "
             "`time.sleep` step (the previous batch's release included). (b): a Python-heavy "
-            "step (small torch ops forward and backward, one torch thread) timed alone right "
-            "before each competitor's epoch, then fed by it. Percentiles pool every batch.",
+            "step (small torch ops forward and backward, one torch thread) timed alone in a "
+            "window after each competitor's (a) epoch, then fed by it; the alone baseline is "
+            "the median over every window of the run (all competitors), the fed figure the "
+            "median over repetitions (benchmarks/README.md). (a) pools every batch.",
             "",
             step_tax.markdown("step tax", payload["step_tax"], LABELS).split("\n", 2)[2],
             "",
