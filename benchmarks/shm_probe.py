@@ -343,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=3, help="rows/s epochs per competitor")
     ap.add_argument("--competitors", default="shm_probe,trd,ray_torch,dl2")
     ap.add_argument("--probe-workers", type=int, default=2, help="collate actors")
+    ap.add_argument("--probe-slots", type=int, default=4, help="ring slots per actor")
     args = ap.parse_args(argv)
     init_ray()
     wl = build_workload("fixed", args.rows, args.blocks, {})
@@ -353,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     comps: dict[str, Any] = {}
     for key in args.competitors.split(","):
         if key == "shm_probe":
-            comps[key] = ShmCollateLoader(wl.dataset, workers=args.probe_workers)
+            comps[key] = ShmCollateLoader(
+                wl.dataset, workers=args.probe_workers, slots_per_worker=args.probe_slots
+            )
         else:
             comps[key] = make_competitor(key, wl)
     held = {k: torch.from_numpy(v[:256].copy()) for k, v in wl.columns.items()}
