@@ -100,6 +100,32 @@ class _CollateActor:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(sock_path)
         self.sock.sendall(bytes([token]))
+        # Slot state lives as long as the actor, not one epoch: a batch the step still
+        # holds from the last epoch keeps its slot, and returns are read as they come
+        # (never left to pile up in the socket, where the trainer's send would block).
+        self.free: list[int] | None = None
+        self.returns = bytearray()
+
+    def _take_returns(self, wait: bool) -> None:
+        """Move returned slots from the socket to ``self.free``; ``wait``: until one."""
+        assert self.free is not None
+        try:
+            while True:
+                self.sock.setblocking(wait and not self.free)
+                try:
+                    data = self.sock.recv(4096)
+                except BlockingIOError:
+                    return
+                if not data:
+                    raise EOFError("the trainer closed its socket")
+                self.returns += data
+                whole = len(self.returns) // 4 * 4
+                self.free += [
+                    int.from_bytes(self.returns[i : i + 4], "big") for i in range(0, whole, 4)
+                ]
+                del self.returns[:whole]
+        finally:
+            self.sock.setblocking(True)
 
     def serve(
         self,
@@ -132,14 +158,16 @@ class _CollateActor:
 
         from torch_raydata.kernels.take import BlockViews
 
-        free = list(slots)
+        if self.free is None:
+            self.free = list(slots)
         blocks: dict[Any, Any] = {}  # ref -> BlockViews, the last few blocks
         for index, pieces in tasks:
             if index == fail_at:
                 raise ValueError(f"probe: injected failure at batch {index}")
-            while not free:
-                free.append(int.from_bytes(_recv_exact(self.sock, 4), "big"))
-            slot = free.pop()
+            self._take_returns(wait=False)
+            if not self.free:
+                self._take_returns(wait=True)
+            slot = self.free.pop()
             offset = slot * slot_bytes
             alloc = _SlotAllocator(self.ring[offset : offset + slot_bytes], offset)
             collate.allocator = alloc
