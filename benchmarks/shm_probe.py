@@ -1,6 +1,6 @@
 """Probe (not product): stage 4 in same-node Ray actors that collate into shared memory.
 
-    python -m benchmarks.shm_probe                  # W1 data: step tax + rows/s (~4 min)
+    python -m benchmarks.shm_probe                  # W1 data: step tax + rows/s (~2 min)
     python -m benchmarks.shm_probe --reps 2 --competitors shm_probe,trd
 
 Issue 13 names one lever the thread pool cannot reach: a background thread's Python
@@ -22,8 +22,9 @@ measures the other design, on a MaterializedDataset, with the same harness
 Scope, on purpose: a MaterializedDataset (block refs reach the actors as task arguments,
 so Ray tracks them), batches in dataset order split round-robin over the actors, no
 shuffle, resume or transport. A step that holds every slot of an actor gets a clear
-error instead of a deadlock. Why not a Ray actor call per batch: its submit and
-``ray.get`` cost the trainer more Python than today's collate does.
+error instead of a deadlock. Why not a Ray actor call per batch: each call's submit
+and ``ray.get`` run Python on the trainer's thread, the very cost this probe removes
+(not measured here).
 """
 
 from __future__ import annotations
