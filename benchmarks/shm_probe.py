@@ -50,6 +50,7 @@ __all__ = ["ShmCollateLoader", "main"]
 
 _ALIGN = 64
 _FAILED = 0xFFFFFFFF  # frame sent by an actor whose serve() raised: ray.get the call
+_CONNECT_TIMEOUT_S = 120.0  # actors' start (a hang guard, not a speed limit)
 
 
 def _frame(n: int) -> bytes:
@@ -262,8 +263,10 @@ class ShmCollateLoader:
                 for w in range(workers)
             ]
             self._socks: list[socket.socket] = [server] * workers
+            server.settimeout(_CONNECT_TIMEOUT_S)  # an actor that failed to start: an error
             for _ in range(workers):
                 conn, _ = server.accept()
+                conn.settimeout(None)
                 self._socks[_recv_exact(conn, 1)[0]] = conn
         finally:
             server.close()
@@ -322,8 +325,8 @@ class ShmCollateLoader:
             self.cpu = ray.get(calls)
             done = True
         finally:
-            if not done:  # a step raised, or the epoch was abandoned: actors start over
-                self.close()
+            if not done:  # a step raised or the epoch was abandoned: the actors are
+                self.close()  # mid-epoch and cannot be told where it stopped, so close
 
     def _receive(self, w: int, call: Any) -> dict[str, Any]:
         sock = self._socks[w]
