@@ -39,12 +39,15 @@ import socket
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import ray
 import torch
+
+from torch_raydata.memory.buffers import Lease
 
 __all__ = ["ShmCollateLoader", "main"]
 
@@ -193,28 +196,27 @@ class _CollateActor:
             self.sock.sendall(_frame(len(msg)) + msg)
 
 
-class _SlotLease:
-    """Base of a batch's arrays: sends the slot back to its actor when the last dies."""
+class _SlotReturns:
+    """The "pool" of ``memory.buffers.Lease`` for one actor's slots: when a batch's last
+    view dies, its lease gives the slot back here, and it goes back over the socket."""
 
-    __slots__ = ("loader", "worker", "slot", "__array_interface__")
+    def __init__(self, sock: socket.socket, slot_bytes: int, base: int) -> None:
+        self.sock, self.slot_bytes, self.base = sock, slot_bytes, base
+        self.held = 0
+        self.ref = weakref.ref(self)
 
-    def __init__(self, loader: ShmCollateLoader, worker: int, slot: int) -> None:
-        self.loader, self.worker, self.slot = loader, worker, slot
-        address = loader._base + slot * loader.slot_bytes
-        self.__array_interface__ = {
-            "shape": (loader.slot_bytes,),
-            "typestr": "|u1",
-            "data": (address, False),
-            "version": 3,
-        }
-        loader._held[worker] += 1
+    def lease(self, ring: np.ndarray, slot: int) -> np.ndarray:
+        """The slot's bytes as a uint8 array whose base is a lease on it."""
+        raw = ring[slot * self.slot_bytes : (slot + 1) * self.slot_bytes]  # keeps the ring
+        self.held += 1
+        return np.asarray(Lease(raw, raw.ctypes.data, self.ref))  # type: ignore[arg-type]
 
-    def __del__(self) -> None:
-        self.loader._held[self.worker] -= 1
+    def _give_back(self, raw: np.ndarray, address: int) -> None:
+        self.held -= 1
         try:
-            self.loader._socks[self.worker].sendall(_frame(self.slot))
+            self.sock.sendall(_frame((address - self.base) // self.slot_bytes))
         except OSError:
-            pass  # the loader is closed; the ring stays mapped until this lease dies
+            pass  # the loader is closed: the slot is never handed out again
 
 
 class ShmCollateLoader:
@@ -250,7 +252,7 @@ class ShmCollateLoader:
             self._ring = mmap.mmap(fd, total)
         finally:
             os.close(fd)
-        self._base = np.frombuffer(self._ring, np.uint8).ctypes.data
+        self._ring_array = np.frombuffer(self._ring, np.uint8)
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             server.bind(sock_path)
@@ -273,7 +275,8 @@ class ShmCollateLoader:
             os.unlink(sock_path)
             os.unlink(shm_path)
             os.rmdir(folder)
-        self._held = [0] * workers
+        base = self._ring_array.ctypes.data
+        self._returns = [_SlotReturns(sock, slot_bytes, base) for sock in self._socks]
 
     def _plan(self) -> list[list[tuple[Any, int, int]]]:
         batches: list[list[tuple[Any, int, int]]] = []
@@ -314,7 +317,7 @@ class ShmCollateLoader:
         try:
             for i in range(len(batches)):
                 w = i % k
-                if self._held[w] >= spw:
+                if self._returns[w].held >= spw:
                     raise RuntimeError(
                         f"the training step holds all {spw} ring slots of collate actor {w}: "
                         "release batches (or .clone() what you keep), or raise slots_per_worker"
@@ -328,6 +331,11 @@ class ShmCollateLoader:
             if not done:  # a step raised or the epoch was abandoned: the actors are
                 self.close()  # mid-epoch and cannot be told where it stopped, so close
 
+    @property
+    def _held(self) -> list[int]:
+        """Batches alive per actor (each holds one slot)."""
+        return [r.held for r in self._returns]
+
     def _receive(self, w: int, call: Any) -> dict[str, Any]:
         sock = self._socks[w]
         try:
@@ -338,7 +346,7 @@ class ShmCollateLoader:
         except EOFError:
             ray.get(call)  # re-raises the actor's exception
             raise
-        lease = np.asarray(_SlotLease(self, w, slot))
+        lease = self._returns[w].lease(self._ring_array, slot)
         rel = slot * self.slot_bytes
         out: dict[str, Any] = {}
         for name, value in desc.items():
@@ -367,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import step_tax
     from .bench import build_workload, init_ray
     from .competitors import LABELS, make_competitor
+    from .measure import run_epoch
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=20_000)
@@ -400,12 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     actor_cpu: list[float] = []
     for _ in range(args.epochs):  # interleaved: drift hits every competitor alike
         for key, comp in comps.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            n = sum(len(b[wl.id_column]) for b in comp.epoch())
-            rates[key].append(n / (time.perf_counter() - t0))
-            cpu[key].append((time.process_time() - c0) / n * 1e6)
+            epoch = run_epoch(comp.epoch, wl.id_column)  # make bench's own loop
+            rates[key].append(epoch.rows_per_s)
+            cpu[key].append(epoch.cpu_seconds / epoch.rows * 1e6)
             if isinstance(comp, ShmCollateLoader):
-                actor_cpu.append(sum(c for _, c in comp.cpu) / n * 1e6)
+                actor_cpu.append(sum(c for _, c in comp.cpu) / epoch.rows * 1e6)
     print(f"load average {os.getloadavg()}", file=sys.stderr)
     print(step_tax.markdown("Step tax on W1's data, with the shm probe", rows, labels))
     print("\n| loader | rows/s median (min-max) | trainer CPU µs/row |\n|---|---:|---:|")
