@@ -15,6 +15,7 @@ from ..pipeline.transport import FetchRequest, RemoteCollate, Transport
 from .cuda import CudaTransport
 from .local import LocalTransport
 from .nixl import NixlTransport
+from .shm import ShmMapError, ShmTransport
 
 __all__ = [
     "Transport",
@@ -23,6 +24,8 @@ __all__ = [
     "LocalTransport",
     "CudaTransport",
     "NixlTransport",
+    "ShmTransport",
+    "ShmMapError",
     "TRANSPORTS",
     "resolve_transport",
 ]
@@ -31,6 +34,7 @@ TRANSPORTS: dict[str, Callable[..., Transport]] = {
     "local": LocalTransport,
     "cuda": CudaTransport,
     "nixl": NixlTransport,  # needs the `nixl` extra; checked when constructed
+    "shm": ShmTransport,  # Linux; collate actors on this node
 }
 
 

@@ -1,4 +1,4 @@
-"""The collate actors of one NixlTransport, kept across epochs.
+"""The collate actors of one remote-collate transport (NIXL or shm), kept across epochs.
 
 Owns: starting a set of ``num_actors`` collate actors (``worker.py``) when an epoch first
 needs them, lending the set to one epoch at a time, keeping it between epochs, and
@@ -25,8 +25,6 @@ import uuid
 import weakref
 from dataclasses import dataclass
 from typing import Any
-
-from .worker import CollateWorker
 
 __all__ = ["CollateActors", "MAX_IDLE", "start_actors"]
 
@@ -75,8 +73,8 @@ def _kill_live(live: dict[str, Any]) -> None:
 
 class CollateActors:
     """Sets of collate actors for one transport (``owner``: its ``num_actors``,
-    ``actor_num_cpus``, ``actor_options``, ``backends`` and ``xfer_timeout`` say how to
-    start them); see the module docstring. Holds the owner weakly: its garbage
+    ``actor_num_cpus`` and ``worker_spec()`` say how to start them); see the module
+    docstring. Holds the owner weakly: its garbage
     collection kills every actor started here."""
 
     def __init__(self, owner: Any) -> None:
@@ -145,32 +143,30 @@ class CollateActors:
 def start_actors(
     owner: Any, collate_fn: Any, *, id_column: str | None, max_slabs: int
 ) -> Workers:
-    """Start ``owner.num_actors`` collate actors; ``(handle, agent name)`` pairs. A
-    collate_fn that cannot be pickled is a TypeError saying so (it runs in the actors)."""
+    """Start ``owner.num_actors`` collate actors; ``(handle, name)`` pairs. ``owner`` says
+    how: ``worker_spec()`` -> (actor class, its keyword arguments, ``.options``), and
+    ``name`` for messages. A collate_fn that cannot be pickled is a TypeError saying so
+    (it runs in the actors)."""
     import ray
 
+    worker_class, kwargs, options = owner.worker_spec()
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    cls = ray.remote(CollateWorker)
-    options = {"num_cpus": owner.actor_num_cpus, "max_restarts": 0} | owner.actor_options
+    cls = ray.remote(worker_class)
+    options = {"num_cpus": owner.actor_num_cpus, "max_restarts": 0} | options
     out: Workers = []
     try:
         for i in range(owner.num_actors):
             name = f"trd-collate-{tag}-{i}"
             handle = cls.options(**options).remote(
-                name,
-                collate_fn,
-                id_column=id_column,
-                backends=owner.backends,
-                max_slabs=max_slabs,
-                notif_timeout=owner.xfer_timeout,
+                name, collate_fn, id_column=id_column, max_slabs=max_slabs, **kwargs
             )
             out.append((handle, name))
     except BaseException as e:
         _kill([handle for handle, _ in out])
         if isinstance(e, TypeError) and "serialize" in str(e):
             raise TypeError(
-                f"collate_fn={collate_fn!r} must be picklable: with transport='nixl' it "
-                f"runs in Ray actors ({str(e).splitlines()[0]})"
+                f"collate_fn={collate_fn!r} must be picklable: with transport="
+                f"{owner.name!r} it runs in Ray actors ({str(e).splitlines()[0]})"
             ) from e
         raise
     return out

@@ -87,8 +87,8 @@ def _blocks(
         stats.add_block()
         if sb.num_rows is None:
             raise ValueError(
-                "a block's metadata has no row count; transport='nixl' plans batches from "
-                "row counts without fetching blocks: use transport='local' for this dataset"
+                "a block's metadata has no row count; transport='nixl'/'shm' plans batches "
+                "from row counts without fetching blocks: use transport='local' for this dataset"
             )
         if not sb.num_rows:
             continue

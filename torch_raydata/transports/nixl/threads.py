@@ -165,7 +165,10 @@ def fetch_loop(
                 where = f"stage 4 (remote collate on {names[c.actor]}), batch {c.plan.idx}"
                 raise err
             # Step 6: post one READ per batch, all of them, then wait for all.
-            where = f"stage 6 (finalize, NIXL READ), batches {[c.plan.idx for c in group]}"
+            where = (
+                f"stage 6 (finalize, {getattr(transport, 'name', 'remote')} transfer), "
+                f"batches {[c.plan.idx for c in group]}"
+            )
             t0 = time.perf_counter()
             request = transport.fetch_multiple(descs)
             while True:

@@ -59,6 +59,7 @@ from .common import RemoteBatch, import_nixl, release_message, unflatten_payload
 from .device import DeviceClones
 from .epoch import RemoteEpochRun
 from .pool import DestPool
+from .worker import CollateWorker
 
 __all__ = ["NixlTransport", "NixlTransferError"]
 
@@ -105,6 +106,7 @@ class NixlTransport(Transport):
     """
 
     needs_thread = True
+    name = "nixl"
 
     def __init__(
         self,
@@ -201,6 +203,11 @@ class NixlTransport(Transport):
         """The epoch is over: keep its actors for the next one, or (``reusable=False``: one
         failed) kill them and disconnect from their agents."""
         self.forget(self._actors.release(workers, reusable=reusable))
+
+    def worker_spec(self) -> tuple[type, dict[str, Any], dict[str, Any]]:
+        """How ``actors.py`` starts a collate actor: class, arguments, ``.options``."""
+        kwargs = {"backends": self.backends, "notif_timeout": self.xfer_timeout}
+        return CollateWorker, kwargs, dict(self.actor_options)
 
     @property
     def live_actors(self) -> int:

@@ -1,5 +1,9 @@
 """The collate actor of the NIXL transport: collate next to the data, into registered memory.
 
+``SlabWorker`` is what any remote collate actor does whatever carries its memory (this
+module's NIXL actor, and ``transports/shm``'s shared-memory one): resolve a plan, collate
+into a slab, describe it. ``CollateWorker`` adds the NIXL agent and its slabs.
+
 Owns, in one Ray actor process: a NIXL agent, a pool of registered source buffers
 ("slabs"), and running the collate_fn so its output lands in a slab. ``epoch.py``
 makes this class a Ray actor and calls :meth:`CollateWorker.collate` with a batch plan;
@@ -48,7 +52,7 @@ from .common import (
     released_slabs,
 )
 
-__all__ = ["CollateWorker", "with_allocator"]
+__all__ = ["CollateWorker", "SlabWorker", "with_allocator"]
 
 _SLAB_QUANTUM = 1 << 16
 # The agent is progressed by a small Python thread instead of NIXL's progress thread, which
@@ -94,8 +98,171 @@ def with_allocator(fn: Any, allocator: Any) -> Any:
     return fn
 
 
-class CollateWorker:
-    """Body of one collate actor (see the module docstring).
+class SlabWorker:
+    """What every remote collate actor does, whatever carries its memory to the trainer:
+    resolve a plan's pieces, collate into a slab (``_allocate``/``_pack``), describe it.
+
+    Subclasses own the slabs: :meth:`_reserve`/:meth:`_unreserve` (a slab for one batch),
+    :meth:`_new_generation` (an older epoch is closed: free what it left busy) and
+    :meth:`_describe` (the descriptor the trainer gets). ``DATA_START``: the first byte of
+    a slab the collate may use (a shared-memory slab keeps its state byte before it).
+    """
+
+    DATA_START = 0
+
+    def __init__(
+        self,
+        name: str,
+        collate_fn: Any,
+        *,
+        id_column: str | None = None,
+        max_slabs: int = 8,
+    ) -> None:
+        self.name = name
+        # Guards the slabs (a subclass may touch them from a thread of its own).
+        self._cond = threading.Condition()
+        self.fn = with_allocator(collate_fn, self._allocate)
+        self.id_column = id_column
+        self.max_slabs = max_slabs
+        self._slabs: dict[int, Any] = {}
+        self._next_id = 0
+        self._expected = 0  # bytes the last batch needed
+        self._cur: Any = None  # slab the allocator bump-allocates from
+        self._used = 0
+        self.allocations = 0  # slabs made over the actor's life
+        self.generation = 0  # the epoch whose plans this actor collates (see _begin)
+
+    def ready(self) -> str:
+        return self.name
+
+    # -- what a subclass provides ----------------------------------------------------------
+    def _reserve(self, nbytes: int) -> Any:
+        """A slab of at least ``nbytes`` for one batch, marked busy; None when 0."""
+        raise NotImplementedError
+
+    def _unreserve(self, slab: Any) -> None:
+        raise NotImplementedError
+
+    def _new_generation(self) -> None:
+        """The first call of a newer epoch: the older ones are closed (lock held)."""
+        raise NotImplementedError
+
+    def _describe(self, slab: Any, **fields: Any) -> RemoteBatch:
+        raise NotImplementedError
+
+    # -- one batch -------------------------------------------------------------------------
+    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The collate_fn's allocator: the next aligned piece of the current slab, or plain
+        memory when it does not fit (copied into a larger slab after the collate)."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        slab = self._cur
+        off = align(self._used)
+        if slab is None or off + nbytes > slab.size:
+            return torch.empty(shape, dtype=dtype)
+        self._used = off + nbytes
+        return torch.from_numpy(slab.raw[off : off + nbytes]).view(dtype).view(shape)
+
+    def _pack(
+        self, slab: _Slab | None, tensors: list[torch.Tensor]
+    ) -> tuple[_Slab | None, list[TensorSpec], int]:
+        """Place every tensor in ``slab`` (moving everything to a larger one if needed).
+        Returns the slab, one spec per tensor and the bytes to READ."""
+        specs: list[TensorSpec | None] = [None] * len(tensors)
+        outside: list[int] = []
+        used = self._used if slab is not None else self.DATA_START
+        for i, t in enumerate(tensors):
+            n = t.numel() * t.element_size()
+            ptr = t.data_ptr()
+            if (
+                slab is not None
+                and t.is_contiguous()
+                and slab.base <= ptr
+                and ptr + n <= slab.base + slab.size
+            ):
+                specs[i] = TensorSpec(ptr - slab.base, n, t.dtype, tuple(t.shape))
+            else:
+                outside.append(i)
+        if outside:
+            extra = sum(align(tensors[i].numel() * tensors[i].element_size()) for i in outside)
+            if slab is None or align(used) + extra > slab.size:
+                # Too big for this slab: repack everything into one that fits.
+                total = sum(align(t.numel() * t.element_size()) for t in tensors)
+                new = self._reserve(total)
+                self._unreserve(slab)
+                slab, used, outside = new, self.DATA_START, list(range(len(tensors)))
+                self._cur = slab  # freed by collate() if anything below raises
+            assert slab is not None
+            for i in outside:
+                t = tensors[i]
+                n = t.numel() * t.element_size()
+                off = align(used)
+                torch.from_numpy(slab.raw[off : off + n]).view(t.dtype).view(t.shape).copy_(t)
+                specs[i] = TensorSpec(off, n, t.dtype, tuple(t.shape))
+                used = off + n
+        # Zero-size tensors need no bytes: a batch of only those has nothing to move.
+        nbytes = max((s.offset + s.nbytes for s in specs if s is not None and s.nbytes), default=0)
+        return slab, [s for s in specs if s is not None], nbytes
+
+    # -- epochs ----------------------------------------------------------------------------
+    def _begin(self, generation: int) -> bool:
+        """Whether a call of epoch ``generation`` should run. The actor outlives epochs: the
+        first call of a newer epoch frees every slab (the trainer closed the older epochs
+        first, so none of their READs is still posted, and an abandoned batch's slab would
+        otherwise stay busy for good); a call of an older epoch is skipped (a plan that
+        epoch's close left queued; Ray runs one caller's calls in order, so only if not)."""
+        if generation == self.generation:
+            return True
+        if generation < self.generation:
+            return False
+        with self._cond:
+            self._new_generation()
+            self._cond.notify_all()
+        self.generation = generation
+        return True
+
+    # -- one batch -------------------------------------------------------------------------
+    def collate(self, plan: Any, generation: int = 0) -> RemoteBatch | None:
+        """Collate ``plan`` into a slab; None for a plan of an epoch already over."""
+        if not self._begin(generation):
+            return None
+        t0 = time.perf_counter()
+        table, ids = plan.materialize(self.id_column)
+        slab = self._reserve(self._expected)
+        self._cur, self._used = slab, self.DATA_START
+        try:
+            payload = self.fn(table)
+            if payload is None:
+                raise TypeError(
+                    f"collate_fn {self.fn!r} returned None for batch {plan.idx}; it must "
+                    "return the collated batch"
+                )
+            skeleton, tensors = flatten_payload(payload)
+            del payload, table
+            slab, specs, nbytes = self._pack(slab, tensors)
+        except BaseException:
+            self._unreserve(self._cur)
+            raise
+        finally:
+            self._cur = None
+        del tensors
+        if slab is not None and nbytes == 0:  # nothing to READ: no confirmation will come
+            self._unreserve(slab)
+            slab = None
+        self._expected = nbytes
+        return self._describe(
+            slab,
+            idx=plan.idx,
+            nbytes=nbytes,
+            tensors=tuple(specs),
+            skeleton=skeleton,
+            num_rows=plan.num_rows,
+            ids=ids,
+            seconds=time.perf_counter() - t0,
+        )
+
+
+class CollateWorker(SlabWorker):
+    """Body of one NIXL collate actor (see the module docstring).
 
     Args:
         name: the NIXL agent name (unique per actor).
@@ -119,34 +286,18 @@ class CollateWorker:
         nixl_agent, nixl_agent_config = import_nixl()
         # This process is ours: keep nixl's per-agent INFO lines out of the worker logs.
         logging.getLogger("nixl").setLevel(logging.WARNING)
-        self.name = name
+        super().__init__(name, collate_fn, id_column=id_column, max_slabs=max_slabs)
         self.agent = nixl_agent(
             name, nixl_agent_config(enable_prog_thread=False, backends=list(backends))
         )
-        # Guards the agent and the slabs: the progress thread takes notifications while
-        # the actor's method thread collates and reserves slabs.
-        self._cond = threading.Condition()
         self._stop = threading.Event()
-        self.fn = with_allocator(collate_fn, self._allocate)
-        self.id_column = id_column
-        self.max_slabs = max_slabs
         self.notif_timeout = notif_timeout
-        self._slabs: dict[int, _Slab] = {}
-        self._next_id = 0
         self.md_version = 0
         self._md = self.agent.get_agent_metadata()
-        self._expected = 0  # bytes the last batch needed
-        self._cur: _Slab | None = None  # slab the allocator bump-allocates from
-        self._used = 0
-        self.allocations = 0  # slabs registered over the actor's life
-        self.generation = 0  # the epoch whose plans this actor collates (see _begin)
         self._progress = threading.Thread(
             target=self._progress_loop, name="trd-nixl-progress", daemon=True
         )
         self._progress.start()
-
-    def ready(self) -> str:
-        return self.name
 
     # -- progress ------------------------------------------------------------------------
     def _progress_loop(self) -> None:
@@ -237,119 +388,21 @@ class CollateWorker:
             with self._cond:
                 slab.busy = False
 
-    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """The collate_fn's allocator: the next aligned piece of the current slab, or plain
-        memory when it does not fit (copied into a larger slab after the collate)."""
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        slab = self._cur
-        off = align(self._used)
-        if slab is None or off + nbytes > slab.size:
-            return torch.empty(shape, dtype=dtype)
-        self._used = off + nbytes
-        return torch.from_numpy(slab.raw[off : off + nbytes]).view(dtype).view(shape)
+    def _new_generation(self) -> None:
+        # The trainer READ (or abandoned) every batch of the closed epochs: all slabs free.
+        for slab in self._slabs.values():
+            slab.busy = False
 
-    def _pack(
-        self, slab: _Slab | None, tensors: list[torch.Tensor]
-    ) -> tuple[_Slab | None, list[TensorSpec], int]:
-        """Place every tensor in ``slab`` (moving everything to a larger one if needed).
-        Returns the slab, one spec per tensor and the bytes to READ."""
-        specs: list[TensorSpec | None] = [None] * len(tensors)
-        outside: list[int] = []
-        used = self._used if slab is not None else 0
-        for i, t in enumerate(tensors):
-            n = t.numel() * t.element_size()
-            ptr = t.data_ptr()
-            if (
-                slab is not None
-                and t.is_contiguous()
-                and slab.base <= ptr
-                and ptr + n <= slab.base + slab.size
-            ):
-                specs[i] = TensorSpec(ptr - slab.base, n, t.dtype, tuple(t.shape))
-            else:
-                outside.append(i)
-        if outside:
-            extra = sum(align(tensors[i].numel() * tensors[i].element_size()) for i in outside)
-            if slab is None or align(used) + extra > slab.size:
-                # Too big for this slab: repack everything into one that fits.
-                total = sum(align(t.numel() * t.element_size()) for t in tensors)
-                new = self._reserve(total)
-                self._unreserve(slab)
-                slab, used, outside = new, 0, list(range(len(tensors)))
-                self._cur = slab  # freed by collate() if anything below raises
-            assert slab is not None
-            for i in outside:
-                t = tensors[i]
-                n = t.numel() * t.element_size()
-                off = align(used)
-                torch.from_numpy(slab.raw[off : off + n]).view(t.dtype).view(t.shape).copy_(t)
-                specs[i] = TensorSpec(off, n, t.dtype, tuple(t.shape))
-                used = off + n
-        nbytes = max((s.offset + s.nbytes for s in specs if s is not None), default=0)
-        return slab, [s for s in specs if s is not None], nbytes
-
-    # -- epochs ----------------------------------------------------------------------------
-    def _begin(self, generation: int) -> bool:
-        """Whether a call of epoch ``generation`` should run. The actor outlives epochs: the
-        first call of a newer epoch frees every slab (the trainer closed the older epochs
-        first, so none of their READs is still posted, and an abandoned batch's slab would
-        otherwise stay busy for good); a call of an older epoch is skipped (a plan that
-        epoch's close left queued; Ray runs one caller's calls in order, so only if not)."""
-        if generation == self.generation:
-            return True
-        if generation < self.generation:
-            return False
-        with self._cond:
-            for slab in self._slabs.values():
-                slab.busy = False
-            self._cond.notify_all()
-        self.generation = generation
-        return True
-
-    # -- one batch -------------------------------------------------------------------------
-    def collate(self, plan: Any, generation: int = 0) -> RemoteBatch | None:
-        """Collate ``plan`` into a slab; None for a plan of an epoch already over."""
-        if not self._begin(generation):
-            return None
-        t0 = time.perf_counter()
-        table, ids = plan.materialize(self.id_column)
-        slab = self._reserve(self._expected)
-        self._cur, self._used = slab, 0
-        try:
-            payload = self.fn(table)
-            if payload is None:
-                raise TypeError(
-                    f"collate_fn {self.fn!r} returned None for batch {plan.idx}; it must "
-                    "return the collated batch"
-                )
-            skeleton, tensors = flatten_payload(payload)
-            del payload, table
-            slab, specs, nbytes = self._pack(slab, tensors)
-        except BaseException:
-            self._unreserve(self._cur)
-            raise
-        finally:
-            self._cur = None
-        del tensors
-        if slab is not None and nbytes == 0:  # nothing to READ: no confirmation will come
-            self._unreserve(slab)
-            slab = None
-        self._expected = nbytes
+    def _describe(self, slab: _Slab | None, **fields: Any) -> RemoteBatch:
         with self._cond:
             md_version, metadata = self.md_version, self._md
         return RemoteBatch(
-            idx=plan.idx,
             agent=self.name,
             md_version=md_version,
             metadata=metadata,
             slab=slab.id if slab is not None else -1,
             addr=slab.base if slab is not None else 0,
-            nbytes=nbytes,
-            tensors=tuple(specs),
-            skeleton=skeleton,
-            num_rows=plan.num_rows,
-            ids=ids,
-            seconds=time.perf_counter() - t0,
+            **fields,
         )
 
     def stats(self) -> dict[str, int]:
