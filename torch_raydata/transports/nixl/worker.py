@@ -172,6 +172,9 @@ class SlabWorker:
         used = self._used if slab is not None else self.DATA_START
         for i, t in enumerate(tensors):
             n = t.numel() * t.element_size()
+            if n == 0:  # no bytes to place (the trainer makes an empty tensor)
+                specs[i] = TensorSpec(0, 0, t.dtype, tuple(t.shape))
+                continue
             ptr = t.data_ptr()
             if (
                 slab is not None

@@ -136,19 +136,21 @@ class ShmCollateWorker(SlabWorker):
             for s in self._slabs.values():
                 if s.fd >= 0 and s.raw[MAPPED]:
                     s.close_fd()  # the trainer has its own mapping
-            # Keep at most max_slabs free ones, dropping the smallest first: batch sizes only
-            # grow within an epoch (the last, partial batch fits a larger one).
-            free = sorted(
-                (s for s in self._slabs.values() if s.state == FREE), key=lambda s: s.size
-            )
-            for s in free[: max(0, len(free) - self.max_slabs)]:
-                self._drop(s)
+            self._trim()
         return slab
 
     def _unreserve(self, slab: _Slab | None) -> None:
         if slab is not None:
             with self._cond:
                 slab.raw[STATE] = FREE
+                self._trim()
+
+    def _trim(self) -> None:
+        """Keep at most ``max_slabs`` free slabs, dropping the smallest first: batch sizes
+        only grow within an epoch (the last, partial batch fits a larger one)."""
+        free = sorted((s for s in self._slabs.values() if s.state == FREE), key=lambda s: s.size)
+        for s in free[: max(0, len(free) - self.max_slabs)]:
+            self._drop(s)
 
     def _new_generation(self) -> None:
         # Batches of the closed epochs that the trainer never took (WRITTEN) are gone with
