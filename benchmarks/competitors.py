@@ -25,7 +25,7 @@ from torch_raydata.pipeline.constants import usable_cpus
 
 from .workloads import Workload
 
-__all__ = ["BATCH_SIZE", "COMPETITORS", "LABELS", "make_competitor"]
+__all__ = ["BATCH_SIZE", "COMPETITORS", "KNOWN", "LABELS", "OPT_IN", "make_competitor"]
 
 BATCH_SIZE = 256
 RAY_PREFETCH = 4  # Ray's default is 1; 4 matches trd's default (docs/performance.md: the sweep)
@@ -41,8 +41,13 @@ LABELS = {
     "dl0": "torch DataLoader num_workers=0",
     "dl2": "torch DataLoader num_workers=2",
     "memcpy": "memcpy limit (numpy copy, same bytes)",
+    "trd_shm": "trd RayIterableDataset(transport='shm') (2 collate actors on this node)",
 }
-COMPETITORS = tuple(LABELS)
+#: Run only when named (``--competitors``): the shm transport's actors take two of these
+#: machines' two cores' worth of processes, and it is an opt-in transport.
+OPT_IN = ("trd_shm",)
+COMPETITORS = tuple(k for k in LABELS if k not in OPT_IN)
+KNOWN = tuple(LABELS)
 
 
 class Competitor:
@@ -266,6 +271,8 @@ def make_competitor(key: str, wl: Workload) -> Competitor:
         return Trd(wl, "trd")
     if key == "trd_best":
         return Trd(wl, "trd_best", **TRD_BEST)
+    if key == "trd_shm":
+        return Trd(wl, "trd_shm", transport="shm")
     if key == "ray_torch":
         return RayTorch(wl)
     if key == "ray_numpy":
@@ -274,4 +281,4 @@ def make_competitor(key: str, wl: Workload) -> Competitor:
         return TorchDataLoader(wl, key, int(key[2:]))
     if key == "memcpy":
         return Memcpy(wl)
-    raise ValueError(f"competitor {key!r} is not one of {COMPETITORS}")
+    raise ValueError(f"competitor {key!r} is not one of {KNOWN}")

@@ -371,6 +371,24 @@ class ShmCollateLoader:
             sock.close()
 
 
+def _proc_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by processes ``pids`` of this node."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _actor_pids(comp: Any) -> list[int]:
+    """The collate actors' pids of a trd competitor with transport='shm' (else [])."""
+    actors = getattr(getattr(getattr(comp, "ds", None), "transport", None), "_actors", None)
+    if actors is None:
+        return []
+    return [ray.get(h.stats.remote())["pid"] for h in list(actors._live.values())]
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import step_tax
     from .bench import build_workload, init_ray
@@ -406,14 +424,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = step_tax.inflation(comps, held, args.reps)
     rates: dict[str, list[float]] = {k: [] for k in comps}
     cpu: dict[str, list[float]] = {k: [] for k in comps}
-    actor_cpu: list[float] = []
+    actor_cpu: dict[str, list[float]] = {}
     for _ in range(args.epochs):  # interleaved: drift hits every competitor alike
         for key, comp in comps.items():
+            pids = _actor_pids(comp)
+            before = _proc_cpu(pids)
             epoch = run_epoch(comp.epoch, wl.id_column)  # make bench's own loop
             rates[key].append(epoch.rows_per_s)
             cpu[key].append(epoch.cpu_seconds / epoch.rows * 1e6)
             if isinstance(comp, ShmCollateLoader):
-                actor_cpu.append(sum(c for _, c in comp.cpu) / epoch.rows * 1e6)
+                actor_cpu.setdefault(key, []).append(
+                    sum(c for _, c in comp.cpu) / epoch.rows * 1e6
+                )
+            elif pids:
+                spent = _proc_cpu(pids) - before
+                actor_cpu.setdefault(key, []).append(spent / epoch.rows * 1e6)
     print(f"load average {os.getloadavg()}", file=sys.stderr)
     print(step_tax.markdown("Step tax on W1's data, with the shm probe", rows, labels))
     print("\n| loader | rows/s median (min-max) | trainer CPU µs/row |\n|---|---:|---:|")
@@ -422,8 +447,8 @@ def main(argv: list[str] | None = None) -> int:
             f"| {labels.get(key, key)} | {np.median(v):,.0f} ({min(v):,.0f}-{max(v):,.0f}) "
             f"| {np.median(cpu[key]):.2f} |"
         )
-    if actor_cpu:
-        print(f"\nshm probe: the collate actors' CPU {np.median(actor_cpu):.2f} µs/row (median)")
+    for key, v in actor_cpu.items():
+        print(f"\n{key}: the collate actors' CPU {np.median(v):.2f} µs/row (median)")
     for comp in comps.values():
         comp.close()
     return 0

@@ -147,7 +147,7 @@ class _Plan:
     def __init__(self, idx, table):
         self.idx, self.table, self.num_rows = idx, table, table.num_rows
 
-    def materialize(self, id_column=None):
+    def materialize(self, id_column=None, get=None):
         ids = self.table.column(id_column).to_numpy() if id_column else None
         return self.table, ids
 

@@ -48,7 +48,7 @@ class _Plan:
     def num_rows(self) -> int:
         return self.table.num_rows
 
-    def materialize(self, id_column=None):
+    def materialize(self, id_column=None, get=None):
         ids = None if id_column is None else self.table.column(id_column).to_numpy()
         return self.table, ids
 
@@ -209,7 +209,7 @@ def test_an_unmappable_slab_is_an_error_naming_the_fix():
 def test_shm_is_a_remote_collate_transport_by_name():
     t = resolve_transport("shm", None)
     assert isinstance(t, ShmTransport) and isinstance(t, RemoteCollate)
-    assert t.in_flight == 1 and t.num_actors == 2
+    assert t.chunk == t.in_flight == 8 and t.num_actors == 2
     with pytest.raises(ValueError, match="num_actors"):
         ShmTransport(num_actors=0)
     if not torch.cuda.is_available():

@@ -93,9 +93,7 @@ class CollateActors:
     def acquire(self, collate_fn: Any, *, id_column: str | None, max_slabs: int) -> Workers:
         """The idle set that fits, or a new one; lent until :meth:`release`."""
         with self._lock:
-            found = next(
-                (s for s in self._idle if s.fits(collate_fn, id_column, max_slabs)), None
-            )
+            found = next((s for s in self._idle if s.fits(collate_fn, id_column, max_slabs)), None)
             if found is not None:
                 self._idle.remove(found)
         if found is None:
@@ -140,9 +138,7 @@ class CollateActors:
         return names
 
 
-def start_actors(
-    owner: Any, collate_fn: Any, *, id_column: str | None, max_slabs: int
-) -> Workers:
+def start_actors(owner: Any, collate_fn: Any, *, id_column: str | None, max_slabs: int) -> Workers:
     """Start ``owner.num_actors`` collate actors; ``(handle, name)`` pairs. ``owner`` says
     how: ``worker_spec()`` -> (actor class, its keyword arguments, ``.options``), and
     ``name`` for messages. A collate_fn that cannot be pickled is a TypeError saying so

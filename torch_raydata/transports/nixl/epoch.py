@@ -69,7 +69,15 @@ from ...pipeline.types import SourceBlock
 from ...resume.consumed import ConsumedSet
 from ...resume.filter import SharedConsumedSet
 from .plan import kept_rows, plan_batches
-from .threads import Output, RemoteCollateError, Shared, StageThread, plan_loop
+from .threads import (
+    Chunker,
+    Output,
+    RemoteCollateError,
+    Shared,
+    StageThread,
+    before_each,
+    plan_loop,
+)
 
 __all__ = ["RemoteEpochRun", "RemoteCollateError"]
 
@@ -133,8 +141,10 @@ class RemoteEpochRun(EpochConsumer):
             keep_rows = None
             if drop_keys is not None and config.id_column is not None:
                 keep_rows = _kept_rows_remotely(drop_keys, config.id_column)
+            generation = next(_GENERATIONS)  # tags this epoch's calls (worker.py: _begin)
+            chunker = Chunker(s, handles, generation, getattr(transport, "chunk", 1))
             plans = plan_batches(
-                blocks,
+                before_each(blocks, chunker.flush),
                 batch_size=config.batch_size,
                 drop_last=config.drop_last,
                 shuffle_buffer_size=config.shuffle_buffer_size,
@@ -144,8 +154,7 @@ class RemoteEpochRun(EpochConsumer):
                 keep_rows=keep_rows,
             )
             # Steps 1-3 (plan thread) and 5-6 (fetch thread); see the module docstring.
-            generation = next(_GENERATIONS)  # tags this epoch's calls (worker.py: _begin)
-            self._planner = StageThread(s, "trd-remote-plan", plan_loop, plans, handles, generation)
+            self._planner = StageThread(s, "trd-remote-plan", plan_loop, plans, chunker)
             self._output = Output(s, transport, names, config.preserve_order, self.stats)
             self._batches = self._output
         except BaseException:

@@ -16,7 +16,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +26,17 @@ from ...pipeline.queues import Inbox, Slots, drain
 from ...pipeline.stats import StatsRecorder
 from ...pipeline.types import Batch
 from .plan import BatchPlan
+from .worker import CollateFailure
 
-__all__ = ["Output", "RemoteCollateError", "Shared", "StageThread", "plan_loop"]
+__all__ = [
+    "Chunker",
+    "Output",
+    "RemoteCollateError",
+    "Shared",
+    "StageThread",
+    "before_each",
+    "plan_loop",
+]
 
 _END = object()
 
@@ -39,8 +48,9 @@ class RemoteCollateError(RuntimeError):
 @dataclass(eq=False)
 class _Submitted:
     plan: BatchPlan
-    ref: Any  # ObjectRef of the RemoteBatch descriptor
+    ref: Any  # ObjectRef of the RemoteBatch descriptor (of a chunk's tuple of them)
     actor: int
+    part: int = -1  # this plan's place in its chunk's tuple (-1: not chunked)
 
 
 class Shared:
@@ -49,6 +59,7 @@ class Shared:
 
     def __init__(self, bound: int, num_actors: int) -> None:
         self.stop = threading.Event()
+        self.bound = bound
         self.slots = Slots(bound)
         self.cond = threading.Condition()  # guards submitted, load, planner_done, error
         self.submitted: deque[_Submitted] = deque()
@@ -59,10 +70,49 @@ class Shared:
         self.out: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
 
-def plan_loop(
-    s: Shared, plans: Iterator[BatchPlan], actors: list[Any], generation: int
-) -> None:
-    """Stages 1 and 3, then submit: one plan per slot, to the least-loaded actor."""
+class Chunker:
+    """Submits plans to the least-loaded actor, ``chunk`` at a time (one Ray call and one
+    result object for several batches: ``collate_many``), or one at a time (``collate``).
+
+    Plans are held back only while the planner is making more from blocks it already has:
+    :meth:`flush` submits the pending ones before each pull from the source (which may
+    block), and at the end. Each pending plan holds a slot, and the chunk is smaller than
+    the bound, so batches are downstream while plans wait (no deadlock, no starving).
+    """
+
+    def __init__(self, s: Shared, actors: list[Any], generation: int, chunk: int) -> None:
+        self._s = s
+        self._actors = actors
+        self._generation = generation
+        self.chunk = max(1, min(chunk, s.bound - 1))
+        self._pending: list[BatchPlan] = []
+
+    def add(self, plan: BatchPlan) -> None:
+        self._pending.append(plan)
+        if len(self._pending) >= self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        plans, self._pending = self._pending, []
+        if not plans or self._s.stop.is_set():
+            return
+        s = self._s
+        with s.cond:
+            i = min(range(len(self._actors)), key=s.load.__getitem__)
+            s.load[i] += len(plans)
+        actor = self._actors[i]
+        if len(plans) == 1:
+            items = [_Submitted(plans[0], actor.collate.remote(plans[0], self._generation), i)]
+        else:  # one object for the chunk: one wait and one get for all of its batches
+            ref = actor.collate_many.remote(plans, self._generation)
+            items = [_Submitted(p, ref, i, j) for j, p in enumerate(plans)]
+        with s.cond:
+            s.submitted.extend(items)
+            s.cond.notify_all()
+
+
+def plan_loop(s: Shared, plans: Iterator[BatchPlan], chunker: Chunker) -> None:
+    """Stages 1 and 3, then submit: one slot per plan, through ``chunker``."""
     try:
         for plan in plans:
             while not s.slots.acquire(timeout=QUEUE_TIMEOUT):
@@ -70,14 +120,9 @@ def plan_loop(
                     return
             if s.stop.is_set():
                 return
-            with s.cond:
-                i = min(range(len(actors)), key=s.load.__getitem__)
-                s.load[i] += 1
-            ref = actors[i].collate.remote(plan, generation)
-            with s.cond:
-                s.submitted.append(_Submitted(plan, ref, i))
-                s.cond.notify_all()
-            del plan, ref
+            chunker.add(plan)
+            del plan
+        chunker.flush()
     except BaseException as e:  # noqa: BLE001 - forwarded to the consumer, after earlier batches
         s.failed = True
         if not s.stop.is_set():
@@ -90,13 +135,30 @@ def plan_loop(
             s.cond.notify_all()
 
 
-def _resolve(s: Shared, item: _Submitted, names: list[str]) -> Any:
-    """The descriptor of ``item``; a dead actor or a failed collate raise, naming the batch."""
+def before_each(items: Iterable[Any], hook: Callable[[], None]) -> Iterator[Any]:
+    """``items``, calling ``hook()`` before each pull (the chunker's flush before the
+    planner may block on the source)."""
+    it = iter(items)
+    while True:
+        hook()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        yield item
+        del item
+
+
+def _resolve(s: Shared, item: _Submitted, names: list[str], got: dict[Any, Any]) -> Any:
+    """The descriptor of ``item``; a dead actor or a failed collate raise, naming the batch.
+    ``got``: results already retrieved in this group (a chunk's, by ref)."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
     try:
-        return ray.get(item.ref)
+        if item.ref not in got:
+            got[item.ref] = ray.get(item.ref)
+        desc = got[item.ref] if item.part < 0 else got[item.ref][item.part]
     except RayActorError as e:
         text = str(e)
         causes = [
@@ -113,6 +175,9 @@ def _resolve(s: Shared, item: _Submitted, names: list[str]) -> Any:
     finally:
         with s.cond:
             s.load[item.actor] -= 1
+    if isinstance(desc, CollateFailure):
+        raise desc.error
+    return desc
 
 
 def fetch_loop(
@@ -122,10 +187,15 @@ def fetch_loop(
     preserve_order: bool,
     stats: StatsRecorder,
 ) -> None:
-    """Stages 5 and 6: groups of ready descriptors -> one READ each, posted together."""
+    """Stages 5 and 6: groups of ready descriptors -> one READ each, posted together.
+
+    With ``transport.take_ready`` (nothing to post, e.g. shm), a group is every
+    descriptor ready now (in order with preserve_order), as soon as one is: no waiting
+    for a full group, and one ``ray.wait`` for a chunk of batches finished together."""
     import ray
 
-    k = transport.in_flight
+    greedy = bool(getattr(transport, "take_ready", False))
+    k = 1 if greedy else transport.in_flight
     where = "the remote epoch"
     try:
         while not s.stop.is_set():
@@ -139,23 +209,38 @@ def fetch_loop(
                     if s.error is not None:
                         s.out.put(s.error)
                     return
-                pool = itertools.islice(s.submitted, k) if preserve_order else s.submitted
+                pool = (
+                    itertools.islice(s.submitted, k)
+                    if preserve_order and not greedy
+                    else s.submitted
+                )
                 candidates = list(pool)
-            need = min(k, len(candidates))
-            ready, _ = ray.wait(
-                [c.ref for c in candidates], num_returns=need, timeout=QUEUE_TIMEOUT
-            )
+            refs = list(dict.fromkeys(c.ref for c in candidates))  # a chunk shares one
+            need = min(k, len(refs))
+            first = refs[:1] if greedy and preserve_order else refs
+            ready, _ = ray.wait(first, num_returns=need, timeout=QUEUE_TIMEOUT)
             if len(ready) < need:
                 continue  # re-check stop; a later group may complete first (unordered)
+            if greedy and len(refs) > 1:
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             ready_set = set(ready)
-            group = [c for c in candidates if c.ref in ready_set][:need]
+            if greedy and preserve_order:  # the ready prefix, in batch order
+                group = []
+                for c in candidates:
+                    if c.ref not in ready_set:
+                        break
+                    group.append(c)
+            elif greedy:
+                group = [c for c in candidates if c.ref in ready_set]
+            else:
+                group = [c for c in candidates if c.ref in ready_set][:need]
             with s.cond:
                 for c in group:
                     s.submitted.remove(c)
-            descs, failed = [], None
+            descs, failed, got = [], None, {}
             for c in group:  # every one, so no failed result goes unretrieved (Ray logs those)
                 try:
-                    descs.append(_resolve(s, c, names))
+                    descs.append(_resolve(s, c, names, got))
                 except BaseException as e:  # noqa: BLE001 - the first failure is raised below
                     failed = failed or (c, e)
                 else:

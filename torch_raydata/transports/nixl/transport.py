@@ -83,7 +83,6 @@ class _Xfer:
     release: bool = False  # the source slab may be reused: tell its actor
 
 
-
 class NixlTransport(Transport):
     """Trainer end of remote collate over NIXL; see the module docstring.
 
@@ -378,7 +377,9 @@ class NixlTransport(Transport):
         payload = unflatten_payload(desc.skeleton, tensors)
         raw, x.raw = x.raw, None
         if device is not None:  # VRAM: the buffer is reused once the clones have read it
-            device.finish(payload, None if raw is None else functools.partial(self.pool.release, raw))
+            device.finish(
+                payload, None if raw is None else functools.partial(self.pool.release, raw)
+            )
         elif raw is not None and self.copy:
             self.pool.release(raw)
         return payload

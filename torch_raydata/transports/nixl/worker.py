@@ -34,6 +34,7 @@ import copy
 import logging
 import math
 import os
+import pickle
 import threading
 import time
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ from .common import (
     released_slabs,
 )
 
-__all__ = ["CollateWorker", "SlabWorker", "with_allocator"]
+__all__ = ["CollateFailure", "CollateWorker", "SlabWorker", "with_allocator"]
 
 _SLAB_QUANTUM = 1 << 16
 # The agent is progressed by a small Python thread instead of NIXL's progress thread, which
@@ -96,6 +97,22 @@ def with_allocator(fn: Any, allocator: Any) -> Any:
             allocator=allocator,
         )
     return fn
+
+
+class CollateFailure:
+    """A plan's collate raised (in :meth:`SlabWorker.collate_many`): the exception travels
+    as this value in the batch's place, and the trainer raises it for that batch."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    @classmethod
+    def of(cls, e: BaseException) -> CollateFailure:
+        try:
+            pickle.dumps(e)
+        except Exception:  # noqa: BLE001 - keep the type's name and the message
+            e = RuntimeError(f"{type(e).__name__}: {e}")
+        return cls(e)
 
 
 class SlabWorker:
@@ -228,8 +245,31 @@ class SlabWorker:
         """Collate ``plan`` into a slab; None for a plan of an epoch already over."""
         if not self._begin(generation):
             return None
+        return self._collate(plan, None)
+
+    def collate_many(self, plans: list[Any], generation: int = 0) -> tuple[Any, ...]:
+        """Several plans in one call, their descriptors in one tuple: the blocks they
+        share are resolved once, and a plan that fails is a :class:`CollateFailure`
+        in its place, so the trainer names the right batch and gets the ones before it.
+        Ray's cost per call (submit, schedule, return) is then paid once per chunk."""
+        if not self._begin(generation):
+            return (None,) * len(plans)
+        import ray
+
+        refs = list(dict.fromkeys(r for p in plans for r in p.refs))  # ObjectRefs hash by id
+        resolved = dict(zip(refs, ray.get(refs), strict=True))
+        get = lambda rs: [resolved[r] for r in rs]  # noqa: E731
+        out: list[Any] = []
+        for plan in plans:
+            try:
+                out.append(self._collate(plan, get))
+            except Exception as e:  # noqa: BLE001 - returned in the batch's place
+                out.append(CollateFailure.of(e))
+        return tuple(out)
+
+    def _collate(self, plan: Any, get: Any) -> RemoteBatch:
         t0 = time.perf_counter()
-        table, ids = plan.materialize(self.id_column)
+        table, ids = plan.materialize(self.id_column, get=get)
         slab = self._reserve(self._expected)
         self._cur, self._used = slab, self.DATA_START
         try:

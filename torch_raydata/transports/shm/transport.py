@@ -73,8 +73,11 @@ class ShmTransport(Transport):
         num_actors: collate actors on this node (started by the first epoch, kept for the
             next ones, killed with the transport).
         actor_num_cpus: CPUs each actor reserves in Ray's scheduler.
-        in_flight: descriptors the fetch thread takes at once (1: each batch as soon as it
-            is ready; there is no transfer to batch up).
+        chunk: batches an actor collates per Ray call (Ray's cost per call, in this
+            process and the actor's, is paid once per chunk; the blocks the chunk shares
+            are resolved once). The epoch's bound on batches in flight is
+            ``prefetch_batches + chunk``; a chunk is cut short rather than wait for the
+            source, so it adds no latency when blocks come slowly.
         actor_options: extra ``.options(...)`` for the actors (e.g. ``runtime_env``); the
             node affinity is this transport's.
         ops: the CUDA seam for a CUDA device (tests only).
@@ -82,6 +85,8 @@ class ShmTransport(Transport):
 
     needs_thread = True
     name = "shm"
+    #: The remote epoch's fetch thread takes every ready batch at once (nothing to post).
+    take_ready = True
 
     def __init__(
         self,
@@ -89,7 +94,7 @@ class ShmTransport(Transport):
         *,
         num_actors: int = 2,
         actor_num_cpus: float = 0.25,
-        in_flight: int = 1,
+        chunk: int = 8,
         actor_options: dict[str, Any] | None = None,
         ops: CudaOps | None = None,
     ) -> None:
@@ -105,7 +110,8 @@ class ShmTransport(Transport):
             )
         super().__init__(dev)
         self.num_actors = check_int("num_actors", num_actors, 1)
-        self.in_flight = check_int("in_flight", in_flight, 1)
+        self.chunk = check_int("chunk", chunk, 1)
+        self.in_flight = self.chunk  # RemoteCollate: the bound is prefetch_batches + this
         if not actor_num_cpus >= 0:
             raise ValueError(f"{actor_num_cpus=} must be >= 0")
         self.actor_num_cpus = float(actor_num_cpus)
@@ -255,6 +261,5 @@ class ShmTransport(Transport):
 
     def __repr__(self) -> str:
         return (
-            f"ShmTransport(device={self.device}, num_actors={self.num_actors}, "
-            f"in_flight={self.in_flight})"
+            f"ShmTransport(device={self.device}, num_actors={self.num_actors}, chunk={self.chunk})"
         )
