@@ -377,3 +377,65 @@ def test_actor_failures_reach_the_step_with_type_and_batch(rows):
     assert first["id"].shape == (16,)  # a batch taken before the failure stays valid
     ds.close()
     assert _dead(actors)
+
+
+# -- chunked submission (the remote epoch's plan thread), no Ray -----------------------------
+
+
+class _FakeActor:
+    """Records each call's plans; returns a token standing for its result's ref."""
+
+    def __init__(self):
+        self.calls = []
+        outer = self
+
+        class _Method:
+            def __init__(self, many):
+                self.many = many
+
+            def remote(self, plans, generation):
+                outer.calls.append([p.idx for p in plans] if self.many else [plans.idx])
+                return object()
+
+        self.collate = _Method(False)
+        self.collate_many = _Method(True)
+
+
+def test_chunks_are_cut_before_a_pull_from_the_source_that_may_block():
+    """A chunk never waits for the source: the plans of the blocks already here are
+    submitted before the planner pulls the next block (which may take long)."""
+    import threading
+
+    from torch_raydata.pipeline.types import SourceBlock
+    from torch_raydata.transports.nixl.plan import plan_batches
+    from torch_raydata.transports.nixl.threads import Chunker, Shared, before_each, plan_loop
+
+    s = Shared(bound=40, num_actors=2)  # no consumer here: room for every plan
+    actors = [_FakeActor(), _FakeActor()]
+    chunker = Chunker(s, actors, generation=1, chunk=3)
+    pulled_third = threading.Event()
+    may_go = threading.Event()
+
+    def source():
+        for i in range(3):
+            if i == 2:
+                pulled_third.set()
+                assert may_go.wait(30)  # a slow source: the third block comes late
+            yield SourceBlock(ref=f"b{i}", size_bytes=100 * 8, num_rows=100)
+
+    plans = plan_batches(before_each(source(), chunker.flush), batch_size=10)
+    t = threading.Thread(target=plan_loop, args=(s, plans, chunker))
+    t.start()
+    try:
+        assert pulled_third.wait(30)
+        submitted = sorted(i for a in actors for c in a.calls for i in c)
+        assert submitted == list(range(20))  # both blocks' batches, before the third arrives
+    finally:
+        may_go.set()
+        t.join(30)
+    calls = [c for a in actors for c in a.calls]
+    assert sorted(i for c in calls for i in c) == list(range(30))
+    assert max(len(c) for c in calls) == 3  # chunks of at most `chunk` plans ...
+    assert len(calls) == 12  # ... cut at each block: 3+3+3+1 per block of 10 batches
+    assert s.planner_done and len(s.submitted) == 30
+    assert all(a.calls for a in actors)  # to the least-loaded actor

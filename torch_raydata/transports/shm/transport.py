@@ -72,7 +72,10 @@ class ShmTransport(Transport):
         device: None/"cpu" (the shared-memory views) or a CUDA device (copied there).
         num_actors: collate actors on this node (started by the first epoch, kept for the
             next ones, killed with the transport).
-        actor_num_cpus: CPUs each actor reserves in Ray's scheduler.
+        actor_num_cpus: CPUs each actor reserves in Ray's scheduler. 0 by default: they are
+            this process's helpers, like a DataLoader's worker processes, and must start on
+            this node even when its CPUs are all reserved (Ray Train workers), or the
+            epoch would wait for them forever.
         chunk: batches an actor collates per Ray call (Ray's cost per call, in this
             process and the actor's, is paid once per chunk; the blocks the chunk shares
             are resolved once). The epoch's bound on batches in flight is
@@ -93,7 +96,7 @@ class ShmTransport(Transport):
         device: Any = None,
         *,
         num_actors: int = 2,
-        actor_num_cpus: float = 0.25,
+        actor_num_cpus: float = 0.0,
         chunk: int = 8,
         actor_options: dict[str, Any] | None = None,
         ops: CudaOps | None = None,
