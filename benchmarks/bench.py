@@ -31,7 +31,15 @@ import ray
 import torch
 
 from . import ingest, report, start_local_ray, step_tax
-from .competitors import COMPETITORS, KNOWN, LABELS, RayTorch, Trd, make_competitor
+from .competitors import (
+    COMPETITORS,
+    KNOWN,
+    LABELS,
+    OPT_IN,
+    RayTorch,
+    Trd,
+    make_competitor,
+)
 from .measure import owns_memory, run_epoch, time_to_first_batch
 from .parquet import probe_parquet_layouts
 from .results_md import write_results
@@ -287,7 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         print(report.markdown_workload(wl.title, results[wk]) + "\n", flush=True)
     tax: dict[str, Any] | None = None
     if "fixed" in workloads and not args.no_step_tax:
-        tax = run_step_tax(cache, rows, blocks, keys, 1 if args.smoke else 3, args.step_ms)
+        # The opt-in transport='shm' is measured here too (not in --smoke: its actors
+        # take seconds to start): issue 13's figures for every way trd can feed a step.
+        extra = [] if args.smoke else [k for k in OPT_IN if k not in keys]
+        tax = run_step_tax(
+            cache, rows, blocks, keys + extra, 1 if args.smoke else 3, args.step_ms
+        )
         load["step_tax"] = os.getloadavg()
         print(step_tax.markdown(STEP_TAX_TITLE, tax, LABELS) + "\n", flush=True)
     for wl in cache.values():

@@ -74,7 +74,10 @@ class RayIterableDataset(IterableDataset):
         shuffle_seed: seed for the local shuffle (with the epoch: a new order each epoch,
             the same for the same seed, epoch and block order).
         device: None/"cpu", "cuda", "cuda:1" or a ``torch.device``.
-        transport: "auto" | "local" | "cuda" | "nixl" | a ``trd.transports.Transport``.
+        transport: "auto" | "local" | "cuda" | "nixl" | "shm" | a
+            ``trd.transports.Transport``. "shm": collate in Ray actors on this node into
+            shared memory this process maps, so the training step's process runs no
+            collate thread (``trd.transports.ShmTransport``; opt-in, see its docstring).
         id_column: a unique int (or str) column; its values travel with each batch.
         num_rows: rows per epoch when you know it and Ray does not without executing
             (e.g. after a 1:1 ``map_batches``, or ``read_parquet``): gives ``len()``, and
@@ -235,7 +238,7 @@ class RayIterableDataset(IterableDataset):
             total_rows = plan.total_rows
             blocks = self._open_epoch(stats, plan.transform, total_rows)
             run_class: Callable[..., Any] = EpochRun
-            if isinstance(self.transport, RemoteCollate):  # collate next to the data (nixl)
+            if isinstance(self.transport, RemoteCollate):  # collate in actors (nixl, shm)
                 run_class = self.transport.epoch_class()
             max_batches = self._source.max_batches(
                 self.config.batch_size, self.config.drop_last, total_rows

@@ -154,8 +154,11 @@ class RemoteEpochRun(EpochConsumer):
                 keep_rows=keep_rows,
             )
             # Steps 1-3 (plan thread) and 5-6 (fetch thread); see the module docstring.
-            self._planner = StageThread(s, "trd-remote-plan", plan_loop, plans, chunker)
-            self._output = Output(s, transport, names, config.preserve_order, self.stats)
+            cpu = self.stats.add_thread_cpu
+            self._planner = StageThread(s, "trd-remote-plan", plan_loop, plans, chunker, on_cpu=cpu)
+            self._output = Output(
+                s, transport, names, config.preserve_order, self.stats, on_cpu=cpu
+            )
             self._batches = self._output
         except BaseException:
             self.close()
@@ -183,7 +186,8 @@ class RemoteEpochRun(EpochConsumer):
         reusable = self._shared is not None and not self._shared.failed
         if self._shared is not None:  # drop block and descriptor references now
             with self._shared.cond:
-                refs = [c.ref for c in self._shared.submitted]
+                # A chunk's plans share one ref (ray.wait refuses duplicates).
+                refs = list(dict.fromkeys(c.ref for c in self._shared.submitted))
                 self._shared.submitted.clear()
             self._shared = None
         # Kept for the next epoch unless a thread failed (a dead actor, a failed collate or

@@ -279,12 +279,31 @@ def fetch_loop(
         s.out.put(_END)
 
 
+def _counted(target: Callable[..., None], args: tuple, on_cpu: Any) -> None:
+    """Run ``target(*args)``, then report the thread's CPU time (``stats()``'s loader CPU
+    per batch: the remote epoch's threads take the GIL from the step too)."""
+    try:
+        target(*args)
+    finally:
+        if on_cpu is not None:
+            on_cpu(time.thread_time())
+
+
 class StageThread:
     """A named daemon thread over ``Shared`` with a stage's stop/close protocol."""
 
-    def __init__(self, s: Shared, name: str, target: Callable[..., None], *args: Any) -> None:
+    def __init__(
+        self,
+        s: Shared,
+        name: str,
+        target: Callable[..., None],
+        *args: Any,
+        on_cpu: Callable[[float], None] | None = None,
+    ) -> None:
         self._s = s
-        self._thread = threading.Thread(target=target, args=(s, *args), name=name, daemon=True)
+        self._thread = threading.Thread(
+            target=_counted, args=(target, (s, *args), on_cpu), name=name, daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -301,8 +320,10 @@ class StageThread:
 class Output(StageThread):
     """The fetch thread and the consumer's end of its output queue (the chain's last stage)."""
 
-    def __init__(self, s: Shared, *args: Any) -> None:
-        super().__init__(s, "trd-remote-fetch", fetch_loop, *args)
+    def __init__(
+        self, s: Shared, *args: Any, on_cpu: Callable[[float], None] | None = None
+    ) -> None:
+        super().__init__(s, "trd-remote-fetch", fetch_loop, *args, on_cpu=on_cpu)
         self._inbox = Inbox(s.out, s.stop, _END)
 
     def __iter__(self) -> Output:
