@@ -177,7 +177,7 @@ def goals(results: dict[str, dict[str, dict]]) -> list[dict[str, Any]]:
 def step_tax_goals(tax: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     """Issue 13's goals on the step-tax measurement (benchmarks/step_tax.py)."""
     out: list[dict[str, Any]] = []
-    for key in ("trd", "trd_best"):
+    for key in ("trd", "trd_best", "trd_shm"):
         if key not in tax:
             continue
         t = tax[key]
