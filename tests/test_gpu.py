@@ -284,6 +284,37 @@ def test_nixl_to_vram_with_a_busy_default_stream():
         worker.close()
 
 
+def test_shm_to_cuda_with_late_copies_and_slabs_reused_at_once():
+    """transport='shm' on a GPU: each batch is copied out of its shared-memory slab
+    (pageable) and the slab goes back at once; late copies and a busy default stream must
+    still see each batch's own bytes."""
+    from torch_raydata.transports import ShmTransport
+    from torch_raydata.transports.shm.worker import ShmCollateWorker
+
+    from .test_transport_shm import _Plan, _table
+
+    worker = ShmCollateWorker("trd-gpu-shm", DefaultCollate(), max_slabs=2)
+    t = ShmTransport("cuda")
+    sums = []
+    try:
+        for i in range(40):
+            torch.cuda._sleep(SPIN)  # the step keeps the default stream busy
+            if i % 2:
+                _late(t._cuda)  # and this batch's copies start late
+            desc = worker.collate(_Plan(i, _table(i)), 1)
+            (batch,) = t.wait_fetch_complete(t.fetch_multiple([desc]))
+            batch = t.on_consume(batch)
+            assert batch["id"].is_cuda
+            sums.append(batch["id"].sum())
+            del batch
+        torch.cuda.synchronize()
+        assert [int(s) for s in sums] == [64 * i for i in range(40)]
+        assert worker.allocations == 1  # one slab served every batch
+    finally:
+        t.close()
+        worker.close()
+
+
 def test_gpu_bytes_equal_after_transfer_through_ray(ray_session):
     import ray
 
