@@ -60,6 +60,24 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def rows(ray_session):
+    """3,300 rows in 7 blocks, materialized once per module (the remote-collate tests:
+    every loader there reads the same blocks)."""
+    import numpy as np
+
+    def fmt(b):
+        ids = b["id"]
+        return {
+            "id": ids,
+            "x": (ids * 0.5).astype(np.float32),
+            "img": (ids[:, None, None] % 251 + np.zeros((1, 3, 8), np.int64)).astype(np.uint8),
+            "label": np.array([f"r{i}" for i in ids]),
+        }
+
+    return ray_session.data.range(3300, override_num_blocks=7).map_batches(fmt).materialize()
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_threads(request):
     """Fail a test that leaves one of its threads running (torch_raydata's are named trd-*).

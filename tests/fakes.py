@@ -69,3 +69,34 @@ def source_of(tables: list[pa.Table]) -> tuple[list[SourceBlock], FakeFetcher]:
         for i, t in enumerate(tables)
     ]
     return blocks, FakeFetcher(store)
+
+
+def assert_same_batch(a: dict, b: dict) -> None:
+    """Two collated batches are equal: keys, tensor dtypes, shapes and bytes, other values."""
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+            assert a[k].numpy().tobytes() == b[k].numpy().tobytes(), k
+        else:
+            assert a[k] == b[k], k
+
+
+def dead_actors(actors: list, timeout: float = 60.0) -> bool:
+    """Every actor is dead (ray.kill is asynchronous: poll until a call fails)."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout
+    for a in actors:
+        while True:
+            try:
+                ray.get(a.ready.remote(), timeout=timeout)
+            except ray.exceptions.RayActorError:
+                break
+            assert time.monotonic() < deadline, f"actor {a} still alive"
+            time.sleep(0.05)
+    return True

@@ -255,6 +255,24 @@ def test_two_datasets_share_one_transport():
     t.close()
 
 
+def _busy_stream_batches(t, collate, late_stream, n=40):
+    """``n`` batches through ``t`` while the step keeps the default stream busy and every
+    other batch's copies start late; returns each batch's "id" sum (on the device)."""
+    sums = []
+    for i in range(n):
+        torch.cuda._sleep(SPIN)  # the step keeps the default stream busy
+        if i % 2:
+            with torch.cuda.stream(late_stream):
+                torch.cuda._sleep(SPIN)  # and this batch's copies start late
+        (batch,) = t.wait_fetch_complete(t.fetch_multiple([collate(i)]))
+        batch = t.on_consume(batch)
+        assert batch["id"].is_cuda
+        sums.append(batch["id"].sum())
+        del batch
+    torch.cuda.synchronize()
+    return [int(s) for s in sums]
+
+
 def test_nixl_to_vram_with_a_busy_default_stream():
     from torch_raydata.transports.nixl.worker import CollateWorker
 
@@ -262,22 +280,10 @@ def test_nixl_to_vram_with_a_busy_default_stream():
 
     worker = CollateWorker("trd-gpu-worker", DefaultCollate(), id_column="id", max_slabs=6)
     t = NixlTransport("cuda", in_flight=2)
-    sums = []
     try:
-        for i in range(40):
-            torch.cuda._sleep(SPIN)  # the step keeps the default stream busy
-            if i % 2:
-                with torch.cuda.stream(t.copy_stream):
-                    torch.cuda._sleep(SPIN)  # and this batch's clones start late
-            desc = worker.collate(_Plan(i, _table(256, 256 * i)))
-            (batch,) = t.wait_fetch_complete(t.fetch_multiple([desc]))
-            batch = t.on_consume(batch)
-            assert batch["id"].is_cuda
-            sums.append(batch["id"].sum())
-            del batch
-        torch.cuda.synchronize()
-        want = [sum(range(256 * i, 256 * i + 256)) for i in range(40)]
-        assert [int(s) for s in sums] == want
+        collate = lambda i: worker.collate(_Plan(i, _table(256, 256 * i)))  # noqa: E731
+        sums = _busy_stream_batches(t, collate, t.copy_stream)
+        assert sums == [sum(range(256 * i, 256 * i + 256)) for i in range(40)]
         assert t.pool.registered < 40  # buffers were reused (after their clones)
     finally:
         t.close()
@@ -295,20 +301,9 @@ def test_shm_to_cuda_with_late_copies_and_slabs_reused_at_once():
 
     worker = ShmCollateWorker("trd-gpu-shm", DefaultCollate(), max_slabs=2)
     t = ShmTransport("cuda")
-    sums = []
     try:
-        for i in range(40):
-            torch.cuda._sleep(SPIN)  # the step keeps the default stream busy
-            if i % 2:
-                _late(t._cuda)  # and this batch's copies start late
-            desc = worker.collate(_Plan(i, _table(i)), 1)
-            (batch,) = t.wait_fetch_complete(t.fetch_multiple([desc]))
-            batch = t.on_consume(batch)
-            assert batch["id"].is_cuda
-            sums.append(batch["id"].sum())
-            del batch
-        torch.cuda.synchronize()
-        assert [int(s) for s in sums] == [64 * i for i in range(40)]
+        collate = lambda i: worker.collate(_Plan(i, _table(i)), 1)  # noqa: E731
+        assert _busy_stream_batches(t, collate, t._cuda.copy_stream) == [64 * i for i in range(40)]
         assert worker.allocations == 1  # one slab served every batch
     finally:
         t.close()

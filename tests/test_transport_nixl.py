@@ -28,6 +28,8 @@ from torch_raydata.transports.nixl.epoch import RemoteCollateError
 from torch_raydata.transports.nixl.plan import plan_batches
 from torch_raydata.transports.nixl.worker import CollateWorker
 
+from .fakes import assert_same_batch as _assert_same
+from .fakes import dead_actors as _dead
 from .fakes import make_blocks
 
 # -- stage 3 on metadata: the same batches as the local path --------------------------------
@@ -325,48 +327,6 @@ def test_cuda_device_without_a_gpu_is_a_clear_error():
 
 
 # -- whole epochs through collate actors --------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def rows(ray_session):
-    """3,300 rows in 7 blocks, materialized once: every loader below reads the same blocks."""
-
-    def fmt(b):
-        ids = b["id"]
-        return {
-            "id": ids,
-            "x": (ids * 0.5).astype(np.float32),
-            "img": (ids[:, None, None] % 251 + np.zeros((1, 3, 8), np.int64)).astype(np.uint8),
-            "label": np.array([f"r{i}" for i in ids]),
-        }
-
-    return ray_session.data.range(3300, override_num_blocks=7).map_batches(fmt).materialize()
-
-
-def _assert_same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-            assert a[k].numpy().tobytes() == b[k].numpy().tobytes(), k
-        else:
-            assert a[k] == b[k], k
-
-
-def _dead(actors, timeout=60.0):
-    """Every actor is dead (ray.kill is asynchronous: poll until a call fails)."""
-    import ray
-
-    deadline = time.monotonic() + timeout
-    for a in actors:
-        while True:
-            try:
-                ray.get(a.ready.remote(), timeout=timeout)
-            except ray.exceptions.RayActorError:
-                break
-            assert time.monotonic() < deadline, f"actor {a} still alive"
-            time.sleep(0.05)
-    return True
 
 
 class _Detector(NixlTransport):

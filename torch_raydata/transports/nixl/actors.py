@@ -26,7 +26,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CollateActors", "MAX_IDLE", "start_actors"]
+__all__ = ["ActorCollate", "CollateActors", "MAX_IDLE", "start_actors"]
 
 MAX_IDLE = 2
 
@@ -136,6 +136,40 @@ class CollateActors:
             self._live.pop(name, None)
         _kill([handle for s in sets for handle, _ in s.workers])
         return names
+
+
+class ActorCollate:
+    """The ``RemoteCollate`` members a transport with collate actors shares (NIXL, shm):
+    its :class:`CollateActors` is ``self._actors``; it provides ``worker_spec()`` (how to
+    start one) and ``forget(names)`` (drop what it holds for actors that are gone)."""
+
+    _actors: CollateActors
+
+    def epoch_class(self) -> Any:
+        """The remote epoch (``epoch.py``): the dataset runs it instead of the local stages."""
+        from .epoch import RemoteEpochRun
+
+        return RemoteEpochRun
+
+    def acquire_workers(
+        self, collate_fn: Any, *, id_column: str | None, max_slabs: int
+    ) -> list[tuple[Any, str]]:
+        """``num_actors`` collate actors for one epoch, ``(handle, name)`` pairs: started
+        by the first epoch, the same ones for the next epochs."""
+        return self._actors.acquire(collate_fn, id_column=id_column, max_slabs=max_slabs)
+
+    def release_workers(self, workers: list[tuple[Any, str]], *, reusable: bool) -> None:
+        """The epoch is over: keep its actors for the next one, or (``reusable=False``: one
+        failed) kill them and forget them."""
+        self.forget(self._actors.release(workers, reusable=reusable))
+
+    @property
+    def live_actors(self) -> int:
+        """Collate actors alive (idle between epochs, or working for one)."""
+        return self._actors.live
+
+    def forget(self, names: list[str]) -> None:
+        raise NotImplementedError
 
 
 def start_actors(owner: Any, collate_fn: Any, *, id_column: str | None, max_slabs: int) -> Workers:

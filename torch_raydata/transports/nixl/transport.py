@@ -54,10 +54,9 @@ import torch
 from ..._checks import check_int, resolve_device
 from ...pipeline.transport import FetchRequest, Transport
 from ..cuda import CudaOps
-from .actors import CollateActors
+from .actors import ActorCollate, CollateActors
 from .common import RemoteBatch, import_nixl, release_message, unflatten_payload
 from .device import DeviceClones
-from .epoch import RemoteEpochRun
 from .pool import DestPool
 from .worker import CollateWorker
 
@@ -83,7 +82,7 @@ class _Xfer:
     release: bool = False  # the source slab may be reused: tell its actor
 
 
-class NixlTransport(Transport):
+class NixlTransport(ActorCollate, Transport):
     """Trainer end of remote collate over NIXL; see the module docstring.
 
     Args:
@@ -187,31 +186,10 @@ class NixlTransport(Transport):
         return self._pool
 
     # -- RemoteCollate (pipeline/transport.py) ------------------------------------------------
-    def epoch_class(self) -> Any:
-        """The remote epoch (``epoch.py``): the dataset runs it instead of the local stages."""
-        return RemoteEpochRun
-
-    def acquire_workers(
-        self, collate_fn: Any, *, id_column: str | None, max_slabs: int
-    ) -> list[tuple[Any, str]]:
-        """``num_actors`` collate actors for one epoch, ``(handle, agent name)`` pairs:
-        started by the first epoch, the same ones for the next epochs (``actors.py``)."""
-        return self._actors.acquire(collate_fn, id_column=id_column, max_slabs=max_slabs)
-
-    def release_workers(self, workers: list[tuple[Any, str]], *, reusable: bool) -> None:
-        """The epoch is over: keep its actors for the next one, or (``reusable=False``: one
-        failed) kill them and disconnect from their agents."""
-        self.forget(self._actors.release(workers, reusable=reusable))
-
     def worker_spec(self) -> tuple[type, dict[str, Any], dict[str, Any]]:
         """How ``actors.py`` starts a collate actor: class, arguments, ``.options``."""
         kwargs = {"backends": self.backends, "notif_timeout": self.xfer_timeout}
         return CollateWorker, kwargs, dict(self.actor_options)
-
-    @property
-    def live_actors(self) -> int:
-        """Collate actors alive (idle between epochs, or working for one)."""
-        return self._actors.live
 
     def forget(self, agent_names: list[str]) -> None:
         """Disconnect from remote agents (their actors are gone or going)."""

@@ -53,7 +53,7 @@ from .common import (
     released_slabs,
 )
 
-__all__ = ["CollateFailure", "CollateWorker", "SlabWorker", "with_allocator"]
+__all__ = ["CollateFailure", "CollateWorker", "Slab", "SlabWorker", "with_allocator"]
 
 _SLAB_QUANTUM = 1 << 16
 # The agent is progressed by a small Python thread instead of NIXL's progress thread, which
@@ -65,12 +65,12 @@ _PROGRESS_BUSY = 0.0005
 _PROGRESS_IDLE = 0.005
 
 
-@dataclass
-class _Slab:
+@dataclass(eq=False)
+class Slab:
+    """One buffer a collate actor writes batches into: ``raw`` (uint8) spans all of it."""
+
     id: int
     raw: np.ndarray
-    reg: Any
-    busy: bool = False
 
     @property
     def base(self) -> int:
@@ -79,6 +79,12 @@ class _Slab:
     @property
     def size(self) -> int:
         return int(self.raw.nbytes)
+
+
+@dataclass(eq=False)
+class _Slab(Slab):
+    reg: Any = None  # the NIXL registration
+    busy: bool = False
 
 
 def with_allocator(fn: Any, allocator: Any) -> Any:

@@ -40,9 +40,8 @@ from ..._checks import check_int, resolve_device
 from ...memory.buffers import Lease
 from ...pipeline.transport import FetchRequest, Transport, TransportStats
 from ..cuda import CudaOps, CudaTransport
-from ..nixl.actors import CollateActors
+from ..nixl.actors import ActorCollate, CollateActors
 from ..nixl.common import unflatten_payload
-from ..nixl.epoch import RemoteEpochRun
 from .worker import FREE, HELD, MAPPED, STATE, ShmBatch, ShmCollateWorker
 
 __all__ = ["ShmMapError", "ShmTransport"]
@@ -65,7 +64,7 @@ _RELEASE = _Release()
 _RELEASE_REF = weakref.ref(_RELEASE)
 
 
-class ShmTransport(Transport):
+class ShmTransport(ActorCollate, Transport):
     """Trainer end of remote collate over shared memory; see the module docstring.
 
     Args:
@@ -128,9 +127,6 @@ class ShmTransport(Transport):
         self._actors = CollateActors(self)
 
     # -- RemoteCollate (pipeline/transport.py) --------------------------------------------
-    def epoch_class(self) -> Any:
-        return RemoteEpochRun
-
     def worker_spec(self) -> tuple[type, dict[str, Any], dict[str, Any]]:
         """How ``actors.py`` starts a collate actor: class, arguments, ``.options``
         (pinned to this process's node: the slabs are this node's memory)."""
@@ -140,19 +136,6 @@ class ShmTransport(Transport):
         node = ray.get_runtime_context().get_node_id()
         here = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
         return ShmCollateWorker, {}, {"scheduling_strategy": here} | self.actor_options
-
-    def acquire_workers(
-        self, collate_fn: Any, *, id_column: str | None, max_slabs: int
-    ) -> list[tuple[Any, str]]:
-        return self._actors.acquire(collate_fn, id_column=id_column, max_slabs=max_slabs)
-
-    def release_workers(self, workers: list[tuple[Any, str]], *, reusable: bool) -> None:
-        self.forget(self._actors.release(workers, reusable=reusable))
-
-    @property
-    def live_actors(self) -> int:
-        """Collate actors alive (idle between epochs, or working for one)."""
-        return self._actors.live
 
     def forget(self, agent_names: list[str]) -> None:
         """Drop the mappings of actors that are gone (batches still held keep theirs)."""

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..nixl.common import ALIGN, RemoteBatch, align
-from ..nixl.worker import SlabWorker
+from ..nixl.worker import Slab, SlabWorker
 
 __all__ = ["FREE", "HEADER", "HELD", "MAPPED", "STATE", "ShmBatch", "ShmCollateWorker", "WRITTEN"]
 
@@ -54,19 +54,9 @@ class ShmBatch(RemoteBatch):
 
 
 @dataclass(eq=False)
-class _Slab:
-    id: int
-    fd: int
-    mm: mmap.mmap
-    raw: np.ndarray  # the whole mapping, uint8
-
-    @property
-    def base(self) -> int:
-        return int(self.raw.ctypes.data)
-
-    @property
-    def size(self) -> int:
-        return int(self.raw.nbytes)
+class _Slab(Slab):
+    fd: int = -1  # closed once the trainer has mapped the slab
+    mm: mmap.mmap | None = None
 
     @property
     def state(self) -> int:
@@ -90,17 +80,6 @@ class ShmCollateWorker(SlabWorker):
 
     DATA_START = HEADER
 
-    def __init__(
-        self,
-        name: str,
-        collate_fn: Any,
-        *,
-        id_column: str | None = None,
-        max_slabs: int = 8,
-    ) -> None:
-        super().__init__(name, collate_fn, id_column=id_column, max_slabs=max_slabs)
-        self.pid = os.getpid()
-
     def _new_slab(self, nbytes: int) -> _Slab:
         size = max(_QUANTUM, align(nbytes, _QUANTUM))
         fd = os.memfd_create(f"trd-{self.name}-{self._next_id}", os.MFD_CLOEXEC)
@@ -110,7 +89,7 @@ class ShmCollateWorker(SlabWorker):
         except BaseException:
             os.close(fd)
             raise
-        slab = _Slab(self._next_id, fd, mm, np.frombuffer(mm, dtype=np.uint8))
+        slab = _Slab(self._next_id, np.frombuffer(mm, dtype=np.uint8), fd=fd, mm=mm)
         self._next_id += 1
         self._slabs[slab.id] = slab
         self.allocations += 1
@@ -121,7 +100,8 @@ class ShmCollateWorker(SlabWorker):
         del self._slabs[slab.id]
         slab.raw = None  # type: ignore[assignment]
         try:
-            slab.mm.close()
+            if slab.mm is not None:
+                slab.mm.close()
         except BufferError:  # a view is still alive here: the mapping goes with it
             pass
         slab.close_fd()
@@ -168,7 +148,7 @@ class ShmCollateWorker(SlabWorker):
             metadata=b"",
             slab=slab.id if slab is not None else -1,
             addr=0,
-            path=f"/proc/{self.pid}/fd/{slab.fd}" if slab is not None and slab.fd >= 0 else "",
+            path=f"/proc/{os.getpid()}/fd/{slab.fd}" if slab is not None and slab.fd >= 0 else "",
             size=slab.size if slab is not None else 0,
             live=live,
             **fields,
@@ -186,7 +166,7 @@ class ShmCollateWorker(SlabWorker):
             "held": states.count(HELD),
             "allocations": self.allocations,
             "generation": self.generation,
-            "pid": self.pid,
+            "pid": os.getpid(),
         }
 
     def close(self) -> None:
