@@ -144,6 +144,21 @@ class ActorCollate:
     start one) and ``forget(names)`` (drop what it holds for actors that are gone)."""
 
     _actors: CollateActors
+    name: str  # the transport= name, for messages
+    descriptor: type  # what its actors return for a batch
+
+    def fetch(self, batch: Any) -> Any:
+        raise TypeError(
+            f"{type(self).__name__} hands out batches collated by its actors "
+            f"({self.descriptor.__name__} descriptors), got {type(batch).__name__}; use it "
+            f"through RayIterableDataset(transport={self.name!r}), which runs the remote epoch"
+        )
+
+    def check_descriptors(self, batches: list[Any]) -> None:
+        """A TypeError (:meth:`fetch`'s) for anything that is not a descriptor."""
+        for b in batches:
+            if not isinstance(b, self.descriptor):
+                self.fetch(b)
 
     def epoch_class(self) -> Any:
         """The remote epoch (``epoch.py``): the dataset runs it instead of the local stages."""

@@ -217,18 +217,12 @@ def fetch_loop(
                 candidates = list(pool)
             refs = list(dict.fromkeys(c.ref for c in candidates))  # a chunk shares one
             need = min(k, len(refs))
-            ready: list[Any] = []
-            if greedy:  # whatever is ready now, in one call (usually some, when fed ahead)
+            first = refs[:1] if greedy and preserve_order else refs
+            ready, _ = ray.wait(first, num_returns=need, timeout=QUEUE_TIMEOUT)
+            if len(ready) < need:
+                continue  # re-check stop; a later group may complete first (unordered)
+            if greedy and len(refs) > 1:  # and every other one ready by now
                 ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-                if preserve_order and refs[0] not in ready:
-                    ready = []  # the next batch in order is not among them
-            if not ready:
-                first = refs[:1] if greedy and preserve_order else refs
-                ready, _ = ray.wait(first, num_returns=need, timeout=QUEUE_TIMEOUT)
-                if len(ready) < need:
-                    continue  # re-check stop; a later group may complete first (unordered)
-                if greedy and len(refs) > 1:
-                    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             ready_set = set(ready)
             if greedy and preserve_order:  # the ready prefix, in batch order
                 group = []

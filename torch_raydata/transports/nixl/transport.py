@@ -105,6 +105,7 @@ class NixlTransport(ActorCollate, Transport):
 
     needs_thread = True
     name = "nixl"
+    descriptor = RemoteBatch
 
     def __init__(
         self,
@@ -207,18 +208,9 @@ class NixlTransport(ActorCollate, Transport):
             self._loaded[desc.agent] = desc.md_version
 
     # -- Transport -------------------------------------------------------------------------
-    def fetch(self, batch: Any) -> Any:
-        raise TypeError(
-            "NixlTransport moves batches collated by its remote actors (RemoteBatch "
-            f"descriptors), got {type(batch).__name__}; use it through "
-            "RayIterableDataset(transport='nixl'), which runs the remote epoch"
-        )
-
     def fetch_multiple(self, batches: list[Any]) -> FetchRequest:
         """Post one READ per descriptor, all of them, and return without waiting."""
-        for b in batches:
-            if not isinstance(b, RemoteBatch):
-                self.fetch(b)
+        self.check_descriptors(batches)
         xfers: list[_Xfer] = []
         request = FetchRequest(batches=batches, handle=xfers)
         with self._lock:

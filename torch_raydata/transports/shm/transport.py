@@ -87,6 +87,7 @@ class ShmTransport(ActorCollate, Transport):
 
     needs_thread = True
     name = "shm"
+    descriptor = ShmBatch
     #: The remote epoch's fetch thread takes every ready batch at once (nothing to post).
     take_ready = True
 
@@ -177,18 +178,9 @@ class ShmTransport(ActorCollate, Transport):
             return raw
 
     # -- Transport -----------------------------------------------------------------------
-    def fetch(self, batch: Any) -> Any:
-        raise TypeError(
-            "ShmTransport hands out batches collated by its actors (ShmBatch descriptors), "
-            f"got {type(batch).__name__}; use it through RayIterableDataset(transport='shm'), "
-            "which runs the remote epoch"
-        )
-
     def fetch_multiple(self, batches: list[Any]) -> FetchRequest:
         """Nothing to post: the bytes are in place. Checked here, built when waited on."""
-        for b in batches:
-            if not isinstance(b, ShmBatch):
-                self.fetch(b)
+        self.check_descriptors(batches)
         return FetchRequest(batches=batches)
 
     def wait_fetch_complete(self, request: FetchRequest, timeout: float | None = None) -> list[Any]:
