@@ -320,6 +320,64 @@ def test_a_cpu_is_idle_once_fewer_tasks_run_than_the_cluster_has_cpus(tmp_path):
 
 
 @ray_session
+def test_ready_tells_whether_the_next_pull_waits_for_rays_tasks(tmp_path):
+    """``EpochBlocks.ready``, the hint the remote epoch's chunker asks before each pull (it
+    holds plans back for a fuller chunk only while the pull will not wait): False while the
+    map's tasks have produced nothing, True once output is queued, False at the end; a
+    MaterializedDataset's blocks exist already, so always True."""
+    import ray
+
+    from torch_raydata.pipeline.source import EpochBlocks, RaySource
+
+    ds = ray.data.range(4, override_num_blocks=2).map_batches(
+        _wait_for_go_file, batch_size=None, fn_kwargs={"folder": str(tmp_path)}
+    )
+    blocks = EpochBlocks.start(ds, hold_bytes=None)
+    try:
+        stream = iter(blocks)
+        assert not blocks.ready()  # both tasks wait for their go file: nothing to pull
+        (tmp_path / "go-0").touch()
+        deadline = time.monotonic() + 60  # detector, bounded: the first output is queued
+        while not blocks.ready():
+            assert time.monotonic() < deadline, "the first task's output never queued"
+            time.sleep(0.01)
+        first = next(stream)
+        assert first.num_rows == 2
+        (tmp_path / "go-2").touch()
+        assert sum(sb.num_rows for sb in stream) == 2
+        assert not blocks.ready()
+    finally:
+        (tmp_path / "go-0").touch()
+        (tmp_path / "go-2").touch()
+        blocks.close()
+
+    served = RaySource(ray.data.range(100, override_num_blocks=4).materialize()).open()
+    try:
+        assert served.ready()
+        assert sum(sb.num_rows for sb in served) == 100 and served.ready()
+    finally:
+        served.close()
+
+
+def test_ready_while_slices_of_the_current_bundle_are_left():
+    """A bundle of several blocks: every slice but its last is handed on without a pull
+    from Ray (``ready``), whatever Ray's queue holds."""
+    from types import SimpleNamespace as NS
+
+    from torch_raydata.pipeline.source import EpochBlocks
+
+    def bundle(n):
+        md = NS(num_rows=10, size_bytes=80)
+        return NS(blocks=[NS(ref=f"r{i}", metadata=md) for i in range(n)], slices=None)
+
+    blocks = EpochBlocks(iter([bundle(3), bundle(1)]), executor=None)
+    seen = []
+    for sb in blocks:
+        seen.append((sb.ref, blocks.ready()))
+    assert seen == [("r0", True), ("r1", True), ("r2", False), ("r0", False)]
+
+
+@ray_session
 def test_prestarted_epochs_are_exact_and_shuffle_like_started_ones():
     """Same rows once per epoch, and the same per-epoch order as without prestart (the
     stream is ordered, so the shuffle's input is the same)."""

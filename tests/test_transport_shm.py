@@ -211,7 +211,9 @@ def test_an_unmappable_slab_is_an_error_naming_the_fix():
 def test_shm_is_a_remote_collate_transport_by_name():
     t = resolve_transport("shm", None)
     assert isinstance(t, ShmTransport) and isinstance(t, RemoteCollate)
-    assert t.chunk == t.in_flight == 8 and t.num_actors == 2
+    assert t.chunk == 8 and t.num_actors == 2
+    assert t.in_flight == 16  # room for a full chunk on each actor
+    assert ShmTransport(num_actors=3, chunk=4).in_flight == 12
     with pytest.raises(ValueError, match="num_actors"):
         ShmTransport(num_actors=0)
     if not torch.cuda.is_available():
@@ -396,7 +398,64 @@ def test_chunks_are_cut_before_a_pull_from_the_source_that_may_block():
         t.join(30)
     calls = [c for a in actors for c in a.calls]
     assert sorted(i for c in calls for i in c) == list(range(30))
-    assert max(len(c) for c in calls) == 3  # chunks of at most `chunk` plans ...
-    assert len(calls) == 12  # ... cut at each block: 3+3+3+1 per block of 10 batches
+    # The epoch's first chunks ramp up (1, 2, then `chunk`); each block's last plans go
+    # before the next pull: 1+2+3+3+1, then 3+3+3+1 for each block of 10 batches.
+    assert sorted(len(c) for c in calls) == sorted([1, 2, 3, 3, 1] + [3, 3, 3, 1] * 2)
     assert s.planner_done and len(s.submitted) == 30
     assert all(a.calls for a in actors)  # to the least-loaded actor
+
+
+class _HintedSource:
+    """Blocks of 100 rows; ``ready()`` (``EpochBlocks.ready``'s hint) is False only
+    before a pull that waits: the one of block ``slow``, which comes when ``go`` is set."""
+
+    def __init__(self, n, slow):
+        import threading
+
+        self.n, self.slow = n, slow
+        self.next = 0  # the block the next pull brings
+        self.waiting = threading.Event()
+        self.go = threading.Event()
+
+    def ready(self):
+        return self.next != self.slow
+
+    def __iter__(self):
+        from torch_raydata.pipeline.types import SourceBlock
+
+        for i in range(self.n):
+            if i == self.slow:
+                self.waiting.set()
+                assert self.go.wait(30)
+            self.next = i + 1  # what the hook asks about before the next pull
+            yield SourceBlock(ref=f"b{i}", size_bytes=100 * 8, num_rows=100)
+
+
+def test_chunks_span_blocks_while_the_source_says_a_pull_will_not_wait():
+    """A pull that will not wait (a MaterializedDataset's blocks, output Ray has queued)
+    does not cut the chunk: chunks stay full across block boundaries. Before the slow
+    pull the pending plans go at once, so the slow block holds nothing back."""
+    import threading
+
+    from torch_raydata.transports.nixl.plan import plan_batches
+    from torch_raydata.transports.nixl.threads import Chunker, Shared, before_each, plan_loop
+
+    s = Shared(bound=40, num_actors=2)
+    actors = [_FakeActor(), _FakeActor()]
+    source = _HintedSource(3, slow=2)
+    chunker = Chunker(s, actors, generation=1, chunk=3, ready=source.ready)
+    plans = plan_batches(before_each(source, chunker.before_pull), batch_size=10)
+    t = threading.Thread(target=plan_loop, args=(s, plans, chunker))
+    t.start()
+    try:
+        assert source.waiting.wait(30)
+        submitted = sorted(i for a in actors for c in a.calls for i in c)
+        assert submitted == list(range(20))  # nothing held back by the slow pull
+    finally:
+        source.go.set()
+        t.join(30)
+    calls = [c for a in actors for c in a.calls]
+    assert sorted(i for c in calls for i in c) == list(range(30))
+    # Ramp 1+2, full chunks across the first boundary, 2 left before the slow pull, the
+    # third block's 10 plans in full chunks and the last one at the end.
+    assert sorted(len(c) for c in calls) == sorted([1, 2] + [3] * 5 + [2] + [3] * 3 + [1])

@@ -171,8 +171,11 @@ class EpochBlocks:
         *,
         data_iterator: DataIterator | None = None,
         hold: _Hold | None = None,
+        in_memory: bool = False,
     ) -> None:
         self._bundles = bundles
+        self._in_memory = in_memory
+        self._left = 0  # slices of the current bundle not yet handed on
         self._executor = executor
         self._it = data_iterator
         self._hold = hold
@@ -199,9 +202,11 @@ class EpochBlocks:
         return cls(iter(bundles), executor, hold=hold)
 
     @classmethod
-    def from_iterator(cls, data_iterator: DataIterator) -> EpochBlocks:
+    def from_iterator(cls, data_iterator: DataIterator, *, in_memory: bool = False) -> EpochBlocks:
+        """``in_memory``: the iterator serves a MaterializedDataset's own bundles (every
+        block exists already: no pull waits for Ray)."""
         bundles, _stats, executor = data_iterator._to_ref_bundle_iterator()
-        return cls(iter(bundles), executor, data_iterator=data_iterator)
+        return cls(iter(bundles), executor, data_iterator=data_iterator, in_memory=in_memory)
 
     # -- prestarted streams -----------------------------------------------------------------
     def release(self) -> None:
@@ -236,6 +241,13 @@ class EpochBlocks:
             return False
         return running < cpus
 
+    def ready(self) -> bool:
+        """The next pull returns without waiting for Ray's tasks: slices of the current
+        bundle are left, the stream serves a MaterializedDataset's blocks, or the executor
+        has output queued for us. A hint, cheap to ask before each pull (the remote epoch
+        holds plans back for a fuller chunk only while it is True); False when unknown."""
+        return self._left > 0 or self._in_memory or self.queued_bytes() > 0
+
     def producer_done(self) -> bool:
         """Ray's executor for this stream has finished: every block is produced (they
         may still wait to be consumed); False for streams we did not start."""
@@ -249,7 +261,9 @@ class EpochBlocks:
         for bundle in self._bundles:
             if hold is not None:
                 hold.wake()  # bytes left Ray's output queue: its budgets and ours changed
-            for sb in _slices(bundle):
+            slices = list(_slices(bundle))
+            for i, sb in enumerate(slices):
+                self._left = len(slices) - i - 1
                 if self.first_block_at is None:
                     self.first_block_at = time.perf_counter()
                     if self.on_first_block is not None:
@@ -386,7 +400,7 @@ class RaySource:
                 # (nothing to corrupt, see below; and a copy would cost a full executor
                 # start per epoch: measured +25-55% rows/s, first batch 58 -> 22 ms). Its
                 # block order is fixed, so preserve_order holds.
-                return EpochBlocks.from_iterator(self.data.iterator())
+                return EpochBlocks.from_iterator(self.data.iterator(), in_memory=True)
             ds = self.data if transform is None else transform(self.data)
             ds = self._listed(ds, may_list=may_list)
             return EpochBlocks.start(self._epoch_copy(ds), hold_bytes=hold_bytes)

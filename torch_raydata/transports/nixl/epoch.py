@@ -142,9 +142,15 @@ class RemoteEpochRun(EpochConsumer):
             if drop_keys is not None and config.id_column is not None:
                 keep_rows = _kept_rows_remotely(drop_keys, config.id_column)
             generation = next(_GENERATIONS)  # tags this epoch's calls (worker.py: _begin)
-            chunker = Chunker(s, handles, generation, getattr(transport, "chunk", 1))
+            chunker = Chunker(
+                s,
+                handles,
+                generation,
+                getattr(transport, "chunk", 1),
+                ready=getattr(blocks, "ready", None),  # EpochBlocks.ready: pulls that won't wait
+            )
             plans = plan_batches(
-                before_each(blocks, chunker.flush),
+                before_each(blocks, chunker.before_pull),
                 batch_size=config.batch_size,
                 drop_last=config.drop_last,
                 shuffle_buffer_size=config.shuffle_buffer_size,

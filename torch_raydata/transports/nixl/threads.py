@@ -75,27 +75,48 @@ class Chunker:
     result object for several batches: ``collate_many``), or one at a time (``collate``).
 
     Plans are held back only while the planner is making more from blocks it already has:
-    :meth:`flush` submits the pending ones before each pull from the source (which may
-    block), and at the end. Each pending plan holds a slot, and the chunk is smaller than
-    the bound, so batches are downstream while plans wait (no deadlock, no starving).
+    :meth:`before_pull` submits the pending ones before a pull from the source that may
+    wait (``ready()``, the source's hint, is False or unknown), and :meth:`flush` at the
+    end. Each pending plan holds a slot, and the chunk is smaller than the bound, so
+    batches are downstream while plans wait (no deadlock, no starving).
+
+    An epoch's first chunks ramp up (1, 2, 4, ... plans): a chunk's batches come back
+    together, so a full first chunk would delay the epoch's first batch by ``chunk``
+    collates.
     """
 
-    def __init__(self, s: Shared, actors: list[Any], generation: int, chunk: int) -> None:
+    def __init__(
+        self,
+        s: Shared,
+        actors: list[Any],
+        generation: int,
+        chunk: int,
+        ready: Callable[[], bool] | None = None,
+    ) -> None:
         self._s = s
         self._actors = actors
         self._generation = generation
         self.chunk = max(1, min(chunk, s.bound - 1))
+        self._ready = ready
+        self._limit = 1  # this chunk's size: doubles up to `chunk` (the ramp)
         self._pending: list[BatchPlan] = []
 
     def add(self, plan: BatchPlan) -> None:
         self._pending.append(plan)
-        if len(self._pending) >= self.chunk:
+        if len(self._pending) >= self._limit:
+            self.flush()
+
+    def before_pull(self) -> None:
+        """The planner is about to pull a block: submit what is pending unless the
+        source says the pull will not wait."""
+        if self._pending and (self._ready is None or not self._ready()):
             self.flush()
 
     def flush(self) -> None:
         plans, self._pending = self._pending, []
         if not plans or self._s.stop.is_set():
             return
+        self._limit = min(self.chunk, self._limit * 2)
         s = self._s
         with s.cond:
             i = min(range(len(self._actors)), key=s.load.__getitem__)
@@ -136,7 +157,7 @@ def plan_loop(s: Shared, plans: Iterator[BatchPlan], chunker: Chunker) -> None:
 
 
 def before_each(items: Iterable[Any], hook: Callable[[], None]) -> Iterator[Any]:
-    """``items``, calling ``hook()`` before each pull (the chunker's flush before the
+    """``items``, calling ``hook()`` before each pull (the chunker's ``before_pull``: the
     planner may block on the source)."""
     it = iter(items)
     while True:
