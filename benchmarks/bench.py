@@ -36,6 +36,7 @@ from .competitors import (
     KNOWN,
     LABELS,
     OPT_IN,
+    STEP_TAX_ONLY,
     RayTorch,
     Trd,
     make_competitor,
@@ -150,7 +151,7 @@ STEP_TAX_TITLE = (
 )
 #: Competitors of the step-tax measurement: the loaders a user would pick (memcpy and
 #: num_workers=0 do no background work: nothing to measure).
-STEP_TAX_KEYS = ("trd", "trd_best", "trd_shm", "ray_torch", "ray_numpy", "dl2")
+STEP_TAX_KEYS = ("floor", "trd", "trd_best", "trd_shm", "ray_torch", "ray_numpy", "dl2")
 
 
 def run_step_tax(
@@ -249,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     for k in keys:
         if k not in KNOWN:
             ap.error(f"competitor {k!r} is not one of {KNOWN}")
+        if k in STEP_TAX_ONLY:
+            ap.error(f"competitor {k!r} is measured by the step tax only (always, no need to name it)")
 
     t_start = time.perf_counter()
     info = machine_info()
@@ -297,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     if "fixed" in workloads and not args.no_step_tax:
         # The opt-in transport='shm' is measured here too (not in --smoke: its actors
         # take seconds to start): issue 13's figures for every way trd can feed a step.
-        extra = [] if args.smoke else [k for k in OPT_IN if k not in keys]
+        # And the floor: the same loop fed by no loader (this host's own noise).
+        extra = list(STEP_TAX_ONLY) + ([] if args.smoke else [k for k in OPT_IN if k not in keys])
         tax = run_step_tax(
             cache, rows, blocks, keys + extra, 1 if args.smoke else 3, args.step_ms
         )

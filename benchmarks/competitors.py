@@ -9,6 +9,8 @@ Every competitor yields ``dict[str, tensor-or-array]`` batches of ``BATCH_SIZE``
     ray_numpy    ds.iter_batches(batch_format="numpy") + torch.from_numpy per column
     dl0 / dl2    torch DataLoader over an in-memory map-style dataset, num_workers=0 / 2
     memcpy       the physical limit: np.copyto of the same bytes into a fresh buffer per batch
+    floor        no loader (step tax only): arrays cut before the loop, wrapped in fresh
+                 tensors per batch; its (a) and (b) are this host's own noise
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ from torch_raydata.pipeline.constants import usable_cpus
 
 from .workloads import Workload
 
-__all__ = ["BATCH_SIZE", "COMPETITORS", "KNOWN", "LABELS", "OPT_IN", "make_competitor"]
+__all__ = [
+    "BATCH_SIZE",
+    "COMPETITORS",
+    "KNOWN",
+    "LABELS",
+    "OPT_IN",
+    "STEP_TAX_ONLY",
+    "make_competitor",
+]
 
 BATCH_SIZE = 256
 RAY_PREFETCH = 4  # Ray's default is 1; 4 matches trd's default (docs/performance.md: the sweep)
@@ -42,11 +52,14 @@ LABELS = {
     "dl2": "torch DataLoader num_workers=2",
     "memcpy": "memcpy limit (numpy copy, same bytes)",
     "trd_shm": "trd RayIterableDataset(transport='shm') (2 collate actors on this node)",
+    "floor": "no loader: arrays cut before the loop, fresh tensors per batch (the floor)",
 }
 #: Run only when named (``--competitors``): the shm transport's actors take two of these
 #: machines' two cores' worth of processes, and it is an opt-in transport.
 OPT_IN = ("trd_shm",)
-COMPETITORS = tuple(k for k in LABELS if k not in OPT_IN)
+#: Measured by the step tax only (rows/s of a list is no loader's).
+STEP_TAX_ONLY = ("floor",)
+COMPETITORS = tuple(k for k in LABELS if k not in OPT_IN + STEP_TAX_ONLY)
 KNOWN = tuple(LABELS)
 
 
@@ -230,6 +243,29 @@ class TorchDataLoader(Competitor):
         self.loader = None
 
 
+class Floor(Competitor):
+    """No loader: the least any loader does per batch. Every batch's arrays are cut before
+    the loop; each ``next()`` wraps them in fresh tensors (``torch.from_numpy``, no copy)
+    and the loop's rebinding frees the previous ones. Under the step tax's loop its (a)
+    and (b) are what this host does to a loop with no loader work at all (other
+    processes, Ray's daemons, the vCPUs' own noise, waking from the step's sleep): the
+    floor the loaders' figures stand on."""
+
+    key = "floor"
+
+    def __init__(self, wl: Workload) -> None:
+        super().__init__(wl)
+        n = len(wl.columns[wl.id_column])
+        self.arrays = [
+            {k: v[i : i + BATCH_SIZE] for k, v in wl.columns.items() if v.dtype != object}
+            for i in range(0, n, BATCH_SIZE)
+        ]
+
+    def epoch(self) -> Iterator[Any]:
+        for arrays in self.arrays:
+            yield {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
 class Memcpy(Competitor):
     """Per batch: copy that batch's share of every stored column into a fresh buffer."""
 
@@ -281,4 +317,6 @@ def make_competitor(key: str, wl: Workload) -> Competitor:
         return TorchDataLoader(wl, key, int(key[2:]))
     if key == "memcpy":
         return Memcpy(wl)
+    if key == "floor":
+        return Floor(wl)
     raise ValueError(f"competitor {key!r} is not one of {KNOWN}")

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--step-ms", type=float, default=5.0)
     ap.add_argument("--ops", type=int, default=240)
-    ap.add_argument("--competitors", default="trd,ray_torch,ray_numpy,dl2")
+    ap.add_argument("--competitors", default="floor,trd,ray_torch,ray_numpy,dl2")
     args = ap.parse_args(argv)
     init_ray()
     keys = [k for k in args.competitors.split(",") if k]

@@ -73,6 +73,13 @@ def test_smoke_reports_every_competitor_and_workload(smoke_run):
     assert "| goal |" in table
     assert (out / "bench.png").stat().st_size > 0
     assert {g["setting"] for g in payload["goals"]} == {"trd", "trd_best"}
+    # The step tax: every competitor with background work, and the floor (no loader).
+    from benchmarks.bench import STEP_TAX_KEYS
+
+    taxed = {k for k in (*COMPETITORS, "floor") if k in STEP_TAX_KEYS}
+    assert set(payload["step_tax"]) == taxed
+    assert LABELS["floor"] in table
+    assert all("floor: " in g["target"] for g in payload["goals"] if "step" in g["goal"])
 
 
 def test_smoke_reports_w7_for_every_competitor(smoke_run):

@@ -31,3 +31,17 @@ def test_a_slow_fed_epoch_does_not_set_the_fed_figure():
     out = step_tax._summary(v, [_window(2.5)] * 3)
     assert out["step_fed_p50_ms"] == pytest.approx(2.75, abs=0.01)
     assert out["gap_p50_ms"] == pytest.approx(0.1)
+
+
+def test_goals_show_rays_figure_and_the_floor_beside_each_target():
+    report = pytest.importorskip("benchmarks.report")
+    row = dict(inflation_p50_pct=8.0, gap_p95_ms=0.5)
+    tax = {
+        "trd": row,
+        "ray_torch": dict(inflation_p50_pct=60.0, gap_p95_ms=1.25),
+        "floor": dict(inflation_p50_pct=-1.0, gap_p95_ms=0.02),
+    }
+    goals = report.step_tax_goals(tax)
+    assert [(g["setting"], g["met"]) for g in goals] == [("trd", True), ("trd", False)]
+    assert goals[0]["target"] == "<= +10% (ray_torch: +60%; floor: -1%)"
+    assert goals[1]["target"] == "<= 0.1 ms (ray_torch: 1.250 ms; floor: 0.020 ms)"
