@@ -79,7 +79,13 @@ def test_smoke_reports_every_competitor_and_workload(smoke_run):
     taxed = {k for k in (*COMPETITORS, "floor") if k in STEP_TAX_KEYS}
     assert set(payload["step_tax"]) == taxed
     assert LABELS["floor"] in table
-    assert all("floor: " in g["target"] for g in payload["goals"] if "step" in g["goal"])
+    tax_goals = [
+        g
+        for g in payload["goals"]
+        if g["goal"].startswith("step inflation") or "(step-tax run)" in g["goal"]
+    ]
+    assert len(tax_goals) == 4  # (a) and (b) for trd and trd_best (no shm in --smoke)
+    assert all("floor: " in g["target"] for g in tax_goals)
 
 
 def test_smoke_reports_w7_for_every_competitor(smoke_run):
