@@ -4,7 +4,7 @@ Owns: writing the 1,797 8x8 digit images (they ship with scikit-learn: no downlo
 parquet files in a directory, a fixed train/val split, and the Ray Data pipelines that
 read them (``read_parquet``), decode the image bytes and, for training, augment them in
 ``map_batches`` (random 1-pixel shift and Gaussian noise). Also the small CNN the
-examples train. Not an example on its own.
+examples train and its optimizer. Not an example on its own.
 
 Columns after decoding: ``id`` (int64), ``image`` (float32, 1x8x8, scaled to [0, 1]),
 ``label`` (int64).
@@ -13,6 +13,7 @@ Columns after decoding: ``id`` (int64), ``image`` (float32, 1x8x8, scaled to [0,
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ __all__ = [
     "read_split",
     "DigitsCNN",
     "accuracy",
+    "adam_one_cycle",
+    "steps_per_epoch",
     "checkpointing",
     "quiet_ray_data",
 ]
@@ -140,6 +143,37 @@ class DigitsCNN(torch.nn.Module):
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=1) == labels).float().mean()
+
+
+def adam_one_cycle(
+    params, total_steps: int, max_lr: float = 1e-2
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Adam under a one-cycle learning rate: warm up to ``max_lr`` over the first 30% of
+    ``total_steps``, then anneal. Step the scheduler once per batch, after the optimizer.
+
+    Why not a constant rate: with the CI runs' 6 epochs the noise of the last steps
+    decides the accuracy. The same data, model and 64-row batches trained without Ray,
+    seeds 0..59 (30 for the constant rate), validation accuracy after 6 epochs:
+
+    ==================  =====  ========  =====  ===========
+    learning rate        min    10th pc   mean   runs < 0.95
+    ==================  =====  ========  =====  ===========
+    constant 3e-3       0.936   0.963    0.973   2 of 30
+    one-cycle to 3e-3   0.955   0.966    0.973   0 of 60
+    one-cycle to 1e-2   0.975   0.978    0.985   0 of 60
+    ==================  =====  ========  =====  ===========
+
+    ``total_steps`` must not be below the steps actually taken (torch raises past it).
+    """
+    optimizer = torch.optim.Adam(params, lr=max_lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps)
+    return optimizer, schedule
+
+
+def steps_per_epoch(rows: int, batch_size: int, ranks: int = 1) -> int:
+    """Batches per epoch on each rank when ``rows`` are split over ``ranks`` (at most one
+    more row per rank than an equal split gives; the last batch may be short)."""
+    return math.ceil(math.ceil(rows / ranks) / batch_size)
 
 
 def checkpointing(ckpt_dir: str | None) -> tuple[list, str | None]:

@@ -29,7 +29,14 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray  # noqa: E402
 import torch  # noqa: E402
-from digits_data import DigitsCNN, quiet_ray_data, read_split, write_digits  # noqa: E402
+from digits_data import (  # noqa: E402
+    DigitsCNN,
+    adam_one_cycle,
+    quiet_ray_data,
+    read_split,
+    steps_per_epoch,
+    write_digits,
+)
 
 import torch_raydata as trd  # noqa: E402
 
@@ -61,7 +68,9 @@ def main(argv: list[str] | None = None) -> float:
         else:
             train = trd.iter_torch_batches(train_ds, **options)  # <- the one changed line
         model = DigitsCNN()
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        # A one-cycle learning rate over the run's steps, stepped every batch.
+        steps = epochs * steps_per_epoch(files.train_rows, args.batch_size)
+        opt, schedule = adam_one_cycle(model.parameters(), steps)
         for epoch in range(epochs):
             t0, batches, rows = time.perf_counter(), 0, 0
             for batch in train:  # each iteration of `train` is one epoch
@@ -69,6 +78,7 @@ def main(argv: list[str] | None = None) -> float:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                schedule.step()
                 batches, rows = batches + 1, rows + len(batch["label"])
             print(
                 f"epoch {epoch}: loss {loss.item():.3f}, {batches} batches, {rows} rows, "

@@ -27,16 +27,24 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import lightning.pytorch as pl  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
-from digits_data import DigitsCNN, accuracy, checkpointing, quiet_ray_data, read_split, write_digits  # noqa: E402
+from digits_data import (  # noqa: E402
+    DigitsCNN,
+    accuracy,
+    adam_one_cycle,
+    checkpointing,
+    quiet_ray_data,
+    read_split,
+    write_digits,
+)
 
 import torch_raydata as trd  # noqa: E402
 
 
 class LitDigits(pl.LightningModule):
-    def __init__(self, lr: float = 3e-3) -> None:
+    def __init__(self, max_lr: float = 1e-2) -> None:
         super().__init__()
         self.model = DigitsCNN()
-        self.lr = lr
+        self.max_lr = max_lr
 
     def training_step(self, batch, batch_idx):
         logits = self.model(batch["image"])
@@ -49,7 +57,11 @@ class LitDigits(pl.LightningModule):
         self.log("val_acc", accuracy(logits, batch["label"]), prog_bar=True, batch_size=len(logits))
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+        # len() of the training loader is known (num_rows below), so Lightning knows
+        # the run's steps: the one-cycle schedule spans them, stepped every batch.
+        steps = int(self.trainer.estimated_stepping_batches)
+        optimizer, schedule = adam_one_cycle(self.parameters(), steps, self.max_lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 def main(argv: list[str] | None = None) -> float:

@@ -24,7 +24,15 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray  # noqa: E402
 import ray.train  # noqa: E402
-from digits_data import DigitsCNN, accuracy, quiet_ray_data, read_split, write_digits  # noqa: E402
+from digits_data import (  # noqa: E402
+    DigitsCNN,
+    accuracy,
+    adam_one_cycle,
+    quiet_ray_data,
+    read_split,
+    steps_per_epoch,
+    write_digits,
+)
 from ray.train.torch import TorchTrainer  # noqa: E402
 
 
@@ -53,7 +61,13 @@ def train_loop(config: dict) -> None:
             self.log("val_acc", acc, sync_dist=True, batch_size=len(batch["label"]))
 
         def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=3e-3)
+            # The shards' len() is unknown to Lightning here (Ray Train's iterators do not
+            # count rows), so the run's steps come from the row count: this worker's
+            # share of the training rows, in batches, times the epochs.
+            world = ray.train.get_context().get_world_size()
+            steps = config["epochs"] * steps_per_epoch(config["train_rows"], config["batch_size"], world)
+            optimizer, schedule = adam_one_cycle(self.parameters(), steps)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # This worker's shards (DataIterators): used as given, never split again.
     train = trd.RayIterableDataset(
@@ -128,6 +142,7 @@ def main(argv: list[str] | None = None) -> float:
             train_loop_config={
                 "epochs": epochs,
                 "batch_size": args.batch_size,
+                "train_rows": files.train_rows,
                 "val_every": epochs if args.small else 1,
             },
             scaling_config=ray.train.ScalingConfig(

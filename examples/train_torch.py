@@ -22,7 +22,14 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray  # noqa: E402
 import torch  # noqa: E402
-from digits_data import DigitsCNN, quiet_ray_data, read_split, write_digits  # noqa: E402
+from digits_data import (  # noqa: E402
+    DigitsCNN,
+    adam_one_cycle,
+    quiet_ray_data,
+    read_split,
+    steps_per_epoch,
+    write_digits,
+)
 from torch.utils.data import DataLoader  # noqa: E402
 
 import torch_raydata as trd  # noqa: E402
@@ -72,7 +79,9 @@ def main(argv: list[str] | None = None) -> float:
             read_split(files.val_dir, augment=False), batch_size=256, preserve_order=True
         )
         model = DigitsCNN()
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        # A one-cycle learning rate over the run's steps, stepped every batch.
+        steps = epochs * steps_per_epoch(files.train_rows, args.batch_size)
+        opt, schedule = adam_one_cycle(model.parameters(), steps)
         loader = train.loader()  # DataLoader(train, batch_size=None): batches come whole
         for epoch in range(epochs):
             t0 = time.perf_counter()
@@ -81,6 +90,7 @@ def main(argv: list[str] | None = None) -> float:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                schedule.step()
             epoch_s = time.perf_counter() - t0
             st = train.stats()
             # stats() times the epoch's pipeline from its first block on; the epoch's wall

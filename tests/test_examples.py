@@ -3,8 +3,9 @@
 train_lightning / train_torch / train_ray_train run in this process on the session's Ray
 (their ``main(argv)`` returns the validation accuracy); train_ddp runs as a script, as
 Lightning's DDP launcher re-runs it per rank, attached to the session's Ray via
-RAY_ADDRESS. Threshold: validation accuracy >= 0.95 on digits (the examples reach about
-0.97-0.98 with ``--small``).
+RAY_ADDRESS. Threshold: validation accuracy >= 0.95 on digits. With ``--small`` the
+examples reached 0.975-0.989 (14 runs, Adam under a one-cycle rate); with the constant
+rate they had before, a DDP run once ended at 0.944 in CI.
 
 What is checked is the meaning of the output, not its layout: the accuracy (returned, or
 parsed after "val accuracy:"), and numbers parsed from it (every training row seen in the
