@@ -30,6 +30,7 @@ __all__ = [
     "DigitsCNN",
     "accuracy",
     "adam_one_cycle",
+    "count_rows",
     "steps_per_epoch",
     "checkpointing",
     "quiet_ray_data",
@@ -168,6 +169,15 @@ def adam_one_cycle(
     optimizer = torch.optim.Adam(params, lr=max_lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps)
     return optimizer, schedule
+
+
+def count_rows(path: str) -> int:
+    """Rows of the parquet files under ``path``, read from their footers. Not
+    ``ray.data.read_parquet(path).count()``: on Ray 2.60 that runs a Ray Data execution
+    (4.4 s on a just-started 2-CPU cluster, most of it starting Ray's workers)."""
+    import pyarrow.dataset as pads
+
+    return pads.dataset(path, format="parquet").count_rows()
 
 
 def steps_per_epoch(rows: int, batch_size: int, ranks: int = 1) -> int:
